@@ -1,0 +1,133 @@
+// Package api holds the messages that travel on the rbee bus: job records
+// and events, operations, registry heartbeats. Every component encodes and
+// decodes them as JSON, so a `nats sub 'rbee.>'` trace is readable.
+package api
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// JobState is where a job is in its life. Transitions are checked by the
+// jobs package; a terminal state is final.
+type JobState string
+
+const (
+	JobQueued    JobState = "queued"
+	JobRunning   JobState = "running"
+	JobCompleted JobState = "completed"
+	JobFailed    JobState = "failed"
+	JobCancelled JobState = "cancelled"
+)
+
+// Terminal reports whether no further transition is possible.
+func (s JobState) Terminal() bool {
+	return s == JobCompleted || s == JobFailed || s == JobCancelled
+}
+
+// Valid reports whether s is one of the known states.
+func (s JobState) Valid() bool {
+	switch s {
+	case JobQueued, JobRunning, JobCompleted, JobFailed, JobCancelled:
+		return true
+	}
+	return false
+}
+
+// Job is the record of one job, kept in the jobs KV bucket.
+type Job struct {
+	ID         string     `json:"id"`
+	Op         Operation  `json:"op"`
+	State      JobState   `json:"state"`
+	CreatedAt  time.Time  `json:"created_at"`
+	StartedAt  *time.Time `json:"started_at,omitempty"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+	// Deadline is when the queen fails the job if it is still not terminal.
+	Deadline *time.Time `json:"deadline,omitempty"`
+	Error    string     `json:"error,omitempty"`
+	// Hive and Worker say where the job ran, once known.
+	Hive     string `json:"hive,omitempty"`
+	Worker   string `json:"worker,omitempty"`
+	Attempts int    `json:"attempts,omitempty"`
+	// Result is the operation's outcome (an InferResult for infer jobs).
+	Result json.RawMessage `json:"result,omitempty"`
+	// Revision is the KV revision this record was read at (not stored).
+	Revision uint64 `json:"-"`
+}
+
+// Operation is what a job does: a kind and its JSON arguments.
+type Operation struct {
+	Kind string          `json:"kind"`
+	Args json.RawMessage `json:"args,omitempty"`
+}
+
+// Operation kinds submitted as jobs.
+const (
+	OpInfer         = "infer"
+	OpHiveStart     = "hive.start"
+	OpHiveStop      = "hive.stop"
+	OpHiveInstall   = "hive.install"
+	OpHiveUninstall = "hive.uninstall"
+	OpWorkerSpawn   = "worker.spawn"
+	OpWorkerStop    = "worker.stop"
+	OpModelDownload = "model.download"
+	// OpNoop is a job that does nothing but narrate and complete; it
+	// exercises the job flow end to end without any hive.
+	OpNoop = "noop"
+)
+
+// Actor says which component did something.
+type Actor struct {
+	Component string `json:"component"`
+	ID        string `json:"id,omitempty"`
+}
+
+// Narration is one human-readable step of a job (or of the cluster), for
+// the person who ran the command. It is not a log line: logs are for
+// operators and go to the component's log.
+type Narration struct {
+	Time     time.Time      `json:"time"`
+	Level    string         `json:"level"`
+	Actor    Actor          `json:"actor"`
+	Action   string         `json:"action"`
+	Target   string         `json:"target,omitempty"`
+	Human    string         `json:"human"`
+	JobID    string         `json:"job_id,omitempty"`
+	HiveID   string         `json:"hive_id,omitempty"`
+	WorkerID string         `json:"worker_id,omitempty"`
+	Fields   map[string]any `json:"fields,omitempty"`
+}
+
+// Token is one generated piece of text.
+type Token struct {
+	// Index counts tokens of this job from 0; followers use it to check
+	// order and completeness.
+	Index int    `json:"i"`
+	ID    int32  `json:"id"`
+	Text  string `json:"t"`
+}
+
+// StateChange is published on a job's state subject for every transition.
+type StateChange struct {
+	Time   time.Time       `json:"time"`
+	From   JobState        `json:"from,omitempty"`
+	State  JobState        `json:"state"`
+	Actor  Actor           `json:"actor"`
+	Error  string          `json:"error,omitempty"`
+	Hive   string          `json:"hive,omitempty"`
+	Worker string          `json:"worker,omitempty"`
+	Result json.RawMessage `json:"result,omitempty"`
+}
+
+// Event is one stored event of a job as a follower sees it.
+type Event struct {
+	// Seq is the stream sequence: resume after it with --from Seq+1.
+	Seq       uint64       `json:"seq"`
+	Kind      string       `json:"kind"`
+	Narration *Narration   `json:"narration,omitempty"`
+	Token     *Token       `json:"token,omitempty"`
+	State     *StateChange `json:"state,omitempty"`
+}
+
+// Terminal reports whether e ends its job's stream.
+func (e Event) Terminal() bool { return e.State != nil && e.State.State.Terminal() }

@@ -1,0 +1,152 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rbee-dev/rbee/subjects"
+	"github.com/rs/zerolog"
+)
+
+// ErrUnreachable is returned when no NATS server answers at the address.
+var ErrUnreachable = errors.New("bus unreachable")
+
+// Bus is one component's connection to the rbee bus: the core connection,
+// JetStream, and the names of its cluster.
+type Bus struct {
+	NC    *nats.Conn
+	JS    jetstream.JetStream
+	Space subjects.Space
+	Log   zerolog.Logger
+}
+
+// ConnectConfig says how to reach the bus.
+type ConnectConfig struct {
+	// URL of the NATS server(s), comma-separated. Ignored when InProcess
+	// options are given.
+	URL         string
+	Credentials Credentials
+	// Name identifies the client in server monitoring ("queen-rbee", ...).
+	Name      string
+	Namespace string
+	// Timeout bounds the first connection attempt (default 2 s): a command
+	// that cannot reach the queen must say so quickly, never hang.
+	Timeout time.Duration
+	// Reconnect keeps a daemon connected across server restarts. Short-lived
+	// clients (the keeper) also reconnect, so a queen restart does not cut a
+	// followed stream.
+	Reconnect bool
+	// Extra options, e.g. an in-process server connection.
+	Extra []nats.Option
+	// OnReconnect is called after every reconnect (hives re-register).
+	OnReconnect func()
+	Log         zerolog.Logger
+}
+
+// Connect opens a connection and JetStream context. Disconnects and
+// reconnects surface as log lines.
+func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
+	space, err := subjects.New(cfg.Namespace)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 2 * time.Second
+	}
+	log := cfg.Log
+	opts := []nats.Option{
+		nats.Name(cfg.Name),
+		nats.Timeout(cfg.Timeout),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn().Err(err).Msg("disconnected from NATS")
+			} else {
+				log.Info().Msg("disconnected from NATS")
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("reconnected to NATS")
+			if cfg.OnReconnect != nil {
+				cfg.OnReconnect()
+			}
+		}),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			ev := log.Warn().Err(err)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("NATS async error")
+		}),
+	}
+	if cfg.Reconnect {
+		opts = append(opts, nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond), nats.ReconnectJitter(100*time.Millisecond, time.Second))
+	} else {
+		opts = append(opts, nats.NoReconnect())
+	}
+	opts = append(opts, cfg.Credentials.Options()...)
+	opts = append(opts, cfg.Extra...)
+	url := cfg.URL
+	if url == "" {
+		url = nats.DefaultURL
+	}
+	type result struct {
+		nc  *nats.Conn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		nc, err := nats.Connect(url, opts...)
+		done <- result{nc, err}
+	}()
+	var nc *nats.Conn
+	select {
+	case r := <-done:
+		if r.err != nil {
+			return nil, fmt.Errorf("%w: cannot connect to NATS at %s: %v", ErrUnreachable, redact(url), r.err)
+		}
+		nc = r.nc
+	case <-ctx.Done():
+		go func() {
+			if r := <-done; r.nc != nil {
+				r.nc.Close()
+			}
+		}()
+		return nil, fmt.Errorf("%w: connecting to NATS at %s: %v", ErrUnreachable, redact(url), ctx.Err())
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("JetStream: %w", err)
+	}
+	return &Bus{NC: nc, JS: js, Space: space, Log: log}, nil
+}
+
+func redact(url string) string {
+	// Credentials in a URL never belong in a message.
+	if i, j := strings.Index(url, "://"), strings.LastIndex(url, "@"); i >= 0 && j > i {
+		return url[:i+3] + "***" + url[j:]
+	}
+	return url
+}
+
+// Close drains the connection so buffered publishes reach the server.
+func (b *Bus) Close() {
+	if b == nil || b.NC == nil {
+		return
+	}
+	if err := b.NC.Drain(); err != nil {
+		b.NC.Close()
+		return
+	}
+	// Drain is asynchronous; wait for it, boundedly.
+	deadline := time.Now().Add(5 * time.Second)
+	for !b.NC.IsClosed() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.NC.Close()
+}

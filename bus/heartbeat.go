@@ -1,0 +1,176 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+)
+
+// ErrDuplicate is returned when another live component already holds the
+// registry entry a component wants (two hives started with one id).
+var ErrDuplicate = errors.New("already registered")
+
+// instanceHeader marks which process wrote a registry entry, so a component
+// can tell its own entry from a namesake's.
+const instanceHeader = "Rbee-Instance"
+
+// Heartbeat keeps one registry entry alive: each beat rewrites the entry
+// with a per-message TTL, so when beats stop the entry expires by itself and
+// watchers see it go. Beats are conditional on the entry's last revision,
+// which makes the entry single-owner: a second process with the same id
+// cannot overwrite a live one.
+type Heartbeat struct {
+	bus      *Bus
+	bucket   string
+	key      string
+	subject  string
+	interval time.Duration
+	ttl      time.Duration
+	// Value produces the entry's content at each beat.
+	value    func() ([]byte, error)
+	instance string
+
+	mu  sync.Mutex
+	rev uint64
+}
+
+// DefaultHeartbeatInterval is how often components beat unless configured.
+const DefaultHeartbeatInterval = time.Second
+
+// TTLForInterval is the entry TTL for a beat interval: three missed beats
+// mean the component is lost. JetStream's TTL granularity is one second.
+func TTLForInterval(interval time.Duration) time.Duration {
+	ttl := 3 * interval
+	if ttl < time.Second {
+		ttl = time.Second
+	}
+	return ttl.Round(time.Second)
+}
+
+// NewHeartbeat prepares a heartbeat for key in bucket; Register claims it.
+func (b *Bus) NewHeartbeat(bucket, key string, interval time.Duration, value func() ([]byte, error)) *Heartbeat {
+	if interval <= 0 {
+		interval = DefaultHeartbeatInterval
+	}
+	return &Heartbeat{
+		bus: b, bucket: bucket, key: key, subject: "$KV." + bucket + "." + key,
+		interval: interval, ttl: TTLForInterval(interval), value: value, instance: nuid.Next(),
+	}
+}
+
+// Interval is the time between beats.
+func (h *Heartbeat) Interval() time.Duration { return h.interval }
+
+// TTL is how long the entry outlives the last beat.
+func (h *Heartbeat) TTL() time.Duration { return h.ttl }
+
+// Register claims the entry. It fails with ErrDuplicate while a live entry
+// written by another process exists.
+func (h *Heartbeat) Register(ctx context.Context) error {
+	stream, err := h.bus.JS.Stream(ctx, "KV_"+h.bucket)
+	if err != nil {
+		return fmt.Errorf("registry bucket %s: %w", h.bucket, err)
+	}
+	var expect uint64
+	last, err := stream.GetLastMsgForSubject(ctx, h.subject)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return fmt.Errorf("read registry entry %s: %w", h.key, err)
+	case isTombstone(last.Header):
+		expect = last.Sequence
+	case last.Header.Get(instanceHeader) == h.instance:
+		expect = last.Sequence
+	default:
+		age := time.Since(last.Time).Round(100 * time.Millisecond)
+		return fmt.Errorf("%w: %q is already registered by another live process (last beat %s ago); stop it first, or wait %s if it just died", ErrDuplicate, h.key, age, h.ttl)
+	}
+	return h.publish(ctx, expect)
+}
+
+func isTombstone(hdr nats.Header) bool {
+	return hdr.Get("KV-Operation") != "" || hdr.Get(jetstream.MarkerReasonHeader) != ""
+}
+
+// Beat rewrites the entry once. When the entry changed under it (it expired
+// during a network partition, or the bus restarted) it re-registers.
+func (h *Heartbeat) Beat(ctx context.Context) error {
+	h.mu.Lock()
+	rev := h.rev
+	h.mu.Unlock()
+	err := h.publish(ctx, rev)
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+		return h.Register(ctx)
+	}
+	return err
+}
+
+func (h *Heartbeat) publish(ctx context.Context, expect uint64) error {
+	data, err := h.value()
+	if err != nil {
+		return err
+	}
+	msg := nats.NewMsg(h.subject)
+	msg.Data = data
+	msg.Header.Set(instanceHeader, h.instance)
+	ack, err := h.bus.JS.PublishMsg(ctx, msg, jetstream.WithMsgTTL(h.ttl), jetstream.WithExpectLastSequencePerSubject(expect))
+	if err != nil {
+		return err
+	}
+	h.mu.Lock()
+	h.rev = ack.Sequence
+	h.mu.Unlock()
+	return nil
+}
+
+// Run beats until ctx ends. Intervals are jittered by up to 10% so many
+// components started together do not beat in lockstep. A failed beat is
+// reported through onError and retried at the next tick; ErrDuplicate stops
+// the loop, because another process now owns the entry.
+func (h *Heartbeat) Run(ctx context.Context, onError func(error)) error {
+	for {
+		jitter := time.Duration(rand.Int64N(int64(h.interval)/10 + 1))
+		t := time.NewTimer(h.interval - h.interval/20 + jitter)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+		bctx, cancel := context.WithTimeout(ctx, h.interval+time.Second)
+		err := h.Beat(bctx)
+		cancel()
+		if err != nil {
+			if errors.Is(err, ErrDuplicate) {
+				return err
+			}
+			if onError != nil && ctx.Err() == nil {
+				onError(err)
+			}
+		}
+	}
+}
+
+// Deregister deletes the entry, so watchers see the component leave at once
+// instead of one TTL later. It deletes only the entry this process wrote.
+func (h *Heartbeat) Deregister(ctx context.Context) error {
+	kv, err := h.bus.KV(ctx, h.bucket)
+	if err != nil {
+		return err
+	}
+	h.mu.Lock()
+	rev := h.rev
+	h.mu.Unlock()
+	if err := kv.Delete(ctx, h.key, jetstream.LastRevision(rev)); err != nil {
+		return fmt.Errorf("deregister %s: %w", h.key, err)
+	}
+	return nil
+}

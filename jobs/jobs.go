@@ -1,0 +1,286 @@
+// Package jobs owns job records: the state machine, and the only code that
+// writes a record to the jobs bucket. Every write is a compare-and-swap on
+// the record's revision, so two writers (the queen and a worker, or two
+// queens) can never lose each other's update; every state change is also
+// published as a state event on the job's subjects.
+package jobs
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/subjects"
+)
+
+var (
+	// ErrNotFound means no record exists for the id (never created, or aged out).
+	ErrNotFound = errors.New("job not found")
+	// ErrIllegalTransition means the state machine does not allow the change.
+	ErrIllegalTransition = errors.New("illegal job state transition")
+	// ErrTerminal means the job already finished; its state is final.
+	ErrTerminal = errors.New("job already finished")
+	// ErrConflict means the record changed since it was read.
+	ErrConflict = errors.New("job record changed concurrently")
+)
+
+// transitions lists the allowed changes. running → queued is a retry: the
+// worker died before sending any token, so the job may run elsewhere.
+var transitions = map[api.JobState][]api.JobState{
+	api.JobQueued:  {api.JobRunning, api.JobFailed, api.JobCancelled},
+	api.JobRunning: {api.JobCompleted, api.JobFailed, api.JobCancelled, api.JobQueued},
+}
+
+// CheckTransition reports whether a job may go from one state to another.
+func CheckTransition(from, to api.JobState) error {
+	if !to.Valid() {
+		return fmt.Errorf("%w: unknown state %q", ErrIllegalTransition, to)
+	}
+	if from.Terminal() {
+		return fmt.Errorf("%w (%s)", ErrTerminal, from)
+	}
+	for _, s := range transitions[from] {
+		if s == to {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s → %s", ErrIllegalTransition, from, to)
+}
+
+var idEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").WithPadding(base32.NoPadding)
+
+// NewID returns a job id that sorts by creation time: 48 bits of
+// milliseconds and 32 random bits, 16 lower-case characters.
+func NewID() string {
+	var b [10]byte
+	binary.BigEndian.PutUint64(b[:8], uint64(time.Now().UnixMilli())<<16)
+	if _, err := rand.Read(b[6:]); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	return idEncoding.EncodeToString(b[:])
+}
+
+// Store reads and writes job records.
+type Store struct {
+	bus       *bus.Bus
+	kv        jetstream.KeyValue
+	subject   func(id string) string
+	retention time.Duration
+	actor     api.Actor
+}
+
+// Open returns a store writing as actor. Finished records expire after
+// retention (bus.DefaultRetention when zero).
+func Open(ctx context.Context, b *bus.Bus, actor api.Actor, retention time.Duration) (*Store, error) {
+	kv, err := b.KV(ctx, b.Space.JobsBucket())
+	if err != nil {
+		return nil, err
+	}
+	if retention <= 0 {
+		retention = bus.DefaultRetention().JobEvents
+	}
+	bucket := b.Space.JobsBucket()
+	return &Store{
+		bus: b, kv: kv, retention: retention, actor: actor,
+		subject: func(id string) string { return subjects.KVSubject(bucket, id) },
+	}, nil
+}
+
+// Create stores a new queued job and publishes its first state event.
+func (s *Store) Create(ctx context.Context, job api.Job) (api.Job, error) {
+	if err := subjects.ValidateID(subjects.KindJob, job.ID); err != nil {
+		return api.Job{}, err
+	}
+	job.State = api.JobQueued
+	if job.CreatedAt.IsZero() {
+		job.CreatedAt = time.Now().UTC()
+	}
+	data, err := json.Marshal(job)
+	if err != nil {
+		return api.Job{}, err
+	}
+	rev, err := s.kv.Create(ctx, job.ID, data)
+	if err != nil {
+		return api.Job{}, fmt.Errorf("create job %s: %w", job.ID, err)
+	}
+	job.Revision = rev
+	s.publishState(ctx, job, "")
+	return job, nil
+}
+
+// Get reads a job record.
+func (s *Store) Get(ctx context.Context, id string) (api.Job, error) {
+	if err := subjects.ValidateID(subjects.KindJob, id); err != nil {
+		return api.Job{}, err
+	}
+	e, err := s.kv.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return api.Job{}, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	if err != nil {
+		return api.Job{}, fmt.Errorf("read job %s: %w", id, err)
+	}
+	return decode(e)
+}
+
+func decode(e jetstream.KeyValueEntry) (api.Job, error) {
+	var job api.Job
+	if err := json.Unmarshal(e.Value(), &job); err != nil {
+		return api.Job{}, fmt.Errorf("job record %s is corrupt: %w", e.Key(), err)
+	}
+	job.Revision = e.Revision()
+	return job, nil
+}
+
+// List returns the current records, newest first, optionally only those in
+// one state. It reads the bucket's last value per key in one pass.
+func (s *Store) List(ctx context.Context, state api.JobState) ([]api.Job, error) {
+	w, err := s.kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	if err != nil {
+		return nil, fmt.Errorf("list jobs: %w", err)
+	}
+	defer func() { _ = w.Stop() }()
+	var out []api.Job
+	for {
+		select {
+		case e := <-w.Updates():
+			if e == nil { // all current values delivered
+				sort.Slice(out, func(i, j int) bool { return out[i].ID > out[j].ID })
+				return out, nil
+			}
+			job, err := decode(e)
+			if err != nil {
+				continue
+			}
+			if state == "" || job.State == state {
+				out = append(out, job)
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// CompareAndSwap writes job if its record is still at job.Revision, and
+// returns it with the new revision. A finished job's record gets the
+// retention as its TTL, so records never accumulate.
+func (s *Store) CompareAndSwap(ctx context.Context, job api.Job) (api.Job, error) {
+	data, err := json.Marshal(job)
+	if err != nil {
+		return api.Job{}, err
+	}
+	msg := nats.NewMsg(s.subject(job.ID))
+	msg.Data = data
+	opts := []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(job.Revision)}
+	if job.State.Terminal() {
+		opts = append(opts, jetstream.WithMsgTTL(s.retention))
+	}
+	ack, err := s.bus.JS.PublishMsg(ctx, msg, opts...)
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+		return api.Job{}, fmt.Errorf("%w: %s (revision %d)", ErrConflict, job.ID, job.Revision)
+	}
+	if err != nil {
+		return api.Job{}, fmt.Errorf("write job %s: %w", job.ID, err)
+	}
+	job.Revision = ack.Sequence
+	return job, nil
+}
+
+// Transition moves a job to state to, applying mutate to the record in the
+// same write, and publishes the state event. It retries on concurrent
+// changes, re-checking the state machine against the fresh record each
+// time, so a cancel racing a completion ends in exactly one terminal state.
+func (s *Store) Transition(ctx context.Context, id string, to api.JobState, mutate func(*api.Job)) (api.Job, error) {
+	for attempt := 0; ; attempt++ {
+		job, err := s.Get(ctx, id)
+		if err != nil {
+			return api.Job{}, err
+		}
+		from := job.State
+		if err := CheckTransition(from, to); err != nil {
+			return job, fmt.Errorf("job %s: %w", id, err)
+		}
+		now := time.Now().UTC()
+		job.State = to
+		switch {
+		case to == api.JobRunning:
+			job.StartedAt = &now
+		case to == api.JobQueued:
+			job.StartedAt = nil
+		case to.Terminal():
+			job.FinishedAt = &now
+		}
+		if mutate != nil {
+			mutate(&job)
+		}
+		job, err = s.CompareAndSwap(ctx, job)
+		if errors.Is(err, ErrConflict) && attempt < 20 {
+			continue
+		}
+		if err != nil {
+			return api.Job{}, err
+		}
+		s.publishState(ctx, job, from)
+		return job, nil
+	}
+}
+
+// Update changes a record without changing its state (where it runs, its
+// attempts), with the same compare-and-swap retry as Transition.
+func (s *Store) Update(ctx context.Context, id string, mutate func(*api.Job) error) (api.Job, error) {
+	for attempt := 0; ; attempt++ {
+		job, err := s.Get(ctx, id)
+		if err != nil {
+			return api.Job{}, err
+		}
+		if err := mutate(&job); err != nil {
+			return job, err
+		}
+		job, err = s.CompareAndSwap(ctx, job)
+		if errors.Is(err, ErrConflict) && attempt < 20 {
+			continue
+		}
+		return job, err
+	}
+}
+
+func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState) {
+	ev := api.StateChange{
+		Time: time.Now().UTC(), From: from, State: job.State, Actor: s.actor,
+		Error: job.Error, Hive: job.Hive, Worker: job.Worker,
+	}
+	if job.State.Terminal() {
+		ev.Result = job.Result
+	}
+	if err := s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev); err != nil {
+		s.bus.Log.Error().Err(err).Str("job", job.ID).Str("state", string(job.State)).Msg("state event not published")
+	}
+}
+
+// Counts returns how many current records are in each state.
+func (s *Store) Counts(ctx context.Context) (map[api.JobState]int, error) {
+	all, err := s.List(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	counts := map[api.JobState]int{}
+	for _, j := range all {
+		counts[j.State]++
+	}
+	return counts, nil
+}
+
+// IsNotFound reports whether err means the job does not exist.
+func IsNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
+

@@ -1,0 +1,210 @@
+package subjects
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Space builds every name of one rbee cluster. The zero value is not usable;
+// get one from New or Default.
+type Space struct {
+	ns string
+}
+
+// Default is the space of the default namespace "rbee".
+func Default() Space { return Space{ns: DefaultNamespace} }
+
+// New returns the space for namespace ns: 1-32 characters from [a-z0-9_-].
+// Lower case only, because stream names are the upper-cased namespace and two
+// namespaces must never map to one stream.
+func New(ns string) (Space, error) {
+	if ns == "" {
+		return Default(), nil
+	}
+	if len(ns) > 32 {
+		return Space{}, fmt.Errorf("%w: namespace %q is longer than 32 characters", ErrInvalidID, ns)
+	}
+	for i := 0; i < len(ns); i++ {
+		c := ns[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			return Space{}, fmt.Errorf("%w: namespace %q contains %q; only a-z 0-9 _ - are allowed", ErrInvalidID, ns, rune(c))
+		}
+	}
+	return Space{ns: ns}, nil
+}
+
+// Namespace is the first token of every subject of this space.
+func (s Space) Namespace() string { return s.ns }
+
+// All matches every subject of this space (for tracing).
+func (s Space) All() string { return s.ns + ".>" }
+
+// --- request/reply services (nats micro) ---
+
+// QueenService is the micro service name of the queen.
+func (s Space) QueenService() string { return s.ns + "-queen" }
+
+// HiveService is the micro service name every hive registers under; each hive
+// is one instance, addressed through its own subject group.
+func (s Space) HiveService() string { return s.ns + "-hive" }
+
+// WorkerService is the micro service name of workers.
+func (s Space) WorkerService() string { return s.ns + "-worker" }
+
+// QueenGroup is the subject prefix of the queen's endpoints.
+func (s Space) QueenGroup() string { return s.ns + ".queen" }
+
+// Queen is the subject of one queen endpoint.
+func (s Space) Queen(endpoint string) string { return s.QueenGroup() + "." + endpoint }
+
+// HiveGroup is the subject prefix of one hive's endpoints.
+func (s Space) HiveGroup(hive string) (string, error) {
+	if err := ValidateID(KindHive, hive); err != nil {
+		return "", err
+	}
+	return s.ns + ".hive." + hive, nil
+}
+
+// Hive is the subject of one endpoint of one hive.
+func (s Space) Hive(hive, endpoint string) (string, error) {
+	g, err := s.HiveGroup(hive)
+	if err != nil {
+		return "", err
+	}
+	return g + "." + endpoint, nil
+}
+
+// WorkerGroup is the subject prefix of one worker's endpoints.
+func (s Space) WorkerGroup(worker string) (string, error) {
+	if err := ValidateID(KindWorker, worker); err != nil {
+		return "", err
+	}
+	return s.ns + ".worker." + worker, nil
+}
+
+// Worker is the subject of one endpoint of one worker.
+func (s Space) Worker(worker, endpoint string) (string, error) {
+	g, err := s.WorkerGroup(worker)
+	if err != nil {
+		return "", err
+	}
+	return g + "." + endpoint, nil
+}
+
+// --- inference work queue ---
+
+// InferStream is the JetStream work-queue stream holding inference requests
+// until a worker with a free slot pulls them.
+func (s Space) InferStream() string { return strings.ToUpper(s.ns) + "_INFER" }
+
+// InferAll matches the work queues of every model.
+func (s Space) InferAll() string { return s.ns + ".infer.*" }
+
+// Infer is the work-queue subject of one model key.
+func (s Space) Infer(modelKey string) (string, error) {
+	if err := ValidateID(KindModelKey, modelKey); err != nil {
+		return "", err
+	}
+	return s.ns + ".infer." + modelKey, nil
+}
+
+// InferConsumer is the durable consumer shared by every worker of one model:
+// they pull from it together, so each request goes to exactly one of them.
+func (s Space) InferConsumer(modelKey string) (string, error) {
+	if err := ValidateID(KindModelKey, modelKey); err != nil {
+		return "", err
+	}
+	return "infer-" + modelKey, nil
+}
+
+// --- job events ---
+
+// JobsStream is the stream that stores every job's narration, tokens and
+// state changes, so any number of clients can follow, join late and resume.
+func (s Space) JobsStream() string { return strings.ToUpper(s.ns) + "_JOBS" }
+
+// JobsStreamSubjects are the subjects JobsStream captures. Cancel is left out
+// on purpose: it is a core signal to whoever runs the job, not history.
+func (s Space) JobsStreamSubjects() []string {
+	return []string{s.ns + ".job.*.narration", s.ns + ".job.*.token", s.ns + ".job.*.state"}
+}
+
+// EventKind is the last token of a job event subject.
+type EventKind string
+
+const (
+	EventNarration EventKind = "narration"
+	EventToken     EventKind = "token"
+	EventState     EventKind = "state"
+)
+
+// JobEvent is the subject of one kind of event of one job.
+func (s Space) JobEvent(job string, kind EventKind) (string, error) {
+	if err := ValidateID(KindJob, job); err != nil {
+		return "", err
+	}
+	switch kind {
+	case EventNarration, EventToken, EventState:
+	default:
+		return "", fmt.Errorf("unknown job event kind %q", kind)
+	}
+	return s.ns + ".job." + job + "." + string(kind), nil
+}
+
+// JobEvents matches every stored event of one job.
+func (s Space) JobEvents(job string) (string, error) {
+	if err := ValidateID(KindJob, job); err != nil {
+		return "", err
+	}
+	return s.ns + ".job." + job + ".*", nil
+}
+
+// JobCancel is the core subject on which a job's cancellation is signalled to
+// the worker running it.
+func (s Space) JobCancel(job string) (string, error) {
+	if err := ValidateID(KindJob, job); err != nil {
+		return "", err
+	}
+	return s.ns + ".job." + job + ".cancel", nil
+}
+
+// AllNarration matches the narration of every job.
+func (s Space) AllNarration() string { return s.ns + ".job.*.narration" }
+
+// ClusterNarration carries narration that belongs to no job (a hive lost, a
+// worker exited). It is core pub/sub: live only, like a log tail.
+func (s Space) ClusterNarration() string { return s.ns + ".cluster.narration" }
+
+// JobIDFromSubject returns the job token of a job event subject.
+func (s Space) JobIDFromSubject(subject string) (job string, kind EventKind, ok bool) {
+	prefix := s.ns + ".job."
+	if !strings.HasPrefix(subject, prefix) {
+		return "", "", false
+	}
+	rest := strings.Split(subject[len(prefix):], ".")
+	if len(rest) != 2 {
+		return "", "", false
+	}
+	return rest[0], EventKind(rest[1]), true
+}
+
+// --- registry and records (JetStream KV) ---
+
+// HivesBucket holds one heartbeat entry per live hive, each with a TTL that
+// every beat refreshes; expiry means the hive is lost.
+func (s Space) HivesBucket() string { return s.ns + "_hives" }
+
+// WorkersBucket holds one heartbeat entry per live worker.
+func (s Space) WorkersBucket() string { return s.ns + "_workers" }
+
+// JobsBucket holds job records, updated by compare-and-swap.
+func (s Space) JobsBucket() string { return s.ns + "_jobs" }
+
+// InventoryBucket holds the hives the user has added (name and how to reach
+// the machine), so a restarted queen still knows them.
+func (s Space) InventoryBucket() string { return s.ns + "_inventory" }
+
+// KVSubject is the subject a KV bucket stores key under. Heartbeats publish
+// to it directly because a plain publish can carry a per-message TTL that
+// refreshes on every beat, which kv.Put cannot.
+func KVSubject(bucket, key string) string { return "$KV." + bucket + "." + key }
