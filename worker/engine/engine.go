@@ -1,0 +1,226 @@
+// Package engine runs language-model inference for the worker. The Engine,
+// Model and Slot interfaces hide the backend; Llama (llama.cpp through yzma)
+// is the real one.
+//
+// A worker loads one Model and makes one Slot per concurrent request it
+// serves; each Slot is used by one goroutine at a time.
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Sentinel errors. Functions wrap them with %w, so test with errors.Is.
+var (
+	// ErrInvalidRequest: a Request parameter is out of range. The error is a
+	// *ParamError naming the field.
+	ErrInvalidRequest = errors.New("invalid request")
+	// ErrPromptTooLong: the prompt does not fit in the context (also a
+	// *ParamError for field "prompt", so it matches ErrInvalidRequest too).
+	ErrPromptTooLong = errors.New("prompt too long")
+	// ErrLibrary: the llama.cpp shared libraries could not be found or loaded.
+	ErrLibrary = errors.New("llama.cpp library")
+	// ErrLoad: a model file could not be loaded (missing, corrupt, unsupported).
+	ErrLoad = errors.New("load model")
+	// ErrDevice: the requested device does not exist or is malformed.
+	ErrDevice = errors.New("device")
+	// ErrNoChatTemplate: the model carries no chat template.
+	ErrNoChatTemplate = errors.New("model has no chat template")
+	// ErrChatTemplate: the model's chat template could not be applied.
+	ErrChatTemplate = errors.New("apply chat template")
+	// ErrClosed: the model or slot was closed.
+	ErrClosed = errors.New("closed")
+	// ErrSlotBusy: Generate was called on a slot that is already generating.
+	ErrSlotBusy = errors.New("slot busy")
+	// ErrDecode: llama.cpp failed to evaluate a batch.
+	ErrDecode = errors.New("decode")
+)
+
+// Engine loads models.
+type Engine interface {
+	// Load loads the GGUF model at path. A missing, truncated or corrupt file
+	// gives an error wrapping ErrLoad with the reason; it never crashes the
+	// process.
+	Load(ctx context.Context, path string, opts LoadOptions) (Model, error)
+}
+
+// LoadOptions says how to load a model. Zero values pick defaults.
+type LoadOptions struct {
+	// ContextSize is the context (in tokens) of every slot; 0 takes the
+	// model's training context.
+	ContextSize int
+	// Threads is the number of CPU threads per slot; 0 picks one per
+	// performance core.
+	Threads int
+	// Device is "cpu" (the default when empty) or "cuda:N" (any GPU of the
+	// loaded backends, N counted from 0).
+	Device string
+	// GPULayers is the number of layers to offload to a GPU device; 0 or
+	// negative offloads all of them. Ignored for "cpu".
+	GPULayers int
+}
+
+// Model is a loaded model. Its methods are safe for concurrent use.
+type Model interface {
+	// NewSlot makes a llama context of ContextSize tokens. A worker with N
+	// slots makes N; each slot generates one request at a time.
+	NewSlot() (Slot, error)
+	// Tokenize turns text into token ids, with the model's BOS token when
+	// addSpecial is true. Special-token text such as <|im_start|> is parsed
+	// into its control token, as in Generate.
+	Tokenize(text string, addSpecial bool) ([]int32, error)
+	// ApplyChatTemplate renders msgs with the model's chat template (through
+	// llama.cpp), ending with the assistant prefix when addAssistant is true.
+	// It returns ErrNoChatTemplate when the model has none.
+	ApplyChatTemplate(msgs []ChatMessage, addAssistant bool) (string, error)
+	// ContextSize is the context of each slot, in tokens.
+	ContextSize() int
+	// Close closes all slots (waiting for their generation to end) and frees
+	// the model. Further calls return ErrClosed; Close is idempotent.
+	Close() error
+}
+
+// Slot is one llama context. Use it from one goroutine at a time; several
+// slots of one model may generate concurrently.
+type Slot interface {
+	// Generate runs one request. onToken is called once per generated token,
+	// in order; returning an error stops generation (StopError, and Generate
+	// returns that error wrapped). Token.Text may be empty while text is held
+	// back (a possible start of a stop sequence, or an incomplete UTF-8
+	// character). The end-of-generation token is reported too, carrying any
+	// text still held back. Cancelling ctx stops generation before the next
+	// token: the Result has StopCancelled and the error is nil. Slots are
+	// reusable: state is cleared per request.
+	Generate(ctx context.Context, req Request, onToken func(Token) error) (Result, error)
+	// Close frees the slot, waiting for a running Generate to end. It is
+	// idempotent.
+	Close() error
+}
+
+// ChatMessage is one message of a conversation.
+type ChatMessage struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// RandomSeed asks for a different random seed on every request.
+const RandomSeed uint32 = 0xFFFFFFFF
+
+// Request is one generation request. For TopK, TopP, MinP and
+// RepeatPenalty the zero value means "off".
+type Request struct {
+	Prompt string
+	// MaxTokens is the most tokens to generate, 1 to the context size.
+	MaxTokens int
+	// Temperature 0 is greedy decoding; up to 2.
+	Temperature float32
+	// TopP is nucleus sampling, 0 to 1 (0 or 1: off).
+	TopP float32
+	// MinP drops tokens less likely than MinP times the best one, 0 to 1.
+	MinP float32
+	// RepeatPenalty divides the logits of recent tokens, >= 0 (0 or 1: off).
+	RepeatPenalty float32
+	// TopK keeps the K most likely tokens, >= 0 (0: off).
+	TopK int
+	// Seed of the sampler; the same seed gives the same output. RandomSeed
+	// picks a random one.
+	Seed uint32
+	// Stop ends generation when the output contains one of these strings,
+	// which are not part of the output.
+	Stop []string
+}
+
+// Token is one generated token.
+type Token struct {
+	// Index counts tokens of this request from 0.
+	Index int
+	// ID is the token id in the model's vocabulary.
+	ID int32
+	// Text is the output text this token releases (see Slot.Generate).
+	Text string
+}
+
+// StopReason says why generation ended.
+type StopReason string
+
+// Stop reasons.
+const (
+	StopEOS       StopReason = "eos"        // the model produced an end-of-generation token
+	StopMaxTokens StopReason = "max_tokens" // MaxTokens reached, or the context is full
+	StopSequence  StopReason = "stop"       // a stop sequence appeared
+	StopCancelled StopReason = "cancelled"  // the context was cancelled
+	StopError     StopReason = "error"      // onToken or llama.cpp failed
+)
+
+// Result summarises a finished request.
+type Result struct {
+	StopReason       StopReason
+	PromptTokens     int
+	CompletionTokens int
+	// TimeToFirstToken is from the call of Generate to the first token.
+	TimeToFirstToken time.Duration
+	// Duration is the whole call.
+	Duration time.Duration
+}
+
+// ParamError is a request parameter that is out of range. It matches
+// ErrInvalidRequest (and Err, when set) with errors.Is.
+type ParamError struct {
+	// Field is the parameter's wire name, such as "max_tokens".
+	Field string
+	// Reason says what is wrong.
+	Reason string
+	// Err is an extra sentinel such as ErrPromptTooLong, or nil.
+	Err error
+}
+
+// Error returns "invalid request: <field>: <reason>".
+func (e *ParamError) Error() string {
+	return fmt.Sprintf("%v: %s: %s", ErrInvalidRequest, e.Field, e.Reason)
+}
+
+// Unwrap gives ErrInvalidRequest and Err.
+func (e *ParamError) Unwrap() []error {
+	if e.Err != nil {
+		return []error{ErrInvalidRequest, e.Err}
+	}
+	return []error{ErrInvalidRequest}
+}
+
+func paramErr(field, format string, args ...any) error {
+	return &ParamError{Field: field, Reason: fmt.Sprintf(format, args...)}
+}
+
+// Validate checks the parameters against a context of contextSize tokens and
+// returns a *ParamError naming the first bad field. Whether the prompt's
+// tokens fit in the context is checked by Generate, after tokenising.
+func (r Request) Validate(contextSize int) error {
+	switch {
+	case r.Prompt == "":
+		return paramErr("prompt", "must not be empty")
+	case strings.IndexByte(r.Prompt, 0) >= 0:
+		return paramErr("prompt", "must not contain a NUL byte")
+	case r.MaxTokens < 1 || r.MaxTokens > contextSize:
+		return paramErr("max_tokens", "must be between 1 and %d, got %d", contextSize, r.MaxTokens)
+	case !(r.Temperature >= 0 && r.Temperature <= 2):
+		return paramErr("temperature", "must be between 0 and 2, got %g", r.Temperature)
+	case !(r.TopP >= 0 && r.TopP <= 1):
+		return paramErr("top_p", "must be between 0 and 1, got %g", r.TopP)
+	case r.TopK < 0:
+		return paramErr("top_k", "must be >= 0, got %d", r.TopK)
+	case !(r.MinP >= 0 && r.MinP <= 1):
+		return paramErr("min_p", "must be between 0 and 1, got %g", r.MinP)
+	case !(r.RepeatPenalty >= 0) || r.RepeatPenalty > 1e6:
+		return paramErr("repeat_penalty", "must be >= 0, got %g", r.RepeatPenalty)
+	}
+	for i, s := range r.Stop {
+		if s == "" {
+			return paramErr("stop", "entry %d is empty", i)
+		}
+	}
+	return nil
+}
