@@ -1,0 +1,250 @@
+package api
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// Error is an error answered by a service endpoint: an HTTP-like code and a
+// message for the person. Clients branch on Code; the keeper maps it to an
+// exit status.
+type Error struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Error codes used on the bus, borrowed from HTTP because every reader
+// already knows them.
+const (
+	CodeBadRequest  = 400
+	CodeNotFound    = 404
+	CodeConflict    = 409
+	CodeQueueFull   = 429
+	CodeInternal    = 500
+	CodeUnavailable = 503
+	CodeTimeout     = 504
+)
+
+// Errorf builds an *Error.
+func Errorf(code int, format string, args ...any) *Error {
+	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// CodeOf returns the code of an *Error in err's chain, or 0.
+func CodeOf(err error) int {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return 0
+}
+
+// CodeString is the micro error code for a code.
+func CodeString(code int) string { return strconv.Itoa(code) }
+
+// --- queen endpoints ---
+
+// Queen endpoint names (tokens after the queen group).
+const (
+	EpSubmit     = "submit"
+	EpJobGet     = "job-get"
+	EpJobList    = "job-list"
+	EpJobCancel  = "job-cancel"
+	EpStatus     = "status"
+	EpHiveAdd    = "hive-add"
+	EpHiveRemove = "hive-remove"
+	EpHiveList   = "hive-list"
+	EpHiveGet    = "hive-get"
+	EpWorkerList = "worker-list"
+	EpModelList  = "model-list"
+)
+
+// SubmitRequest asks the queen to run an operation as a job.
+type SubmitRequest struct {
+	Op Operation `json:"op"`
+	// Timeout, when set, bounds the whole job (the queen fails it after).
+	Timeout Duration `json:"timeout,omitempty"`
+}
+
+// SubmitReply names the new job; its events follow on the job's subjects.
+type SubmitReply struct {
+	JobID string `json:"job_id"`
+}
+
+// JobRequest names one job.
+type JobRequest struct {
+	ID string `json:"id"`
+}
+
+// JobListRequest filters the job list.
+type JobListRequest struct {
+	State JobState `json:"state,omitempty"`
+	Limit int      `json:"limit,omitempty"`
+}
+
+// JobListReply lists jobs, newest first.
+type JobListReply struct {
+	Jobs []Job `json:"jobs"`
+}
+
+// Status is the queen's report of the cluster at a glance.
+type Status struct {
+	Version   string           `json:"version"`
+	StartedAt time.Time        `json:"started_at"`
+	Uptime    Duration         `json:"uptime"`
+	BusURL    string           `json:"bus_url,omitempty"`
+	Hives     []HiveView       `json:"hives"`
+	Workers   []WorkerStatus   `json:"workers"`
+	Jobs      map[JobState]int `json:"jobs"`
+	// Queues is the number of inference requests waiting per model.
+	Queues map[string]int `json:"queues"`
+}
+
+// --- hives ---
+
+// Hive states as the queen sees them.
+const (
+	HiveOnline  = "online"
+	HiveOffline = "offline" // known in the inventory, not running
+	HiveLost    = "lost"    // its heartbeat expired without a goodbye
+)
+
+// SSHTarget says how to reach a remote hive's machine.
+type SSHTarget struct {
+	// Spec is what the user typed: user@host:port or an ~/.ssh/config alias.
+	Spec         string `json:"spec"`
+	IdentityFile string `json:"identity_file,omitempty"`
+}
+
+// InventoryEntry is a hive the user added.
+type InventoryEntry struct {
+	Name string `json:"name"`
+	// SSH is nil for a hive on the queen's own machine.
+	SSH *SSHTarget `json:"ssh,omitempty"`
+	// BinDir is where rbee-hive and llm-worker-rbee live on that machine
+	// (remote default ~/.local/bin; local default next to the queen).
+	BinDir  string    `json:"bin_dir,omitempty"`
+	AddedAt time.Time `json:"added_at"`
+}
+
+// Address is how the entry is reached, for display.
+func (e InventoryEntry) Address() string {
+	if e.SSH == nil {
+		return "local"
+	}
+	return "ssh://" + e.SSH.Spec
+}
+
+// HiveAddRequest adds a hive to the inventory.
+type HiveAddRequest struct {
+	Name         string `json:"name"`
+	SSH          string `json:"ssh,omitempty"`
+	IdentityFile string `json:"identity_file,omitempty"`
+	BinDir       string `json:"bin_dir,omitempty"`
+}
+
+// HiveRequest names one hive.
+type HiveRequest struct {
+	Name string `json:"name"`
+}
+
+// HiveView is a hive as listed: its inventory entry (if any) and live state.
+type HiveView struct {
+	Name     string          `json:"name"`
+	Address  string          `json:"address"`
+	State    string          `json:"state"`
+	Entry    *InventoryEntry `json:"entry,omitempty"`
+	Status   *HiveStatus     `json:"status,omitempty"`
+	LastSeen *time.Time      `json:"last_seen,omitempty"`
+}
+
+// HiveListReply lists hives.
+type HiveListReply struct {
+	Hives []HiveView `json:"hives"`
+}
+
+// HiveStatus is a hive's heartbeat: everything the scheduler needs to know
+// about it without asking.
+type HiveStatus struct {
+	ID           string       `json:"id"`
+	Version      string       `json:"version"`
+	PID          int          `json:"pid"`
+	StartedAt    time.Time    `json:"started_at"`
+	BeatAt       time.Time    `json:"beat_at"`
+	Capabilities Capabilities `json:"capabilities"`
+	RAMFree      uint64       `json:"ram_free"`
+	Workers      []string     `json:"workers"`
+	Models       []ModelBrief `json:"models"`
+	LogPath      string       `json:"log_path,omitempty"`
+}
+
+// ModelBrief is what a heartbeat says about one catalog entry.
+type ModelBrief struct {
+	ID              string `json:"id"`
+	Key             string `json:"key"`
+	EstimatedMemory uint64 `json:"estimated_memory"`
+}
+
+// Hive endpoint names (tokens after the hive's group).
+const (
+	HiveEpCapabilities = "capabilities"
+	HiveEpStatus       = "status"
+	HiveEpShutdown     = "shutdown"
+	HiveEpModelList    = "model-list"
+	HiveEpModelGet     = "model-get"
+	HiveEpModelDelete  = "model-delete"
+	HiveEpModelAdd     = "model-add"
+	HiveEpModelSynth   = "model-synth"
+	HiveEpWorkerSpawn  = "worker-spawn"
+	HiveEpWorkerStop   = "worker-stop"
+	HiveEpWorkerList   = "worker-list"
+)
+
+// --- workers ---
+
+// Worker states.
+const (
+	WorkerLoading  = "loading"
+	WorkerReady    = "ready"
+	WorkerBusy     = "busy"
+	WorkerDraining = "draining"
+)
+
+// WorkerStatus is a worker's heartbeat.
+type WorkerStatus struct {
+	ID           string    `json:"id"`
+	Hive         string    `json:"hive"`
+	Model        string    `json:"model"`
+	ModelKey     string    `json:"model_key"`
+	Device       string    `json:"device"`
+	SlotsTotal   int       `json:"slots_total"`
+	SlotsBusy    int       `json:"slots_busy"`
+	MemoryUsed   uint64    `json:"memory_used"`
+	State        string    `json:"state"`
+	TokensServed uint64    `json:"tokens_served"`
+	TokensPerSec float64   `json:"tokens_per_sec"`
+	PID          int       `json:"pid"`
+	Version      string    `json:"version"`
+	StartedAt    time.Time `json:"started_at"`
+	BeatAt       time.Time `json:"beat_at"`
+}
+
+// Duration is a time.Duration that encodes as a Go duration string.
+type Duration time.Duration
+
+// MarshalText encodes "1m30s".
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// UnmarshalText decodes "1m30s".
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}

@@ -1,0 +1,85 @@
+// Package cliutil holds what the four programs' command lines share: the bus
+// connection flags and log setup, so every program spells them the same.
+package cliutil
+
+import (
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rs/zerolog"
+	"github.com/urfave/cli/v2"
+)
+
+// Flag names shared by every program.
+const (
+	FlagNATS      = "nats"
+	FlagToken     = "nats-token"
+	FlagUser      = "nats-user"
+	FlagPassword  = "nats-password"
+	FlagNamespace = "namespace"
+	FlagLogLevel  = "log-level"
+	FlagLogFile   = "log-file"
+)
+
+// BusFlags are the flags that say how to reach the bus.
+func BusFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: FlagNATS, Usage: "NATS server URL (comma-separated for a cluster)", EnvVars: []string{"RBEE_NATS_URL"}},
+		&cli.StringFlag{Name: FlagToken, Usage: "NATS token", EnvVars: []string{"RBEE_NATS_TOKEN"}},
+		&cli.StringFlag{Name: FlagUser, Usage: "NATS user", EnvVars: []string{"RBEE_NATS_USER"}},
+		&cli.StringFlag{Name: FlagPassword, Usage: "NATS password", EnvVars: []string{"RBEE_NATS_PASSWORD"}},
+		&cli.StringFlag{Name: FlagNamespace, Usage: "subject namespace, so clusters can share one NATS", Value: "rbee", EnvVars: []string{"RBEE_NAMESPACE"}},
+	}
+}
+
+// LogFlags are the flags of a daemon's operator log.
+func LogFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: FlagLogLevel, Usage: "log level: trace, debug, info, warn, error", Value: "info", EnvVars: []string{"RBEE_LOG_LEVEL"}},
+		&cli.StringFlag{Name: FlagLogFile, Usage: "write the log to this file instead of stderr"},
+	}
+}
+
+// Credentials reads the credential flags.
+func Credentials(c *cli.Context) bus.Credentials {
+	return bus.Credentials{Token: c.String(FlagToken), User: c.String(FlagUser), Password: c.String(FlagPassword)}
+}
+
+// CredentialEnv passes credentials to a child process through its
+// environment rather than its arguments, which any user can read in ps.
+func CredentialEnv(cr bus.Credentials) []string {
+	var env []string
+	if cr.Token != "" {
+		env = append(env, "RBEE_NATS_TOKEN="+cr.Token)
+	}
+	if cr.User != "" {
+		env = append(env, "RBEE_NATS_USER="+cr.User, "RBEE_NATS_PASSWORD="+cr.Password)
+	}
+	return env
+}
+
+// Logger builds a daemon's zerolog logger: JSON lines to the log file, or
+// human-readable lines on stderr.
+func Logger(c *cli.Context, component string) (zerolog.Logger, func(), error) {
+	level, err := zerolog.ParseLevel(c.String(FlagLogLevel))
+	if err != nil || level == zerolog.NoLevel {
+		level = zerolog.InfoLevel
+	}
+	var w io.Writer = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly}
+	closeFn := func() {}
+	if path := c.String(FlagLogFile); path != "" {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			return zerolog.Nop(), closeFn, err
+		}
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return zerolog.Nop(), closeFn, err
+		}
+		w = f
+		closeFn = func() { _ = f.Close() }
+	}
+	return zerolog.New(w).Level(level).With().Timestamp().Str("component", component).Logger(), closeFn, nil
+}
