@@ -83,3 +83,23 @@ func Logger(c *cli.Context, component string) (zerolog.Logger, func(), error) {
 	}
 	return zerolog.New(w).Level(level).With().Timestamp().Str("component", component).Logger(), closeFn, nil
 }
+
+// Home is rbee's data directory: $RBEE_HOME, else $XDG_DATA_HOME/rbee, else
+// ~/.local/share/rbee.
+func Home() string {
+	if h := os.Getenv("RBEE_HOME"); h != "" {
+		return h
+	}
+	if x := os.Getenv("XDG_DATA_HOME"); x != "" {
+		return filepath.Join(x, "rbee")
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return filepath.Join(os.TempDir(), "rbee")
+	}
+	return filepath.Join(home, ".local", "share", "rbee")
+}
+
+// QueenPIDFile is where a local queen records its pid, so `rbee queen stop`
+// can find it.
+func QueenPIDFile(home string) string { return filepath.Join(home, "queen.pid") }

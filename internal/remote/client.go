@@ -383,3 +383,10 @@ func shellPath(p string) string {
 		return shellQuote(p)
 	}
 }
+
+// Quote single-quotes s for a POSIX shell command line.
+func Quote(s string) string { return shellQuote(s) }
+
+// QuotePath quotes a remote path so that a leading ~ still means the remote
+// user's home.
+func QuotePath(p string) string { return shellPath(p) }

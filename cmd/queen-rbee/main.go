@@ -1,0 +1,108 @@
+// Command queen-rbee is rbee's control plane: jobs, scheduling, hive
+// lifecycle and the OpenAI-compatible gateway, on an embedded NATS server
+// unless told to use an external one.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/cliutil"
+	"github.com/rbee-dev/rbee/internal/version"
+	"github.com/rbee-dev/rbee/queen"
+	"github.com/urfave/cli/v2"
+)
+
+func main() {
+	app := &cli.App{
+		Name:    "queen-rbee",
+		Usage:   "rbee's control plane: jobs, scheduling, hives and the OpenAI-compatible gateway",
+		Version: version.Version,
+		Flags: append(append(cliutil.BusFlags(), cliutil.LogFlags()...),
+			&cli.StringFlag{Name: "data", Usage: "data directory (JetStream files, hive logs)", EnvVars: []string{"RBEE_HOME"}},
+			&cli.StringFlag{Name: "listen", Usage: "address of the embedded NATS server; beyond loopback it needs --nats-token or --nats-user/--nats-password", Value: "127.0.0.1:" + strconv.Itoa(bus.DefaultPort)},
+			&cli.StringFlag{Name: "advertise", Usage: "bus URL given to hives on other machines (default: the listen address)"},
+			&cli.StringFlag{Name: "gateway", Usage: "OpenAI-compatible HTTP address; \"off\" disables it", Value: "127.0.0.1:7833", EnvVars: []string{"RBEE_GATEWAY"}},
+			&cli.StringFlag{Name: "api-key", Usage: "require this bearer key on the HTTP gateway", EnvVars: []string{"RBEE_API_KEY"}},
+			&cli.DurationFlag{Name: "job-timeout", Usage: "fail jobs not finished within this time", Value: queen.DefaultJobTimeout},
+			&cli.DurationFlag{Name: "hive-start-timeout", Usage: "how long a started hive has to register", Value: queen.DefaultHiveStartTimeout},
+			&cli.DurationFlag{Name: "hive-stop-grace", Usage: "how long a stopping hive gets before SIGTERM, and again before SIGKILL", Value: queen.DefaultHiveStopGrace},
+			&cli.DurationFlag{Name: "worker-start-timeout", Usage: "how long spawning a worker and loading its model may take", Value: queen.DefaultWorkerStartTimeout},
+			&cli.DurationFlag{Name: "first-token-timeout", Usage: "fail an inference whose worker sends no first token in time", Value: queen.DefaultFirstTokenTimeout},
+			&cli.IntFlag{Name: "max-queue", Usage: "inference requests allowed to wait per model", Value: queen.DefaultMaxQueue},
+			&cli.DurationFlag{Name: "retention", Usage: "how long finished jobs and their events are kept", Value: bus.DefaultRetention().JobEvents},
+			&cli.StringFlag{Name: "bin-dir", Usage: "directory holding rbee-hive and llm-worker-rbee (default: next to queen-rbee)"},
+			&cli.StringSliceFlag{Name: "hive-arg", Usage: "extra argument for locally started hives (repeatable)"},
+			&cli.StringFlag{Name: "ssh-config", Usage: "ssh config file for remote hives", Value: "", EnvVars: []string{"RBEE_SSH_CONFIG"}},
+			&cli.StringFlag{Name: "ssh-known-hosts", Usage: "known_hosts file for remote hives", EnvVars: []string{"RBEE_SSH_KNOWN_HOSTS"}},
+		),
+		Action: run,
+	}
+	if err := app.Run(os.Args); err != nil {
+		fmt.Fprintln(os.Stderr, "queen-rbee:", err)
+		var ec cli.ExitCoder
+		if errors.As(err, &ec) {
+			os.Exit(ec.ExitCode())
+		}
+		os.Exit(1)
+	}
+}
+
+func run(c *cli.Context) error {
+	log, closeLog, err := cliutil.Logger(c, "queen")
+	if err != nil {
+		return err
+	}
+	defer closeLog()
+	data := c.String("data")
+	if data == "" {
+		data = cliutil.Home()
+	}
+	if err := os.MkdirAll(data, 0o700); err != nil {
+		return err
+	}
+	gateway := c.String("gateway")
+	if gateway == "off" {
+		gateway = ""
+	}
+	retention := bus.DefaultRetention()
+	retention.JobEvents = c.Duration("retention")
+	cfg := queen.Config{
+		DataDir: data, Listen: c.String("listen"), NATSURL: c.String(cliutil.FlagNATS),
+		Credentials: cliutil.Credentials(c), Namespace: c.String(cliutil.FlagNamespace), Retention: retention,
+		JobTimeout: c.Duration("job-timeout"), HiveStartTimeout: c.Duration("hive-start-timeout"),
+		HiveStopGrace: c.Duration("hive-stop-grace"), WorkerStartTimeout: c.Duration("worker-start-timeout"),
+		FirstTokenTimeout: c.Duration("first-token-timeout"), MaxQueue: c.Int("max-queue"),
+		AdvertiseURL: c.String("advertise"), BinDir: c.String("bin-dir"), HiveArgs: c.StringSlice("hive-arg"),
+		SSHConfigFile: c.String("ssh-config"), SSHKnownHosts: c.String("ssh-known-hosts"),
+		GatewayAddr: gateway, APIKey: c.String("api-key"), Log: log,
+	}
+	pidFile := cliutil.QueenPIDFile(data)
+	cfg.Ready = func(*queen.Queen) {
+		// Only a queen with its own embedded bus is "the local queen".
+		if cfg.NATSURL == "" {
+			_ = os.WriteFile(pidFile, []byte(strconv.Itoa(os.Getpid())), 0o600)
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err = queen.Run(ctx, cfg)
+	if cfg.NATSURL == "" {
+		if b, rerr := os.ReadFile(pidFile); rerr == nil && string(b) == strconv.Itoa(os.Getpid()) {
+			_ = os.Remove(pidFile)
+		}
+	}
+	if err != nil {
+		log.Error().Err(err).Msg("queen stopped")
+		if errors.Is(err, bus.ErrUnreachable) {
+			return cli.Exit(err.Error(), 3)
+		}
+	}
+	return err
+}

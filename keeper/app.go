@@ -1,0 +1,252 @@
+package keeper
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/cliutil"
+	"github.com/rbee-dev/rbee/internal/version"
+	"github.com/rbee-dev/rbee/subjects"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+)
+
+// App builds the rbee command line.
+func App() *cli.App {
+	flags := append(cliutil.BusFlags(),
+		&cli.BoolFlag{Name: "json", Usage: "print NDJSON events and JSON results on stdout"},
+		&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "print results (tokens) only"},
+	)
+	return &cli.App{
+		Name:                 "rbee",
+		Usage:                "run LLMs across every machine you own",
+		Version:              version.Version,
+		Flags:                flags,
+		EnableBashCompletion: true,
+		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
+			return cli.Exit("usage: "+err.Error(), ExitUsage)
+		},
+		Commands: []*cli.Command{
+			queenCommand(),
+			{Name: "status", Usage: "hives, workers, queues and jobs at a glance", Action: statusAction},
+			hiveCommand(),
+			jobsCommand(),
+			inferCommand(),
+			modelCommand(),
+			workerCommand(),
+			{Name: "trace", Usage: "live narration of the whole cluster", ArgsUsage: "[FILTER]", Action: traceAction},
+		},
+		CommandNotFound: func(c *cli.Context, name string) {
+			fmt.Fprintf(os.Stderr, "rbee: unknown command %q; see `rbee --help`\n", name)
+			os.Exit(ExitUsage)
+		},
+	}
+}
+
+// Main runs the app and returns the process exit status.
+func Main(args []string) int {
+	app := App()
+	err := app.Run(interspersed(app, args))
+	if err == nil {
+		return ExitOK
+	}
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) {
+		if msg := err.Error(); msg != "" {
+			fmt.Fprintln(os.Stderr, "rbee:", msg)
+		}
+		return ec.ExitCode()
+	}
+	fmt.Fprintln(os.Stderr, "rbee:", err)
+	return exitCodeOf(err)
+}
+
+func exitCodeOf(err error) int {
+	switch {
+	case errors.Is(err, ErrQueenUnreachable), errors.Is(err, bus.ErrUnreachable), errors.Is(err, bus.ErrNoResponder):
+		return ExitUnreachable
+	case errors.Is(err, subjects.ErrInvalidID), errors.Is(err, errUsage):
+		return ExitUsage
+	case errors.Is(err, context.Canceled), errors.Is(err, errInterrupted):
+		return ExitInterrupted
+	}
+	if api.CodeOf(err) == api.CodeBadRequest {
+		return ExitUsage
+	}
+	return ExitFailed
+}
+
+var (
+	errUsage       = errors.New("usage")
+	errInterrupted = errors.New("interrupted")
+)
+
+func usage(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, args...))
+}
+
+func printer(c *cli.Context) *Printer {
+	return &Printer{
+		Out: os.Stdout, Err: os.Stderr, JSON: c.Bool("json"), Quiet: c.Bool("quiet"),
+		Terminal: term.IsTerminal(int(os.Stderr.Fd())),
+	}
+}
+
+// withSession runs fn connected to the queen, starting an ephemeral local
+// queen when none answers (unless --nats was given).
+func withSession(c *cli.Context, autoStart bool, fn func(ctx context.Context, s *Session) error) error {
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	octx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	s, err := Open(octx, c, autoStart)
+	cancel()
+	if err != nil {
+		if ctx.Err() != nil {
+			return errInterrupted
+		}
+		return err
+	}
+	defer s.Close()
+	return fn(ctx, s)
+}
+
+// call sends one request to a queen endpoint. A queen that is not there is
+// reported as unreachable.
+func call(ctx context.Context, s *Session, endpoint string, req, out any) error {
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	err := s.Bus.Call(cctx, s.Bus.Space.Queen(endpoint), req, out)
+	if errors.Is(err, bus.ErrNoResponder) {
+		return fmt.Errorf("%w: the bus answers but no queen serves it", ErrQueenUnreachable)
+	}
+	return err
+}
+
+// show prints a result: JSON when asked, else the human form.
+func show(c *cli.Context, v any, human func(io.Writer)) {
+	if c.Bool("json") {
+		printer(c).JSONValue(v)
+		return
+	}
+	human(os.Stdout)
+}
+
+// submitAndFollow submits an operation as a job and follows it to its end.
+// Ctrl-C cancels the job and exits 130. It returns the terminal state.
+func submitAndFollow(c *cli.Context, s *Session, ctx context.Context, op api.Operation, timeout time.Duration, detach bool) (*api.StateChange, error) {
+	var reply api.SubmitReply
+	if err := call(ctx, s, api.EpSubmit, api.SubmitRequest{Op: op, Timeout: api.Duration(timeout)}, &reply); err != nil {
+		return nil, err
+	}
+	p := printer(c)
+	if detach {
+		if p.JSON {
+			p.JSONValue(reply)
+		} else {
+			fmt.Fprintln(os.Stdout, reply.JobID)
+		}
+		return nil, nil
+	}
+	p.Message("[rbee] job %s submitted (%s)", reply.JobID, op.Kind)
+	return follow(ctx, s, p, reply.JobID, 0, true)
+}
+
+// follow shows a job's events until its terminal state. When the context
+// ends (Ctrl-C) it cancels the job if cancelOnInterrupt, then reports the
+// interruption.
+func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint64, cancelOnInterrupt bool) (*api.StateChange, error) {
+	var final *api.StateChange
+	err := s.Bus.Follow(ctx, jobID, from, func(ev api.Event) error {
+		p.Event(ev)
+		if ev.Terminal() {
+			final = ev.State
+		}
+		return nil
+	})
+	p.Done()
+	if ctx.Err() != nil {
+		if cancelOnInterrupt {
+			cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = s.Bus.Call(cctx, s.Bus.Space.Queen(api.EpJobCancel), api.JobRequest{ID: jobID}, nil)
+			p.Message("[rbee] interrupted: job %s cancelled", jobID)
+		} else {
+			p.Message("[rbee] detached from job %s; re-attach with `rbee jobs attach %s`", jobID, jobID)
+		}
+		return nil, errInterrupted
+	}
+	if err != nil {
+		return nil, err
+	}
+	return final, nil
+}
+
+// finish turns a terminal state into the command's outcome.
+func finish(final *api.StateChange) error {
+	if final == nil {
+		return nil
+	}
+	switch final.State {
+	case api.JobCompleted:
+		return nil
+	case api.JobCancelled:
+		return fmt.Errorf("job cancelled: %s", final.Error)
+	default:
+		return fmt.Errorf("job failed: %s", final.Error)
+	}
+}
+
+func decodeResult[T any](final *api.StateChange) (T, bool) {
+	var v T
+	if final == nil || len(final.Result) == 0 {
+		return v, false
+	}
+	return v, json.Unmarshal(final.Result, &v) == nil
+}
+
+func needArgs(c *cli.Context, n int, what string) error {
+	if c.NArg() != n {
+		return usage("%s needs %s", c.Command.FullName(), what)
+	}
+	return nil
+}
+
+func validID(kind subjects.Kind, id string) error {
+	if err := subjects.ValidateID(kind, id); err != nil {
+		return err
+	}
+	return nil
+}
+
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func joinNonEmpty(parts ...string) string {
+	var out []string
+	for _, p := range parts {
+		if p != "" {
+			out = append(out, p)
+		}
+	}
+	return strings.Join(out, ", ")
+}

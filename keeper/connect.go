@@ -1,0 +1,165 @@
+// Package keeper is the `rbee` command line: it sends operations to the
+// queen and follows jobs' subjects to show narration and stream tokens.
+package keeper
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/cliutil"
+	"github.com/rbee-dev/rbee/internal/proc"
+	"github.com/rs/zerolog"
+	"github.com/urfave/cli/v2"
+)
+
+// Exit statuses, documented in the README.
+const (
+	ExitOK          = 0
+	ExitFailed      = 1
+	ExitUsage       = 2
+	ExitUnreachable = 3
+	ExitInterrupted = 130
+)
+
+// ErrQueenUnreachable means neither a queen nor a bus answered.
+var ErrQueenUnreachable = errors.New("queen unreachable")
+
+// Session is one command's connection to the queen. When the command found
+// no local queen and started one (ephemeral mode), Close stops it again.
+type Session struct {
+	Bus       *bus.Bus
+	ephemeral *proc.Process
+	home      string
+}
+
+// localPort is where the local queen's bus listens.
+func localPort() int {
+	if p, err := strconv.Atoi(os.Getenv("RBEE_NATS_PORT")); err == nil && p > 0 {
+		return p
+	}
+	return bus.DefaultPort
+}
+
+// LocalURL is the bus address of the local queen.
+func LocalURL() string { return fmt.Sprintf("nats://127.0.0.1:%d", localPort()) }
+
+// connectOnly reaches the bus without ever starting anything.
+func connectOnly(ctx context.Context, c *cli.Context, url string) (*bus.Bus, error) {
+	b, err := bus.Connect(ctx, bus.ConnectConfig{
+		URL: url, Name: "rbee", Namespace: c.String(cliutil.FlagNamespace), Credentials: cliutil.Credentials(c),
+		Reconnect: true, Timeout: 2 * time.Second, Log: zerolog.Nop(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w at %s: %v", ErrQueenUnreachable, url, err)
+	}
+	return b, nil
+}
+
+// Open connects to the queen. With an explicit --nats (or RBEE_NATS_URL) it
+// never starts anything; otherwise, when no local queen answers and
+// autoStart is set, it starts one for the length of the command.
+func Open(ctx context.Context, c *cli.Context, autoStart bool) (*Session, error) {
+	home := cliutil.Home()
+	if url := c.String(cliutil.FlagNATS); url != "" {
+		b, err := connectOnly(ctx, c, url)
+		if err != nil {
+			return nil, err
+		}
+		return &Session{Bus: b, home: home}, nil
+	}
+	b, err := connectOnly(ctx, c, LocalURL())
+	if err == nil {
+		return &Session{Bus: b, home: home}, nil
+	}
+	if !autoStart {
+		return nil, fmt.Errorf("%w: no local queen at %s; start one with `rbee queen start`", ErrQueenUnreachable, LocalURL())
+	}
+	p, err := startQueen(ctx, c, home)
+	if err != nil {
+		return nil, err
+	}
+	b, err = waitQueen(ctx, c, LocalURL(), 15*time.Second)
+	if err != nil {
+		_, _ = p.Stop(context.Background(), 5*time.Second)
+		return nil, fmt.Errorf("the queen started for this command did not answer: %w; its log: %s\n%s", err, p.Log, proc.Tail(p.Log, 10))
+	}
+	return &Session{Bus: b, ephemeral: p, home: home}, nil
+}
+
+// Close disconnects, and stops a queen this session started.
+func (s *Session) Close() {
+	s.Bus.Close()
+	if s.ephemeral != nil {
+		_, _ = s.ephemeral.Stop(context.Background(), 10*time.Second)
+	}
+}
+
+func siblingBinary(name string) string {
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), name)
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return name // fall back to PATH
+}
+
+func startQueen(_ context.Context, c *cli.Context, home string) (*proc.Process, error) {
+	if err := os.MkdirAll(home, 0o700); err != nil {
+		return nil, err
+	}
+	logPath := filepath.Join(home, "logs", "queen.log")
+	args := []string{"--data", home, "--listen", fmt.Sprintf("127.0.0.1:%d", localPort()), "--namespace", c.String(cliutil.FlagNamespace)}
+	if gw := os.Getenv("RBEE_GATEWAY"); gw != "" {
+		args = append(args, "--gateway", gw)
+	}
+	p, err := proc.Start(proc.Spec{Path: siblingBinary("queen-rbee"), Args: args, LogPath: logPath,
+		Env: cliutil.CredentialEnv(cliutil.Credentials(c))})
+	if err != nil {
+		return nil, fmt.Errorf("starting queen-rbee: %w", err)
+	}
+	return p, nil
+}
+
+// waitQueen connects and waits until the queen's status endpoint answers.
+func waitQueen(ctx context.Context, c *cli.Context, url string, within time.Duration) (*bus.Bus, error) {
+	ctx, cancel := context.WithTimeout(ctx, within)
+	defer cancel()
+	var lastErr error
+	for ctx.Err() == nil {
+		b, err := connectOnly(ctx, c, url)
+		if err == nil {
+			cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
+			err = b.Call(cctx, b.Space.Queen(api.EpStatus), nil, nil)
+			ccancel()
+			if err == nil {
+				return b, nil
+			}
+			b.NC.Close()
+		}
+		lastErr = err
+		time.Sleep(100 * time.Millisecond)
+	}
+	return nil, lastErr
+}
+
+// queenPID reads the local queen's pid file; 0 when there is none or the
+// process is gone.
+func queenPID(home string) int {
+	b, err := os.ReadFile(cliutil.QueenPIDFile(home))
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(string(b))
+	if !proc.Alive(pid) {
+		return 0
+	}
+	return pid
+}

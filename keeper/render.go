@@ -1,0 +1,159 @@
+package keeper
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/rbee-dev/rbee/api"
+)
+
+// Printer shows events the way the user asked: readable narration on
+// stderr and results on stdout, NDJSON on stdout (--json), or tokens only
+// (-q). Keeping results on stdout lets output be piped.
+type Printer struct {
+	Out, Err io.Writer
+	JSON     bool
+	Quiet    bool
+	// progress remembers that the last stderr line was a progress line
+	// redrawn in place, on a terminal.
+	Terminal bool
+	progress bool
+	// sawToken notes whether a token was printed, so the summary starts
+	// on a fresh line.
+	sawToken bool
+}
+
+// Event prints one job event.
+func (p *Printer) Event(ev api.Event) {
+	if p.JSON {
+		p.jsonLine(ev)
+		return
+	}
+	switch {
+	case ev.Token != nil:
+		p.endProgress()
+		fmt.Fprint(p.Out, ev.Token.Text)
+		p.sawToken = true
+	case ev.Narration != nil:
+		if !p.Quiet {
+			p.Narration(*ev.Narration)
+		}
+	case ev.State != nil:
+		if !p.Quiet && !ev.State.State.Terminal() && ev.State.State != api.JobQueued {
+			p.line(fmt.Sprintf("[%s] job is %s", actorLabel(ev.State.Actor), ev.State.State))
+		}
+	}
+}
+
+func (p *Printer) jsonLine(v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return
+	}
+	fmt.Fprintln(p.Out, string(b))
+}
+
+// JSONValue prints any result as one JSON line.
+func (p *Printer) JSONValue(v any) { p.jsonLine(v) }
+
+func actorLabel(a api.Actor) string {
+	if a.ID == "" {
+		return a.Component
+	}
+	return a.Component + " " + a.ID
+}
+
+// Narration prints one narration line to stderr.
+func (p *Printer) Narration(n api.Narration) {
+	label := n.Actor.Component
+	switch {
+	case n.Actor.ID != "":
+		label += " " + n.Actor.ID
+	case n.Actor.Component == "hive" && n.HiveID != "":
+		label += " " + n.HiveID
+	}
+	text := n.Human
+	if n.Level == "warn" || n.Level == "error" {
+		text = n.Level + ": " + text
+	}
+	if isProgress(n) && p.Terminal {
+		p.progressLine(fmt.Sprintf("[%s] %s %s", label, bar(n.Fields), text))
+		return
+	}
+	p.line(fmt.Sprintf("[%s] %s", label, text))
+}
+
+func isProgress(n api.Narration) bool {
+	_, ok := n.Fields["percent"]
+	return ok && n.Action == "download"
+}
+
+// bar draws a 20-cell progress bar from a narration's percent field.
+func bar(fields map[string]any) string {
+	pct, _ := fields["percent"].(float64)
+	filled := int(pct / 5)
+	if filled > 20 {
+		filled = 20
+	}
+	return "[" + strings.Repeat("#", filled) + strings.Repeat(".", 20-filled) + "]"
+}
+
+func (p *Printer) progressLine(s string) {
+	fmt.Fprintf(p.Err, "\r\033[K%s", s)
+	p.progress = true
+}
+
+func (p *Printer) endProgress() {
+	if p.progress {
+		fmt.Fprintln(p.Err)
+		p.progress = false
+	}
+}
+
+func (p *Printer) line(s string) {
+	p.endProgress()
+	if p.sawToken {
+		// Tokens went to stdout without a newline; keep stderr lines
+		// from gluing onto them on a shared terminal.
+		fmt.Fprintln(p.Err)
+		p.sawToken = false
+	}
+	fmt.Fprintln(p.Err, s)
+}
+
+// Message prints a plain line on stderr, unless quiet.
+func (p *Printer) Message(format string, args ...any) {
+	if p.Quiet || p.JSON {
+		return
+	}
+	p.line(fmt.Sprintf(format, args...))
+}
+
+// Summary prints the closing line of an inference.
+func (p *Printer) Summary(r api.InferResult) {
+	if p.Quiet || p.JSON {
+		if p.Quiet && p.sawToken {
+			fmt.Fprintln(p.Out)
+		}
+		return
+	}
+	if p.sawToken {
+		fmt.Fprintln(p.Out)
+		p.sawToken = false
+	}
+	p.endProgress()
+	fmt.Fprintf(p.Err, "%d tokens, first token %s, %.1f tokens/s, worker %s on hive %s (%s)\n",
+		r.CompletionTokens, time.Duration(r.TimeToFirstToken).Round(time.Microsecond*100), r.TokensPerSecond, r.Worker, r.Hive, r.StopReason)
+}
+
+// Done finishes any pending line.
+func (p *Printer) Done() {
+	p.endProgress()
+	if p.sawToken && !p.JSON {
+		fmt.Fprintln(p.Out)
+		p.sawToken = false
+	}
+}

@@ -1,0 +1,301 @@
+// Package queen is rbee's brain: it owns jobs, schedules inference, starts
+// and stops hives, and serves the OpenAI-compatible gateway. It talks to
+// everything else over the bus only.
+package queen
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/version"
+	"github.com/rbee-dev/rbee/jobs"
+	"github.com/rs/zerolog"
+)
+
+// Config is the queen's settings table: every knob, with its default.
+type Config struct {
+	// DataDir holds the embedded bus's JetStream files and hive logs.
+	DataDir string
+	// Listen is where the embedded bus accepts clients ("" = 127.0.0.1:4222).
+	Listen string
+	// NATSURL, when set, connects to an external NATS instead of embedding.
+	NATSURL     string
+	Credentials bus.Credentials
+	Namespace   string
+	Retention   bus.Retention
+	// JobTimeout fails a job that is not finished in time (default 30 min).
+	JobTimeout time.Duration
+	// HiveStartTimeout bounds waiting for a started hive to register (30 s).
+	HiveStartTimeout time.Duration
+	// HiveStopGrace is how long a stopping hive gets before SIGTERM, and
+	// again before SIGKILL (10 s).
+	HiveStopGrace time.Duration
+	// WorkerStartTimeout bounds spawning a worker and loading its model (2 min).
+	WorkerStartTimeout time.Duration
+	// FirstTokenTimeout fails an inference whose worker sends no token in
+	// time (default 60 s).
+	FirstTokenTimeout time.Duration
+	// MaxQueue bounds waiting inference requests per model (default 1024).
+	MaxQueue int
+	// AdvertiseURL is the bus address hives on other machines are told to
+	// use (default: the embedded server's URL).
+	AdvertiseURL string
+	// BinDir holds rbee-hive and llm-worker-rbee for local hives (default:
+	// the queen's own directory).
+	BinDir string
+	// HiveArgs are extra arguments for every locally started hive (tests).
+	HiveArgs []string
+	// GatewayAddr is the OpenAI-compatible HTTP address ("" = off,
+	// default set by the command: 127.0.0.1:7833).
+	// SSHConfigFile and SSHKnownHosts override ~/.ssh/config and
+	// ~/.ssh/known_hosts for remote hives.
+	SSHConfigFile string
+	SSHKnownHosts string
+	GatewayAddr   string
+	APIKey        string
+	Log           zerolog.Logger
+	// Ready, when set, is called once the queen serves requests.
+	Ready func(*Queen)
+}
+
+// Defaults of the settings above.
+const (
+	DefaultJobTimeout         = 30 * time.Minute
+	DefaultHiveStartTimeout   = 30 * time.Second
+	DefaultHiveStopGrace      = 10 * time.Second
+	DefaultWorkerStartTimeout = 2 * time.Minute
+	DefaultFirstTokenTimeout  = 60 * time.Second
+	DefaultMaxQueue           = 1024
+)
+
+func (c *Config) defaults() {
+	if c.JobTimeout <= 0 {
+		c.JobTimeout = DefaultJobTimeout
+	}
+	if c.HiveStartTimeout <= 0 {
+		c.HiveStartTimeout = DefaultHiveStartTimeout
+	}
+	if c.HiveStopGrace <= 0 {
+		c.HiveStopGrace = DefaultHiveStopGrace
+	}
+	if c.WorkerStartTimeout <= 0 {
+		c.WorkerStartTimeout = DefaultWorkerStartTimeout
+	}
+	if c.FirstTokenTimeout <= 0 {
+		c.FirstTokenTimeout = DefaultFirstTokenTimeout
+	}
+	if c.MaxQueue <= 0 {
+		c.MaxQueue = DefaultMaxQueue
+	}
+	if c.BinDir == "" {
+		if exe, err := os.Executable(); err == nil {
+			c.BinDir = filepath.Dir(exe)
+		}
+	}
+}
+
+// Queen is a running queen.
+type Queen struct {
+	cfg       Config
+	server    *bus.Server
+	bus       *bus.Bus
+	jobs      *jobs.Store
+	inventory jetstream.KeyValue
+	registry  *Registry
+	narrator  *bus.Narrator
+	endpoints *bus.Endpoints
+	started   time.Time
+	log       zerolog.Logger
+
+	// runs tracks the queen-side goroutines of jobs, so shutdown waits.
+	runs sync.WaitGroup
+	// runCtx is cancelled at shutdown; every job goroutine derives from it.
+	runCtx context.Context
+	// local hive processes this queen started, by hive name.
+	localHives sync.Map
+	sched      *scheduler
+	gateway    *gateway
+}
+
+// Run starts the queen and serves until ctx ends, then shuts down cleanly:
+// stop taking requests, let in-flight ones answer, stop job goroutines,
+// close the bus (and the embedded server).
+func Run(ctx context.Context, cfg Config) error {
+	cfg.defaults()
+	q := &Queen{cfg: cfg, started: time.Now().UTC(), log: cfg.Log}
+	if err := q.connect(ctx); err != nil {
+		return err
+	}
+	defer q.closeBus()
+
+	runCtx, cancelRuns := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelRuns()
+	q.runCtx = runCtx
+
+	setupCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	if err := q.bus.EnsureStreams(setupCtx, cfg.Retention); err != nil {
+		return err
+	}
+	var err error
+	actor := api.Actor{Component: "queen"}
+	if q.jobs, err = jobs.Open(setupCtx, q.bus, actor, cfg.Retention.JobEvents); err != nil {
+		return err
+	}
+	if q.inventory, err = q.bus.KV(setupCtx, q.bus.Space.InventoryBucket()); err != nil {
+		return err
+	}
+	q.narrator = q.bus.Narrator(actor, "", "")
+	q.registry = newRegistry(q.bus)
+	q.sched = newScheduler(q)
+	q.registry.OnHiveLost = q.sched.hiveLost
+	q.registry.OnWorkerLost = q.sched.workerLost
+	regDone := make(chan error, 1)
+	go func() { regDone <- q.registry.run(runCtx) }()
+	select {
+	case <-q.registry.ready:
+	case err := <-regDone:
+		return fmt.Errorf("registry watch: %w", err)
+	case <-setupCtx.Done():
+		return fmt.Errorf("registry watch did not start: %w", setupCtx.Err())
+	}
+
+	deadlines := newDeadlineKeeper(q)
+	go deadlines.run(runCtx)
+	q.sched.deadlines = deadlines
+	go q.sched.run(runCtx)
+	if err := q.reconcile(setupCtx); err != nil {
+		q.log.Warn().Err(err).Msg("reconciling jobs after start")
+	}
+
+	q.endpoints = bus.NewEndpoints(256, 30*time.Second)
+	q.endpoints.Log = func(ep string, err error) { q.log.Error().Err(err).Str("endpoint", ep).Msg("request failed") }
+	svc, err := q.addService()
+	if err != nil {
+		return err
+	}
+	if cfg.GatewayAddr != "" {
+		if q.gateway, err = startGateway(q, cfg.GatewayAddr); err != nil {
+			_ = svc.Stop()
+			return err
+		}
+	}
+	q.log.Info().Str("bus", q.BusURL()).Str("gateway", cfg.GatewayAddr).Str("version", version.Version).Msg("queen ready")
+	if cfg.Ready != nil {
+		cfg.Ready(q)
+	}
+
+	<-ctx.Done()
+	q.log.Info().Msg("queen shutting down")
+	shutCtx, cancelShut := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancelShut()
+	if q.gateway != nil {
+		q.gateway.shutdown(shutCtx)
+	}
+	if err := svc.Stop(); err != nil {
+		q.log.Warn().Err(err).Msg("stopping service")
+	}
+	if err := q.endpoints.Wait(shutCtx); err != nil {
+		q.log.Warn().Msg("in-flight requests did not finish in time")
+	}
+	cancelRuns()
+	done := make(chan struct{})
+	go func() { q.runs.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-shutCtx.Done():
+		q.log.Warn().Msg("job goroutines did not stop in time")
+	}
+	return nil
+}
+
+func (q *Queen) connect(ctx context.Context) error {
+	cc := bus.ConnectConfig{
+		Name: "queen-rbee", Namespace: q.cfg.Namespace, Credentials: q.cfg.Credentials,
+		Reconnect: true, Log: q.log, Timeout: 5 * time.Second,
+	}
+	if q.cfg.NATSURL != "" {
+		cc.URL = q.cfg.NATSURL
+	} else {
+		srv, err := bus.StartServer(bus.ServerConfig{
+			DataDir: q.cfg.DataDir, Listen: q.cfg.Listen, Credentials: q.cfg.Credentials, Log: q.log,
+		})
+		if err != nil {
+			return err
+		}
+		q.server = srv
+		cc.Extra = srv.InProcessOptions()
+	}
+	b, err := bus.Connect(ctx, cc)
+	if err != nil {
+		if q.server != nil {
+			q.server.Shutdown()
+		}
+		return err
+	}
+	q.bus = b
+	return nil
+}
+
+func (q *Queen) closeBus() {
+	q.bus.Close()
+	if q.server != nil {
+		q.server.Shutdown()
+	}
+}
+
+// BusURL is the bus address clients and hives use.
+func (q *Queen) BusURL() string {
+	if q.cfg.AdvertiseURL != "" {
+		return q.cfg.AdvertiseURL
+	}
+	if q.server != nil {
+		return q.server.ClientURL()
+	}
+	return q.cfg.NATSURL
+}
+
+// Bus is the queen's bus connection (for the gateway and tests).
+func (q *Queen) Bus() *bus.Bus { return q.bus }
+
+func (q *Queen) addService() (micro.Service, error) {
+	svc, err := micro.AddService(q.bus.NC, micro.Config{
+		Name:        q.bus.Space.QueenService(),
+		Version:     version.Version,
+		Description: "rbee queen: jobs, scheduling and hive lifecycle",
+		QueueGroup:  q.bus.Space.QueenService(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start queen service: %w", err)
+	}
+	g := svc.AddGroup(q.bus.Space.QueenGroup())
+	e := q.endpoints
+	add := func(name string, h micro.Handler) error { return g.AddEndpoint(name, h) }
+	errs := []error{
+		add(api.EpSubmit, bus.Handler(e, api.EpSubmit, q.submit)),
+		add(api.EpJobGet, bus.Handler(e, api.EpJobGet, q.jobGet)),
+		add(api.EpJobList, bus.Handler(e, api.EpJobList, q.jobList)),
+		add(api.EpJobCancel, bus.Handler(e, api.EpJobCancel, q.jobCancel)),
+		add(api.EpStatus, bus.Handler(e, api.EpStatus, q.status)),
+		add(api.EpHiveAdd, bus.Handler(e, api.EpHiveAdd, q.hiveAdd)),
+		add(api.EpHiveRemove, bus.Handler(e, api.EpHiveRemove, q.hiveRemove)),
+		add(api.EpHiveList, bus.Handler(e, api.EpHiveList, q.hiveList)),
+		add(api.EpHiveGet, bus.Handler(e, api.EpHiveGet, q.hiveGet)),
+		add(api.EpWorkerList, bus.Handler(e, api.EpWorkerList, q.workerList)),
+		add(api.EpModelList, bus.Handler(e, api.EpModelList, q.modelList)),
+	}
+	if err := errors.Join(errs...); err != nil {
+		_ = svc.Stop()
+		return nil, err
+	}
+	return svc, nil
+}
