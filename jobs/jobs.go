@@ -283,4 +283,3 @@ func (s *Store) Counts(ctx context.Context) (map[api.JobState]int, error) {
 
 // IsNotFound reports whether err means the job does not exist.
 func IsNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
-

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
-	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
