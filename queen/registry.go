@@ -23,10 +23,7 @@ type HiveRecord struct {
 type Snapshot struct {
 	Hives   map[string]HiveRecord
 	Workers map[string]api.WorkerStatus
-	// Lost workers stay here with the time they went, so a job waiting on
-	// one can be told which worker died.
-	LostWorkers map[string]api.WorkerStatus
-	changed     chan struct{}
+	changed chan struct{}
 }
 
 // Registry is the queen's live view of hives and workers. One goroutine
@@ -47,7 +44,7 @@ type Registry struct {
 
 func newRegistry(b *bus.Bus) *Registry {
 	r := &Registry{bus: b, ready: make(chan struct{})}
-	r.snap.Store(&Snapshot{Hives: map[string]HiveRecord{}, Workers: map[string]api.WorkerStatus{}, LostWorkers: map[string]api.WorkerStatus{}, changed: make(chan struct{})})
+	r.snap.Store(&Snapshot{Hives: map[string]HiveRecord{}, Workers: map[string]api.WorkerStatus{}, changed: make(chan struct{})})
 	return r
 }
 
@@ -118,19 +115,15 @@ func (r *Registry) run(ctx context.Context) error {
 func (r *Registry) publish(mutate func(*Snapshot)) {
 	old := r.snap.Load()
 	next := &Snapshot{
-		Hives:       make(map[string]HiveRecord, len(old.Hives)),
-		Workers:     make(map[string]api.WorkerStatus, len(old.Workers)),
-		LostWorkers: make(map[string]api.WorkerStatus, len(old.LostWorkers)),
-		changed:     make(chan struct{}),
+		Hives:   make(map[string]HiveRecord, len(old.Hives)),
+		Workers: make(map[string]api.WorkerStatus, len(old.Workers)),
+		changed: make(chan struct{}),
 	}
 	for k, v := range old.Hives {
 		next.Hives[k] = v
 	}
 	for k, v := range old.Workers {
 		next.Workers[k] = v
-	}
-	for k, v := range old.LostWorkers {
-		next.LostWorkers[k] = v
 	}
 	mutate(next)
 	r.snap.Store(next)
@@ -190,22 +183,14 @@ func (r *Registry) applyWorker(e jetstream.KeyValueEntry) {
 			r.bus.Log.Warn().Err(err).Str("worker", id).Msg("undecodable worker heartbeat")
 			return
 		}
-		r.publish(func(s *Snapshot) {
-			s.Workers[id] = st
-			delete(s.LostWorkers, id)
-		})
+		r.publish(func(s *Snapshot) { s.Workers[id] = st })
 	case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
 		prev, known := r.Snapshot().Workers[id]
 		if !known {
 			return
 		}
 		lost := e.Operation() == jetstream.KeyValuePurge
-		r.publish(func(s *Snapshot) {
-			delete(s.Workers, id)
-			if lost {
-				s.LostWorkers[id] = prev
-			}
-		})
+		r.publish(func(s *Snapshot) { delete(s.Workers, id) })
 		if lost && r.OnWorkerLost != nil {
 			r.OnWorkerLost(id, prev)
 		}

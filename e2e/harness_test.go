@@ -1,0 +1,169 @@
+// Package e2e runs the real rbee programs as subprocesses against each
+// other: the keeper, the queen with its embedded bus, hives and workers.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/testutil/binaries"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+)
+
+// cluster is one isolated rbee installation: its own home, bus port and
+// gateway port, so tests run in parallel without meeting.
+type cluster struct {
+	t       *testing.T
+	bin     string
+	home    string
+	port    int
+	gateway string
+	env     []string
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func newCluster(t *testing.T) *cluster {
+	t.Helper()
+	binaries.Path(t, "queen-rbee")
+	c := &cluster{t: t, bin: filepath.Dir(binaries.Path(t, "rbee")), home: t.TempDir(), port: freePort(t)}
+	c.gateway = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	c.env = append(os.Environ(),
+		"RBEE_HOME="+c.home,
+		"RBEE_NATS_PORT="+strconv.Itoa(c.port),
+		"RBEE_GATEWAY="+c.gateway,
+		"RBEE_NATS_URL=", "RBEE_NAMESPACE=",
+		"PATH="+c.bin+string(os.PathListSeparator)+os.Getenv("PATH"),
+	)
+	t.Cleanup(c.stopAll)
+	return c
+}
+
+// withDaemons builds the hive and worker programs too.
+func (c *cluster) withDaemons() *cluster {
+	binaries.Dir(c.t)
+	return c
+}
+
+func (c *cluster) url() string { return fmt.Sprintf("nats://127.0.0.1:%d", c.port) }
+
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// rbee runs the keeper and waits for it, boundedly.
+func (c *cluster) rbee(args ...string) result {
+	c.t.Helper()
+	return c.rbeeWithin(60*time.Second, args...)
+}
+
+func (c *cluster) rbeeWithin(d time.Duration, args ...string) result {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(c.bin, "rbee"), args...)
+	cmd.Env = c.env
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatalf("rbee %v: %v", args, err)
+	}
+	if ctx.Err() != nil {
+		c.t.Fatalf("rbee %v did not finish within %s; stderr:\n%s", args, d, errb.String())
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+// mustRbee runs the keeper and requires exit 0.
+func (c *cluster) mustRbee(args ...string) result {
+	c.t.Helper()
+	r := c.rbee(args...)
+	require.Equal(c.t, 0, r.code, "rbee %v\nstdout:\n%s\nstderr:\n%s", args, r.stdout, r.stderr)
+	return r
+}
+
+// startQueen starts the local queen in the background.
+func (c *cluster) startQueen() {
+	c.t.Helper()
+	c.mustRbee("queen", "start")
+}
+
+// connect opens a bus connection to the cluster, for assertions.
+func (c *cluster) connect() *bus.Bus {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: c.url(), Name: "e2e", Reconnect: true, Log: zerolog.Nop()})
+	require.NoError(c.t, err)
+	c.t.Cleanup(func() { b.NC.Close() })
+	return b
+}
+
+// stopAll stops the queen and every rbee process this cluster's home
+// started, so nothing outlives the test.
+func (c *cluster) stopAll() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(c.bin, "rbee"), "queen", "stop")
+	cmd.Env = c.env
+	_ = cmd.Run()
+	killByEnvMarker(c.home)
+}
+
+// killByEnvMarker kills leftover processes whose command line mentions the
+// cluster's home (hives and workers get it in --data); a test that failed
+// half-way must still leave nothing running.
+func killByEnvMarker(home string) {
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if strings.Contains(string(cmdline), home) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// eventually polls cond until it holds or d passes; for state that has no
+// event to wait on from outside the process (a CLI's output).
+func eventually(t *testing.T, d time.Duration, cond func() bool, msg string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf(msg, args...)
+}
