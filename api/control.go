@@ -125,9 +125,13 @@ type InventoryEntry struct {
 	Name string `json:"name"`
 	// SSH is nil for a hive on the queen's own machine.
 	SSH *SSHTarget `json:"ssh,omitempty"`
-	// BinDir is where rbee-hive and llm-worker-rbee live on that machine
-	// (remote default ~/.local/bin; local default next to the queen).
-	BinDir  string    `json:"bin_dir,omitempty"`
+	// BinDir is where rbee-hive and llm-worker-rbee live for a local hive
+	// (default: next to the queen).
+	BinDir string `json:"bin_dir,omitempty"`
+	// Prefix is the install root on a remote machine: binaries in
+	// Prefix/bin, llama.cpp and hive data in Prefix/share/rbee
+	// (default ~/.local).
+	Prefix  string    `json:"prefix,omitempty"`
 	AddedAt time.Time `json:"added_at"`
 }
 
@@ -145,6 +149,7 @@ type HiveAddRequest struct {
 	SSH          string `json:"ssh,omitempty"`
 	IdentityFile string `json:"identity_file,omitempty"`
 	BinDir       string `json:"bin_dir,omitempty"`
+	Prefix       string `json:"prefix,omitempty"`
 }
 
 // HiveRequest names one hive.

@@ -185,7 +185,8 @@ func hiveCommand() *cli.Command {
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "ssh", Usage: "user@host[:port] or an ~/.ssh/config alias; omit for this machine"},
 					&cli.StringFlag{Name: "identity", Usage: "SSH private key for this hive"},
-					&cli.StringFlag{Name: "bin-dir", Usage: "where rbee-hive and llm-worker-rbee live on that machine"},
+					&cli.StringFlag{Name: "bin-dir", Usage: "local hive: where rbee-hive and llm-worker-rbee live (default: next to queen-rbee)"},
+					&cli.StringFlag{Name: "prefix", Usage: "SSH hive: install root on that machine (bin/, share/rbee/)", Value: ""},
 				},
 				Action: func(c *cli.Context) error {
 					n, err := name(c)
@@ -194,7 +195,7 @@ func hiveCommand() *cli.Command {
 					}
 					return withSession(c, true, func(ctx context.Context, s *Session) error {
 						var e api.InventoryEntry
-						if err := call(ctx, s, api.EpHiveAdd, api.HiveAddRequest{Name: n, SSH: c.String("ssh"), IdentityFile: c.String("identity"), BinDir: c.String("bin-dir")}, &e); err != nil {
+						if err := call(ctx, s, api.EpHiveAdd, api.HiveAddRequest{Name: n, SSH: c.String("ssh"), IdentityFile: c.String("identity"), BinDir: c.String("bin-dir"), Prefix: c.String("prefix")}, &e); err != nil {
 							return err
 						}
 						show(c, e, func(w io.Writer) { fmt.Fprintf(w, "hive %s added (%s)\n", e.Name, e.Address()) })

@@ -19,12 +19,25 @@ import (
 	"github.com/rbee-dev/rbee/internal/remote"
 )
 
-// Remote install locations, relative to the remote user's home.
-const (
-	remoteBinDir   = "~/.local/bin"
-	remoteLlamaDir = "~/.local/share/rbee/llama"
-	remoteDataDir  = "~/.local/share/rbee"
-)
+// defaultRemotePrefix is where rbee lives on a remote machine unless the
+// inventory entry says otherwise: binaries in bin/, llama.cpp and hive data
+// in share/rbee/, like a user-local install.
+const defaultRemotePrefix = "~/.local"
+
+// remotePaths are the install locations on a remote hive's machine.
+type remotePaths struct{ bin, llama, data string }
+
+func remoteLayout(entry api.InventoryEntry) remotePaths {
+	prefix := entry.Prefix
+	if prefix == "" {
+		prefix = defaultRemotePrefix
+	}
+	return remotePaths{
+		bin:   path.Join(prefix, "bin"),
+		llama: path.Join(prefix, "share", "rbee", "llama"),
+		data:  path.Join(prefix, "share", "rbee"),
+	}
+}
 
 // hiveArgs is the argument of every hive.* operation.
 type hiveArgs struct {
@@ -182,11 +195,8 @@ func (q *Queen) startRemoteHive(ctx context.Context, jobID string, entry api.Inv
 	if err != nil {
 		return nil, "", err
 	}
-	binDir := entry.BinDir
-	if binDir == "" {
-		binDir = remoteBinDir
-	}
-	bin := path.Join(binDir, "rbee-hive")
+	layout := remoteLayout(entry)
+	bin := path.Join(layout.bin, "rbee-hive")
 	if _, _, err := client.Run(ctx, remote.QuotePath(bin)+" --version"); err != nil {
 		client.Close()
 		if errors.Is(err, remote.ErrCommandNotFound) {
@@ -194,10 +204,10 @@ func (q *Queen) startRemoteHive(ctx context.Context, jobID string, entry api.Inv
 		}
 		return nil, "", fmt.Errorf("checking rbee-hive on %s: %w", entry.Name, err)
 	}
-	logPath := path.Join(remoteDataDir, "logs", "hive-"+entry.Name+".log")
+	logPath := path.Join(layout.data, "logs", "hive-"+entry.Name+".log")
 	// Credentials travel in the command's environment, not its
 	// arguments, so other users of that machine cannot read them in ps.
-	env := []string{"RBEE_LLAMA_LIB=" + remoteLlamaDir}
+	env := []string{"RBEE_LLAMA_LIB=" + layout.llama}
 	env = append(env, cliutil.CredentialEnv(q.cfg.Credentials)...)
 	quotedEnv := make([]string, len(env))
 	for i, kv := range env {
@@ -206,7 +216,7 @@ func (q *Queen) startRemoteHive(ctx context.Context, jobID string, entry api.Inv
 	}
 	cmd := fmt.Sprintf("mkdir -p %s && env %s %s --id %s --nats %s --namespace %s --data %s",
 		remote.QuotePath(path.Dir(logPath)), strings.Join(quotedEnv, " "), remote.QuotePath(bin), remote.Quote(entry.Name),
-		remote.Quote(q.BusURL()), remote.Quote(q.bus.Space.Namespace()), remote.QuotePath(path.Join(remoteDataDir, "hives", entry.Name)))
+		remote.Quote(q.BusURL()), remote.Quote(q.bus.Space.Namespace()), remote.QuotePath(path.Join(layout.data, "hives", entry.Name)))
 	pid, err := client.Start(ctx, cmd, logPath)
 	if err != nil {
 		client.Close()
@@ -314,10 +324,8 @@ func (q *Queen) runHiveInstall(ctx context.Context, job api.Job) (any, error) {
 		return nil, err
 	}
 	defer client.Close()
-	binDir := entry.BinDir
-	if binDir == "" {
-		binDir = remoteBinDir
-	}
+	layout := remoteLayout(entry)
+	binDir := layout.bin
 	for _, name := range []string{"rbee-hive", "llm-worker-rbee"} {
 		local := filepath.Join(q.cfg.BinDir, name)
 		if _, err := os.Stat(local); err != nil {
@@ -331,7 +339,7 @@ func (q *Queen) runHiveInstall(ctx context.Context, job api.Job) (any, error) {
 	}
 	if libDir, err := llamalib.Find(""); err == nil {
 		files, _ := os.ReadDir(libDir)
-		q.say(ctx, job.ID, "upload", entry.Name, "copying the llama.cpp libraries (%d files) to %s:%s", len(files), entry.Name, remoteLlamaDir)
+		q.say(ctx, job.ID, "upload", entry.Name, "copying the llama.cpp libraries (%d files) to %s:%s", len(files), entry.Name, layout.llama)
 		for _, f := range files {
 			if f.IsDir() || !strings.Contains(f.Name(), ".so") {
 				continue
@@ -340,7 +348,7 @@ func (q *Queen) runHiveInstall(ctx context.Context, job api.Job) (any, error) {
 			if real, err := filepath.EvalSymlinks(src); err == nil {
 				src = real
 			}
-			if err := client.Upload(ctx, src, path.Join(remoteLlamaDir, f.Name()), 0o644); err != nil {
+			if err := client.Upload(ctx, src, path.Join(layout.llama, f.Name()), 0o644); err != nil {
 				return nil, fmt.Errorf("copying %s: %w", f.Name(), err)
 			}
 		}
@@ -367,17 +375,14 @@ func (q *Queen) runHiveUninstall(ctx context.Context, job api.Job) (any, error) 
 		return nil, err
 	}
 	defer client.Close()
-	binDir := entry.BinDir
-	if binDir == "" {
-		binDir = remoteBinDir
-	}
+	layout := remoteLayout(entry)
 	for _, name := range []string{"rbee-hive", "llm-worker-rbee"} {
-		if err := client.Remove(ctx, path.Join(binDir, name)); err != nil {
+		if err := client.Remove(ctx, path.Join(layout.bin, name)); err != nil {
 			return nil, err
 		}
-		q.say(ctx, job.ID, "remove", entry.Name, "removed %s from %s:%s", name, entry.Name, binDir)
+		q.say(ctx, job.ID, "remove", entry.Name, "removed %s from %s:%s", name, entry.Name, layout.bin)
 	}
-	if _, _, err := client.Run(ctx, "rm -rf -- "+remote.QuotePath(remoteLlamaDir)); err != nil {
+	if _, _, err := client.Run(ctx, "rm -rf -- "+remote.QuotePath(layout.llama)); err != nil {
 		return nil, err
 	}
 	return nil, nil

@@ -254,7 +254,7 @@ func (q *Queen) hiveAdd(ctx context.Context, req api.HiveAddRequest) (api.Invent
 	if err := subjects.ValidateID(subjects.KindHive, req.Name); err != nil {
 		return api.InventoryEntry{}, api.Errorf(api.CodeBadRequest, "%v", err)
 	}
-	entry := api.InventoryEntry{Name: req.Name, BinDir: req.BinDir, AddedAt: time.Now().UTC()}
+	entry := api.InventoryEntry{Name: req.Name, BinDir: req.BinDir, Prefix: req.Prefix, AddedAt: time.Now().UTC()}
 	if req.SSH != "" {
 		if _, err := remote.ParseTarget(req.SSH); err != nil {
 			return api.InventoryEntry{}, api.Errorf(api.CodeBadRequest, "ssh target %q: %v", req.SSH, err)
