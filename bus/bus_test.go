@@ -233,3 +233,15 @@ func TestUnreachableFailsFast(t *testing.T) {
 	require.ErrorIs(t, err, bus.ErrUnreachable)
 	require.Less(t, time.Since(start), 2*time.Second)
 }
+
+func TestFollowLeavesNoConsumerBehind(t *testing.T) {
+	f := busfix.Start(t)
+	publishJob(t, f.Bus, "tidy", 3, true)
+	collect(t, f.Bus, "tidy", 0)
+	ctx := context.Background()
+	stream, err := f.Bus.JS.Stream(ctx, f.Bus.Space.JobsStream())
+	require.NoError(t, err)
+	info, err := stream.Info(ctx)
+	require.NoError(t, err)
+	require.Zero(t, info.State.Consumers, "a finished follower removes its consumer")
+}

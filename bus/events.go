@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
@@ -114,7 +115,9 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	if err != nil {
 		return err
 	}
-	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}}
+	// A follower killed without a goodbye leaves its consumer behind;
+	// the server drops it after this long without interest.
+	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}, InactiveThreshold: 30 * time.Second}
 	if from > 0 {
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
 		cfg.OptStartSeq = from
@@ -128,6 +131,15 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 		return fmt.Errorf("follow job %s: %w", job, err)
 	}
 	defer it.Stop()
+	// Stop leaves the server-side consumer to expire; a follower that ends
+	// normally removes it at once, so nothing lingers per finished client.
+	defer func() {
+		if info := cons.CachedInfo(); info != nil && b.NC.IsConnected() {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			_ = b.JS.DeleteConsumer(dctx, b.Space.JobsStream(), info.Name)
+			cancel()
+		}
+	}()
 	// Next blocks without a context of its own; stopping the iterator
 	// when ctx ends unblocks it.
 	stop := context.AfterFunc(ctx, it.Stop)
