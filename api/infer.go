@@ -34,8 +34,10 @@ type InferArgs struct {
 	// Hive and Device pin the job to one hive or device.
 	Hive   string `json:"hive,omitempty"`
 	Device string `json:"device,omitempty"`
-	// Pull downloads the model when no hive has it.
-	Pull bool `json:"pull,omitempty"`
+	// Pull, with Source, downloads the model onto the best online hive
+	// when no hive has it.
+	Pull   bool   `json:"pull,omitempty"`
+	Source string `json:"source,omitempty"`
 	// FirstTokenTimeout fails the job when no token arrives in time after
 	// a worker took it.
 	FirstTokenTimeout Duration `json:"first_token_timeout,omitempty"`

@@ -61,6 +61,15 @@ func inferAction(c *cli.Context) error {
 			RepeatPenalty: float32(c.Float64("repeat-penalty")), Stop: c.StringSlice("stop"),
 		},
 	}
+	if args.Pull && strings.ContainsAny(args.Model, ":/") {
+		// -m is a source: the model is named after its file.
+		args.Source = args.Model
+		base := args.Source[strings.LastIndexAny(args.Source, ":/")+1:]
+		if at := strings.IndexByte(base, '@'); at >= 0 {
+			base = base[:at]
+		}
+		args.Model = strings.TrimSuffix(base, ".gguf")
+	}
 	if s := c.Int64("seed"); s >= 0 {
 		seed := uint32(s)
 		args.Sampling.Seed = &seed

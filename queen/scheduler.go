@@ -67,11 +67,13 @@ func (s *scheduler) admit(ctx context.Context, raw json.RawMessage) error {
 			return api.Errorf(api.CodeUnavailable, "hive %s is not online; start it with `rbee hive start %s`", args.Hive, args.Hive)
 		}
 	}
-	if !s.modelServed(snap, key, args) && len(s.hivesWithModel(snap, key, args)) == 0 && !args.Pull {
-		return api.Errorf(api.CodeNotFound, "model %s is not on any online hive; download it with `rbee model download --hive HIVE SOURCE --name %s` (SOURCE: an https:// URL, hf:org/repo/file.gguf or file:///path), or generate the offline demo model with `rbee model synth --hive HIVE %s`", args.Model, args.Model, args.Model)
-	}
-	if args.Pull && !s.modelServed(snap, key, args) && len(s.hivesWithModel(snap, key, args)) == 0 {
-		return api.Errorf(api.CodeBadRequest, "--pull needs a source to download %s from, and models are downloaded with `rbee model download --hive HIVE SOURCE --name %s`", args.Model, args.Model)
+	if !s.modelServed(snap, key, args) && len(s.hivesWithModel(snap, key, args)) == 0 {
+		if !args.Pull {
+			return api.Errorf(api.CodeNotFound, "model %s is not on any online hive; download it with `rbee model download --hive HIVE SOURCE --name %s` (SOURCE: an https:// URL, hf:org/repo/file.gguf or file:///path), or pass --pull with -m SOURCE; for the offline demo model: `rbee model synth --hive HIVE %s`", args.Model, args.Model, args.Model)
+		}
+		if args.Source == "" {
+			return api.Errorf(api.CodeBadRequest, "invalid model: --pull needs -m to be a source (https://…, hf:org/repo/file.gguf or file:///path) to download %s from", args.Model)
+		}
 	}
 	if depth := s.queueDepths()[args.Model]; depth >= s.q.cfg.MaxQueue {
 		return api.Errorf(api.CodeQueueFull, "queue full: %d requests already wait for model %s (limit %d); try again later", depth, args.Model, s.q.cfg.MaxQueue)
@@ -177,7 +179,13 @@ func (s *scheduler) enqueue(job api.Job) {
 	s.q.runs.Add(1)
 	go func() {
 		defer s.q.runs.Done()
-		ctx, cancel := context.WithTimeout(s.q.runCtx, s.q.cfg.WorkerStartTimeout+30*time.Second)
+		// Placing may download a model (--pull) and start a worker; the
+		// job's own deadline bounds it.
+		deadline := time.Now().Add(s.q.cfg.JobTimeout)
+		if job.Deadline != nil {
+			deadline = *job.Deadline
+		}
+		ctx, cancel := context.WithDeadline(s.q.runCtx, deadline)
 		defer cancel()
 		if err := s.place(ctx, job, 1); err != nil {
 			s.fail(job.ID, err.Error())
@@ -246,8 +254,16 @@ func (s *scheduler) ensureWorker(ctx context.Context, jobID, key string, args ap
 		close(done)
 	}()
 
+	hives := s.hivesWithModel(s.q.registry.Snapshot(), key, args)
+	if len(hives) == 0 && args.Pull && args.Source != "" {
+		hive, err := s.pull(ctx, jobID, args)
+		if err != nil {
+			return err
+		}
+		hives = []string{hive}
+	}
 	var errs []string
-	for _, hive := range s.hivesWithModel(s.q.registry.Snapshot(), key, args) {
+	for _, hive := range hives {
 		s.q.say(ctx, jobID, "schedule", hive, "no worker serves %s; asking hive %s to start one", args.Model, hive)
 		err := s.q.spawnWorker(ctx, jobID, api.WorkerSpawnArgs{Hive: hive, Model: args.Model, Device: args.Device})
 		if err == nil {
@@ -263,6 +279,30 @@ func (s *scheduler) ensureWorker(ctx context.Context, jobID, key string, args ap
 		return fmt.Errorf("no online hive has model %s", args.Model)
 	}
 	return fmt.Errorf("no worker could be started for %s (%s)", args.Model, strings.Join(errs, "; "))
+}
+
+// pull downloads the model onto the online hive with the most free memory
+// (or the pinned one), narrating the download on the job.
+func (s *scheduler) pull(ctx context.Context, jobID string, args api.InferArgs) (string, error) {
+	var best string
+	var free uint64
+	for id, h := range s.q.registry.Snapshot().Hives {
+		if h.State == api.HiveOnline && (args.Hive == "" || args.Hive == id) && (best == "" || h.Status.RAMFree > free) {
+			best, free = id, h.Status.RAMFree
+		}
+	}
+	if best == "" {
+		return "", fmt.Errorf("no online hive to download %s to", args.Model)
+	}
+	s.q.say(ctx, jobID, "pull", best, "no hive has %s; downloading it from %s onto hive %s", args.Model, args.Source, best)
+	subject, err := s.q.bus.Space.Hive(best, api.HiveEpModelAdd)
+	if err != nil {
+		return "", err
+	}
+	if err := s.q.bus.Call(ctx, subject, api.ModelAddArgs{Hive: best, Source: args.Source, Name: args.Model, JobID: jobID}, nil); err != nil {
+		return "", fmt.Errorf("downloading %s onto hive %s: %w", args.Model, best, err)
+	}
+	return best, nil
 }
 
 // spawnWorker asks a hive to start a worker and waits for it, giving up
@@ -356,7 +396,43 @@ func (s *scheduler) workerLost(id string, last api.WorkerStatus) {
 				s.recoverJob(ctx, job, fmt.Sprintf("worker %s on hive %s died", id, last.Hive))
 			}
 		}
+		s.rescueQueued(ctx, last.ModelKey)
 	}()
+}
+
+// rescueQueued makes sure jobs still waiting for a model that just lost its
+// last worker get a new one, or fail clearly instead of waiting until their
+// deadline.
+func (s *scheduler) rescueQueued(ctx context.Context, key string) {
+	if key == "" || s.modelServed(s.q.registry.Snapshot(), key, api.InferArgs{}) {
+		return
+	}
+	queued, err := s.q.jobs.List(ctx, api.JobQueued)
+	if err != nil {
+		return
+	}
+	var waiting []api.Job
+	var args api.InferArgs
+	for _, job := range queued {
+		a, err := decodeArgs[api.InferArgs](job.Op.Args)
+		if err != nil || job.Op.Kind != api.OpInfer {
+			continue
+		}
+		if k, _ := subjects.ModelKey(a.Model); k == key {
+			waiting = append(waiting, job)
+			args = a
+		}
+	}
+	if len(waiting) == 0 {
+		return
+	}
+	sctx, cancel := context.WithTimeout(ctx, s.q.cfg.WorkerStartTimeout+10*time.Second)
+	defer cancel()
+	if err := s.ensureWorker(sctx, waiting[0].ID, key, args); err != nil {
+		for _, job := range waiting {
+			s.fail(job.ID, "the last worker for "+args.Model+" is gone and no new one could be started: "+err.Error())
+		}
+	}
 }
 
 func (s *scheduler) recoverJob(ctx context.Context, job api.Job, why string) {
