@@ -1,0 +1,318 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/internal/gguf"
+	"github.com/rbee-dev/rbee/worker/engine"
+)
+
+// genRun is one generation as its client saw it.
+type genRun struct {
+	ttft   time.Duration
+	gaps   []time.Duration
+	tokens int
+	// decode is tokens/s from the first token to the last; e2e from the
+	// request to the last token.
+	decode, e2e float64
+	// submit is B's submit round trip (0 elsewhere).
+	submit time.Duration
+}
+
+func newGenRun(t0 time.Time, arrivals []time.Time) (genRun, error) {
+	if len(arrivals) == 0 {
+		return genRun{}, errors.New("no token arrived")
+	}
+	r := genRun{ttft: arrivals[0].Sub(t0), tokens: len(arrivals)}
+	for i := 1; i < len(arrivals); i++ {
+		r.gaps = append(r.gaps, arrivals[i].Sub(arrivals[i-1]))
+	}
+	last := arrivals[len(arrivals)-1]
+	if len(arrivals) > 1 {
+		r.decode = float64(len(arrivals)-1) / last.Sub(arrivals[0]).Seconds()
+	}
+	r.e2e = float64(len(arrivals)) / last.Sub(t0).Seconds()
+	return r, nil
+}
+
+const (
+	overheadPrompt = "hello world, the bee is"
+	overheadSeed   = 42
+	overheadCtx    = 2048
+)
+
+// way is one of the three paths a generation takes.
+type way struct {
+	name string
+	gen  func(ctx context.Context, model string, n int) (genRun, error)
+}
+
+// benchOverhead compares the engine in-process (A), the keeper's path
+// through the queen and a warm worker (B) and the OpenAI gateway's
+// streaming (C), interleaved, on the tiny and the large generated model.
+func benchOverhead(ctx context.Context, e *env) (*Table, error) {
+	n, rounds := 128, 10
+	if e.opts.Quick {
+		n, rounds = 64, 3
+	}
+	t := &Table{
+		Intro: fmt.Sprintf("The same prompt (%q), greedy (temperature 0, seed %d), %d tokens, 1 llama.cpp thread, context %d, three ways, interleaved A/B/C in each of %d rounds (order rotated per round, after one warm-up round): "+
+			"**A** the engine (worker/engine, llama.cpp through yzma) called in the bench process; "+
+			"**B** the keeper's path: an `infer` job submitted to the queen's `submit` endpoint on the bus and its events followed with bus.Follow, run by a warm llm-worker-rbee spawned by a real rbee-hive; "+
+			"**C** the queen's OpenAI gateway, `POST /v1/completions` with `stream: true`, read by a plain net/http SSE client. "+
+			"TTFT is from the request to the first token; inter-token is the gap between token arrivals at the client; tokens/s is decode rate (first to last token), with end-to-end (request to last token) in brackets.",
+			overheadPrompt, overheadSeed, n, overheadCtx, rounds),
+		Header: []string{"model", "way", "tokens", "TTFT p50", "TTFT p99", "inter-token p50", "inter-token p99", "tokens/s p50 (e2e)", "tok/s ÷ A", "added TTFT p50 (vs A)"},
+	}
+	t.Notes = append(t.Notes, "Ollama, measured on these machines on the same kind of generated models with 1 thread (issue 6), adds about 4.5–5 ms to time to first token and reaches 0.86–0.94 of the direct engine's tokens/s on the larger model and 0.69–0.87 on the tiny one, in two independent measurements; with 2 threads on 2 cores it falls to about 0.5.")
+
+	llama, err := engine.NewLlama(e.libDir)
+	if err != nil {
+		return t, err
+	}
+	dir := e.dir("models")
+	models := []struct{ name, size string }{{"tiny", "tiny"}, {"large", "large"}}
+	loaded := map[string]engine.Model{}
+	for _, m := range models {
+		cfg := gguf.Tiny()
+		if m.size == "large" {
+			cfg = gguf.Large()
+		}
+		path := filepath.Join(dir, m.name+".gguf")
+		if err := gguf.SynthFile(path, cfg); err != nil {
+			return t, err
+		}
+		mdl, err := llama.Load(ctx, path, engine.LoadOptions{ContextSize: overheadCtx, Threads: 1, Device: "cpu"})
+		if err != nil {
+			return t, err
+		}
+		defer mdl.Close()
+		loaded[m.name] = mdl
+	}
+	wayA := way{"A engine in-process", func(ctx context.Context, model string, n int) (genRun, error) {
+		slot, err := loaded[model].NewSlot()
+		if err != nil {
+			return genRun{}, err
+		}
+		defer slot.Close()
+		arrivals := make([]time.Time, 0, n)
+		t0 := time.Now()
+		_, err = slot.Generate(ctx, engine.Request{Prompt: overheadPrompt, MaxTokens: n, Temperature: 0, Seed: overheadSeed}, func(engine.Token) error {
+			arrivals = append(arrivals, time.Now())
+			return nil
+		})
+		if err != nil {
+			return genRun{}, err
+		}
+		return newGenRun(t0, arrivals)
+	}}
+
+	// The cluster: a queen with its gateway, one hive, a warm worker per model.
+	c, _, err := e.startQueen(ctx, queenSpec{Gateway: true})
+	if err != nil {
+		return t, err
+	}
+	defer c.close()
+	ways := []way{wayA}
+	var bcErr error
+	if _, _, err := c.startHive(ctx, "local"); err != nil {
+		bcErr = fmt.Errorf("B and C not measured: %w", err)
+	} else {
+		var werr error
+		for _, m := range models {
+			if werr = c.synth(ctx, "local", m.name, m.size); werr != nil {
+				break
+			}
+			if _, werr = c.spawnWorker(ctx, "local", m.name); werr != nil {
+				break
+			}
+		}
+		if werr != nil {
+			bcErr = fmt.Errorf("B and C not measured: %w", werr)
+		} else {
+			ways = append(ways, way{"B keeper → queen → worker", c.inferBus}, way{"C OpenAI gateway (SSE)", c.inferGateway})
+		}
+	}
+
+	type key struct{ model, way string }
+	runs := map[key][]genRun{}
+	var errs []string
+	for _, m := range models {
+		for r := -1; r < rounds && ctx.Err() == nil; r++ {
+			for i := range ways {
+				w := ways[(i+max(r, 0))%len(ways)]
+				g, err := w.gen(ctx, m.name, n)
+				if err != nil {
+					errs = append(errs, fmt.Sprintf("%s, %s: %v", m.name, w.name, err))
+					continue
+				}
+				if r >= 0 { // round -1 warms up
+					runs[key{m.name, w.name}] = append(runs[key{m.name, w.name}], g)
+				}
+			}
+		}
+		e.logf("overhead: %s done", m.name)
+	}
+	type agg struct{ ttft, gaps, decode, e2e, tokens, submit sample }
+	aggregate := func(rs []genRun) agg {
+		var a agg
+		for _, r := range rs {
+			a.ttft = append(a.ttft, float64(r.ttft)/float64(time.Millisecond))
+			a.gaps = append(a.gaps, durations(r.gaps)...)
+			a.decode = append(a.decode, r.decode)
+			a.e2e = append(a.e2e, r.e2e)
+			a.tokens = append(a.tokens, float64(r.tokens))
+			if r.submit > 0 {
+				a.submit = append(a.submit, float64(r.submit)/float64(time.Millisecond))
+			}
+		}
+		return a
+	}
+	for _, m := range models {
+		base := aggregate(runs[key{m.name, wayA.name}])
+		for _, w := range ways {
+			a := aggregate(runs[key{m.name, w.name}])
+			if len(a.ttft) == 0 {
+				t.Rows = append(t.Rows, []string{m.name, w.name, "—", "not measured"})
+				continue
+			}
+			added, rel := "", ""
+			if w.name != wayA.name {
+				added = ms(a.ttft.p50() - base.ttft.p50())
+				rel = ratio(a.decode.p50(), base.decode.p50())
+			}
+			t.Rows = append(t.Rows, []string{m.name, w.name, fmt.Sprintf("%.0f", a.tokens.p50()), ms(a.ttft.p50()), ms(a.ttft.p99()), ms(a.gaps.p50()), ms(a.gaps.p99()),
+				fmt.Sprintf("%s (%s)", num(a.decode.p50()), num(a.e2e.p50())), rel, added})
+			if w.name == wayA.name {
+				continue
+			}
+			short := w.name[:1]
+			if len(a.submit) > 0 {
+				t.Notes = append(t.Notes, fmt.Sprintf("%s model, B: the submit round trip alone (the queen validates, writes the job record, publishes its state and enqueues the request, then answers) takes %s p50 of B's %s TTFT; the rest is the follower attaching, the worker pulling the request and marking the job running, and the first token's trip back.", m.name, ms(a.submit.p50()), ms(a.ttft.p50())))
+			}
+			if m.name == "large" {
+				r := a.decode.p50() / base.decode.p50()
+				e.target(Target{Bench: 1, Claim: fmt.Sprintf("tokens/s of %s ≥ 0.97 of A on the larger model", short), Holds: holds(r >= 0.97),
+					Detail: fmt.Sprintf("%s vs %s tokens/s = %.3f (end-to-end %.3f)", num(a.decode.p50()), num(base.decode.p50()), r, a.e2e.p50()/base.e2e.p50())})
+			}
+			d := a.ttft.p50() - base.ttft.p50()
+			e.target(Target{Bench: 1, Claim: fmt.Sprintf("added TTFT of %s < 2 ms p50, warm worker, %s model", short, m.name), Holds: holds(d < 2),
+				Detail: fmt.Sprintf("%s (%s vs %s)", ms(d), ms(a.ttft.p50()), ms(base.ttft.p50()))})
+		}
+	}
+	if len(errs) > 0 {
+		if len(errs) > 5 {
+			errs = append(errs[:5], fmt.Sprintf("… and %d more", len(errs)-5))
+		}
+		t.Notes = append(t.Notes, "Failed generations: "+strings.Join(errs, "; "))
+	}
+	return t, bcErr
+}
+
+func inferArgs(model string, n int) api.InferArgs {
+	seed := uint32(overheadSeed)
+	return api.InferArgs{Model: model, Prompt: overheadPrompt, Sampling: api.Sampling{MaxTokens: n, Temperature: 0, Seed: &seed}}
+}
+
+// inferBus is B: submit as the keeper does, follow the job's events.
+func (c *cluster) inferBus(ctx context.Context, model string, n int) (genRun, error) {
+	raw, _ := json.Marshal(inferArgs(model, n))
+	arrivals := make([]time.Time, 0, n)
+	t0 := time.Now()
+	var reply api.SubmitReply
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	err := c.b.Call(cctx, c.b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}}, &reply)
+	cancel()
+	if err != nil {
+		return genRun{}, err
+	}
+	submitted := time.Since(t0)
+	var final *api.StateChange
+	fctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	err = c.b.Follow(fctx, reply.JobID, 0, func(ev api.Event) error {
+		if ev.Token != nil {
+			arrivals = append(arrivals, time.Now())
+		}
+		if ev.Terminal() {
+			final = ev.State
+		}
+		return nil
+	})
+	if err != nil {
+		return genRun{}, err
+	}
+	if final == nil || final.State != api.JobCompleted {
+		return genRun{}, fmt.Errorf("job %s did not complete: %+v", reply.JobID, final)
+	}
+	g, err := newGenRun(t0, arrivals)
+	g.submit = submitted
+	return g, err
+}
+
+var httpClient = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4, DisableCompression: true}}
+
+// inferGateway is C: the OpenAI completions endpoint, streaming.
+func (c *cluster) inferGateway(ctx context.Context, model string, n int) (genRun, error) {
+	body, _ := json.Marshal(map[string]any{"model": model, "prompt": overheadPrompt, "max_tokens": n, "temperature": 0, "seed": overheadSeed, "stream": true})
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+c.gateway+"/v1/completions", bytes.NewReader(body))
+	if err != nil {
+		return genRun{}, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	arrivals := make([]time.Time, 0, n)
+	t0 := time.Now()
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		return genRun{}, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var b bytes.Buffer
+		_, _ = b.ReadFrom(resp.Body)
+		return genRun{}, fmt.Errorf("gateway answered %d: %s", resp.StatusCode, strings.TrimSpace(b.String()))
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok {
+			continue
+		}
+		if line == "[DONE]" {
+			break
+		}
+		var chunk struct {
+			Choices []struct {
+				FinishReason *string `json:"finish_reason"`
+			} `json:"choices"`
+			Error json.RawMessage `json:"error"`
+		}
+		if err := json.Unmarshal([]byte(line), &chunk); err != nil {
+			return genRun{}, fmt.Errorf("bad SSE chunk %q: %w", line, err)
+		}
+		if len(chunk.Error) > 0 {
+			return genRun{}, fmt.Errorf("stream error: %s", chunk.Error)
+		}
+		if len(chunk.Choices) > 0 && chunk.Choices[0].FinishReason == nil {
+			arrivals = append(arrivals, time.Now())
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return genRun{}, err
+	}
+	return newGenRun(t0, arrivals)
+}
+
+var _ = strconv.Itoa

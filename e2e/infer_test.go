@@ -1,0 +1,373 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/internal/gguf"
+	"github.com/rbee-dev/rbee/worker/engine"
+	"github.com/stretchr/testify/require"
+)
+
+// readyHive brings up a queen, a local hive and generated models on it.
+func (c *cluster) readyHive(models map[string]string) {
+	c.t.Helper()
+	c.startQueen()
+	c.mustRbee("hive", "add", "local")
+	c.mustRbee("hive", "start", "local")
+	for name, size := range models {
+		c.mustRbee("model", "synth", "--hive", "local", "--size", size, name)
+	}
+}
+
+var (
+	goldenMu     sync.Mutex
+	goldenModels = map[string]engine.Model{}
+)
+
+// greedy computes the expected greedy output in this process with the same
+// engine the worker uses, so a test knows each prompt's own answer.
+func greedy(t *testing.T, prompt string, maxTokens int) string {
+	t.Helper()
+	goldenMu.Lock()
+	defer goldenMu.Unlock()
+	m, ok := goldenModels["tiny"]
+	if !ok {
+		path := filepath.Join(t.TempDir(), "tiny.gguf")
+		require.NoError(t, gguf.SynthFile(path, gguf.Tiny()))
+		llama, err := engine.NewLlama("")
+		require.NoError(t, err)
+		m, err = llama.Load(context.Background(), path, engine.LoadOptions{ContextSize: 2048, Threads: 1, Device: "cpu"})
+		require.NoError(t, err)
+		goldenModels["tiny"] = m
+	}
+	slot, err := m.NewSlot()
+	require.NoError(t, err)
+	defer slot.Close()
+	var b strings.Builder
+	_, err = slot.Generate(context.Background(), engine.Request{Prompt: prompt, MaxTokens: maxTokens}, func(tok engine.Token) error {
+		b.WriteString(tok.Text)
+		return nil
+	})
+	require.NoError(t, err)
+	return b.String()
+}
+
+func (c *cluster) job(id string) api.Job {
+	c.t.Helper()
+	r := c.mustRbee("--json", "jobs", "get", id)
+	var j api.Job
+	require.NoError(c.t, json.Unmarshal([]byte(r.stdout), &j), r.stdout)
+	return j
+}
+
+func (c *cluster) workers() []api.WorkerStatus {
+	c.t.Helper()
+	r := c.mustRbee("--json", "worker", "list")
+	var out []api.WorkerStatus
+	sc := bufio.NewScanner(strings.NewReader(r.stdout))
+	for sc.Scan() {
+		var w api.WorkerStatus
+		require.NoError(c.t, json.Unmarshal(sc.Bytes(), &w))
+		out = append(out, w)
+	}
+	return out
+}
+
+func TestInferHappyPath(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"tiny": "tiny"})
+	prompt := "hello world, the bee is"
+	r := c.mustRbee("infer", "-m", "tiny", "--temperature", "0", "--max-tokens", "32", prompt)
+	require.Equal(t, greedy(t, prompt, 32)+"\n", r.stdout, "tokens on stdout, nothing else")
+	for _, who := range []string{"[queen]", "[hive local]", "[worker "} {
+		require.Contains(t, r.stderr, who, "narration from %s on stderr", who)
+	}
+	require.Regexp(t, `\d+ tokens, first token .*, [\d.]+ tokens/s, worker \S+ on hive local`, r.stderr)
+
+	r = c.mustRbee("--json", "jobs", "list", "--state", "completed")
+	var j api.Job
+	require.NoError(t, json.Unmarshal([]byte(strings.Split(r.stdout, "\n")[0]), &j))
+	var res api.InferResult
+	require.NoError(t, json.Unmarshal(j.Result, &res))
+	require.Equal(t, 32, res.CompletionTokens)
+	require.Positive(t, res.TokensPerSecond)
+	require.Equal(t, "local", res.Hive)
+
+	// -q prints tokens only; --json prints NDJSON events.
+	r = c.mustRbee("-q", "infer", "-m", "tiny", "--temperature", "0", "--max-tokens", "8", prompt)
+	require.Empty(t, r.stderr)
+	r = c.mustRbee("--json", "infer", "-m", "tiny", "--temperature", "0", "--max-tokens", "8", prompt)
+	for _, line := range strings.Split(strings.TrimSpace(r.stdout), "\n") {
+		var ev api.Event
+		require.NoError(t, json.Unmarshal([]byte(line), &ev), line)
+	}
+}
+
+func TestInferErrorsHaveMessagesAndExitCodes(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.startQueen()
+	r := c.rbee("infer", "-m", "tiny", "hello")
+	require.Equal(t, 1, r.code)
+	require.Contains(t, r.stderr, "no hive is online")
+
+	c.mustRbee("hive", "add", "local")
+	c.mustRbee("hive", "start", "local")
+	r = c.rbee("infer", "-m", "nosuchmodel", "hello")
+	require.Equal(t, 1, r.code)
+	require.Contains(t, r.stderr, "model nosuchmodel is not on any online hive")
+	require.Contains(t, r.stderr, "rbee model download")
+
+	c.mustRbee("model", "synth", "--hive", "local", "tiny")
+	r = c.rbee("infer", "-m", "tiny", "--temperature", "5", "hello")
+	require.Equal(t, 2, r.code)
+	require.Contains(t, r.stderr, "temperature")
+	r = c.rbee("infer", "-m", "tiny", "--top-p", "1.5", "hello")
+	require.Equal(t, 2, r.code)
+	require.Contains(t, r.stderr, "top_p")
+	r = c.rbee("infer", "-m", "tiny")
+	require.Equal(t, 2, r.code)
+}
+
+func TestConcurrentJobsAcrossTwoWorkersEachGetTheirOwnTokens(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"tiny": "tiny"})
+	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "tiny")
+	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "tiny")
+	require.Len(t, c.workers(), 2)
+
+	prompts := []string{"hello world", "the bee is", "a quick test", "bees make honey", "once upon a time", "the sky", "I and you", "what is it"}
+	outs := make([]result, len(prompts))
+	var wg sync.WaitGroup
+	for i, p := range prompts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			outs[i] = c.rbee("-q", "infer", "-m", "tiny", "--temperature", "0", "--max-tokens", "24", p)
+		}()
+	}
+	wg.Wait()
+	used := map[string]bool{}
+	for i, p := range prompts {
+		require.Equal(t, 0, outs[i].code, outs[i].stderr)
+		require.Equal(t, greedy(t, p, 24)+"\n", outs[i].stdout, "prompt %q", p)
+	}
+	r := c.mustRbee("--json", "jobs", "list", "--state", "completed")
+	for _, line := range strings.Split(strings.TrimSpace(r.stdout), "\n") {
+		var j api.Job
+		require.NoError(t, json.Unmarshal([]byte(line), &j))
+		used[j.Worker] = true
+	}
+	require.Len(t, used, 2, "both workers served jobs")
+}
+
+// startInfer runs `rbee infer` in the background and returns a channel of
+// stdout chunks, the command, and a function that waits for it.
+type runningKeeper struct {
+	cmd    *exec.Cmd
+	stdout *syncBuffer
+	stderr *syncBuffer
+	done   chan struct{}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func (c *cluster) start(args ...string) *runningKeeper {
+	c.t.Helper()
+	cmd := exec.Command(filepath.Join(c.bin, "rbee"), args...)
+	cmd.Env = c.env
+	k := &runningKeeper{cmd: cmd, stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = k.stdout, k.stderr
+	require.NoError(c.t, cmd.Start())
+	go func() { _ = cmd.Wait(); close(k.done) }()
+	c.t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-k.done
+	})
+	return k
+}
+
+func (k *runningKeeper) wait(t *testing.T, d time.Duration) int {
+	t.Helper()
+	select {
+	case <-k.done:
+		return k.cmd.ProcessState.ExitCode()
+	case <-time.After(d):
+		t.Fatalf("keeper did not exit within %s; stderr:\n%s", d, k.stderr.String())
+		return -1
+	}
+}
+
+func jobIDFrom(t *testing.T, stderr string) string {
+	t.Helper()
+	for _, line := range strings.Split(stderr, "\n") {
+		if i := strings.Index(line, "job "); i >= 0 && strings.Contains(line, "submitted") {
+			return strings.Fields(line[i+4:])[0]
+		}
+	}
+	t.Fatalf("no job id in:\n%s", stderr)
+	return ""
+}
+
+func TestCtrlCCancelsTheJobAndFreesTheSlot(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	k := c.start("infer", "-m", "large", "--max-tokens", "2000", "hello")
+	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
+	id := jobIDFrom(t, k.stderr.String())
+	require.NoError(t, k.cmd.Process.Signal(syscall.SIGINT))
+	require.Equal(t, 130, k.wait(t, 10*time.Second))
+	eventually(t, 5*time.Second, func() bool { return c.job(id).State == api.JobCancelled }, "job not cancelled")
+	eventually(t, 5*time.Second, func() bool {
+		ws := c.workers()
+		return len(ws) == 1 && ws[0].SlotsBusy == 0
+	}, "worker slot not freed")
+}
+
+func TestCancelQueuedJobNeverReachesAWorker(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	// One worker, one slot, busy with a long job.
+	busy := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "2000", "hello").stdout)
+	eventually(t, 90*time.Second, func() bool { return c.job(busy).State == api.JobRunning }, "first job not running")
+	queued := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "5", "hello").stdout)
+	require.Equal(t, api.JobQueued, c.job(queued).State)
+	c.mustRbee("jobs", "cancel", queued)
+	c.mustRbee("jobs", "cancel", busy)
+	r := c.mustRbee("--json", "jobs", "attach", queued)
+	require.NotContains(t, r.stdout, `"kind":"token"`)
+	require.NotContains(t, r.stdout, `"state":"running"`)
+	j := c.job(queued)
+	require.Equal(t, api.JobCancelled, j.State)
+	require.Empty(t, j.Worker)
+	// The worker is free and serves the next job.
+	c.mustRbee("infer", "-m", "large", "--max-tokens", "3", "hello")
+}
+
+func TestDetachAttachAndResumeWithoutGaps(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	id := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--temperature", "0", "--max-tokens", "300", "hello").stdout)
+
+	// A keeper killed mid-stream...
+	k := c.start("--json", "jobs", "attach", id)
+	eventually(t, 90*time.Second, func() bool { return strings.Count(k.stdout.String(), `"kind":"token"`) >= 5 }, "no tokens")
+	require.NoError(t, k.cmd.Process.Kill())
+	<-k.done
+	first := parseEvents(t, k.stdout.String())
+	last := first[len(first)-1].Seq
+
+	// ...and a second keeper attached at the same time see the same stream.
+	other := c.start("--json", "jobs", "attach", id)
+	rest := parseEvents(t, c.mustRbee("--json", "jobs", "attach", id, "--from", fmt.Sprint(last+1)).stdout)
+	require.Equal(t, 0, other.wait(t, 60*time.Second))
+	full := parseEvents(t, other.stdout.String())
+
+	var idx []int
+	for _, ev := range append(first, rest...) {
+		if ev.Token != nil {
+			idx = append(idx, ev.Token.Index)
+		}
+	}
+	require.Len(t, idx, 300)
+	for i, v := range idx {
+		require.Equal(t, i, v, "no gaps or duplicates")
+	}
+	require.Equal(t, append(first, rest...), full, "resumed stream equals the full one")
+}
+
+func parseEvents(t *testing.T, out string) []api.Event {
+	t.Helper()
+	var evs []api.Event
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if line == "" {
+			continue
+		}
+		var ev api.Event
+		if json.Unmarshal([]byte(line), &ev) != nil || ev.Kind == "" {
+			continue // a line cut by the kill
+		}
+		evs = append(evs, ev)
+	}
+	return evs
+}
+
+func TestWorkerKilledMidStreamFailsTheJobClearly(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	k := c.start("infer", "-m", "large", "--max-tokens", "2000", "hello")
+	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
+	ws := c.workers()
+	require.Len(t, ws, 1)
+	require.NoError(t, syscall.Kill(ws[0].PID, syscall.SIGKILL))
+	killed := time.Now()
+	require.Equal(t, 1, k.wait(t, 15*time.Second))
+	require.Less(t, time.Since(killed), 5*time.Second)
+	require.Contains(t, k.stderr.String(), fmt.Sprintf("worker %s on hive local died", ws[0].ID))
+}
+
+func TestQueueFullIsRefused(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons().setEnv("RBEE_MAX_QUEUE=1")
+	c.readyHive(map[string]string{"large": "large"})
+	busy := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "2000", "hello").stdout)
+	eventually(t, 90*time.Second, func() bool { return c.job(busy).State == api.JobRunning }, "first job not running")
+	c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "5", "hello")
+	r := c.rbee("infer", "-m", "large", "--max-tokens", "5", "hello")
+	require.Equal(t, 1, r.code)
+	require.Contains(t, r.stderr, "queue full")
+	r = c.mustRbee("status")
+	require.Contains(t, r.stdout, "large=1")
+	c.mustRbee("jobs", "cancel", busy)
+}
+
+func TestQueenRestartMidStreamKeepsStreaming(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	k := c.start("-q", "infer", "-m", "large", "--temperature", "0", "--max-tokens", "400", "hello")
+	eventually(t, 90*time.Second, func() bool { return len(k.stdout.String()) > 0 }, "no token arrived")
+	c.mustRbee("queen", "stop")
+	c.startQueen()
+	require.Equal(t, 0, k.wait(t, 90*time.Second), k.stderr.String())
+	r := c.mustRbee("--json", "jobs", "list", "--state", "completed")
+	var j api.Job
+	require.NoError(t, json.Unmarshal([]byte(strings.Split(r.stdout, "\n")[0]), &j))
+	var res api.InferResult
+	require.NoError(t, json.Unmarshal(j.Result, &res))
+	require.Equal(t, 400, res.CompletionTokens)
+	require.Equal(t, res.Text+"\n", k.stdout.String(), "the keeper saw every token across the restart")
+}

@@ -1,0 +1,355 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/jobs"
+	"github.com/rbee-dev/rbee/subjects"
+	"github.com/rbee-dev/rbee/worker/engine"
+)
+
+// Causes of a generation's cancellation, told apart when the job ends.
+var (
+	errCancelled    = errors.New("cancelled")
+	errNoFirstToken = errors.New("no first token")
+)
+
+// busTimeout bounds each bus operation of a job (state writes, acks,
+// flushing tokens).
+const busTimeout = 10 * time.Second
+
+// runSlot pulls one request at a time, only while its slot is free, until
+// fetchCtx ends. Requests not pulled stay queued in JetStream for any
+// worker of the model. jobCtx ends generations cut short by a shutdown.
+func (w *worker) runSlot(fetchCtx, jobCtx context.Context, slotIdx int, slot engine.Slot) {
+	for fetchCtx.Err() == nil {
+		msg, err := w.consumer().Next(jetstream.FetchMaxWait(FetchWait))
+		if err != nil {
+			if errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) {
+				continue
+			}
+			if errors.Is(err, jetstream.ErrConsumerNotFound) && fetchCtx.Err() == nil {
+				// The bus lost its state (a server restarted without
+				// its store): make the queue's consumer again.
+				ctx, cancel := context.WithTimeout(fetchCtx, busTimeout)
+				err = w.ensureConsumer(ctx)
+				cancel()
+				if err == nil {
+					continue
+				}
+			}
+			if fetchCtx.Err() == nil {
+				w.log.Warn().Err(err).Int("slot", slotIdx).Msg("pulling from the work queue")
+			}
+			select {
+			case <-fetchCtx.Done():
+			case <-time.After(250 * time.Millisecond):
+			}
+			continue
+		}
+		if fetchCtx.Err() != nil {
+			// The drain began while this pull waited: hand the request
+			// back at once rather than after AckWait.
+			_ = msg.Nak()
+			return
+		}
+		w.handle(jobCtx, slotIdx, slot, msg)
+	}
+}
+
+// handle runs one request from the work queue to its job's terminal state.
+func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, msg jetstream.Msg) {
+	var req api.InferRequest
+	if err := json.Unmarshal(msg.Data(), &req); err != nil || subjects.ValidateID(subjects.KindJob, req.JobID) != nil {
+		w.log.Error().Err(err).Str("job", req.JobID).Msg("dropping a malformed inference request")
+		_ = msg.Term()
+		return
+	}
+	id := req.JobID
+	log := w.log.With().Str("job", id).Int("slot", slotIdx).Logger()
+	bctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+
+	// Listen for a cancel before the job can be seen running, so a cancel
+	// sent right after the transition is not missed.
+	genCtx, cancelGen := context.WithCancelCause(jobCtx)
+	defer cancelGen(nil)
+	cancelSubject, _ := w.bus.Space.JobCancel(id)
+	sub, err := w.bus.NC.Subscribe(cancelSubject, func(*nats.Msg) { cancelGen(errCancelled) })
+	if err != nil {
+		log.Warn().Err(err).Msg("cannot listen for cancellation; leaving the request queued")
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+
+	ereq, promptTokens, bad := w.prepare(req.Args)
+	if bad != nil {
+		w.reject(bctx, msg, id, bad)
+		return
+	}
+
+	attempt := req.Attempt
+	job, err := w.store.Transition(bctx, id, api.JobRunning, func(j *api.Job) {
+		j.Worker, j.Hive = w.cfg.ID, w.cfg.Hive
+		j.Attempts = max(j.Attempts+1, attempt)
+		attempt = j.Attempts
+	})
+	switch {
+	case err == nil:
+	case errors.Is(err, jobs.ErrTerminal):
+		// Cancelled (or failed) while queued: it never runs.
+		log.Debug().Err(err).Msg("skipping a job that already ended")
+		_ = msg.Ack()
+		return
+	case errors.Is(err, jobs.ErrNotFound), errors.Is(err, jobs.ErrIllegalTransition):
+		// No record, or another worker runs it (a redelivery).
+		log.Warn().Err(err).Msg("skipping a request whose job is not waiting")
+		_ = msg.Ack()
+		return
+	default:
+		log.Warn().Err(err).Msg("could not take the job; leaving it queued")
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	// The job is ours now; if this worker dies, the queen sees it go and
+	// recovers the job, so the request must not be redelivered as well.
+	if err := msg.DoubleAck(bctx); err != nil {
+		log.Warn().Err(err).Msg("acknowledging the request")
+	}
+	w.slotTaken()
+	defer w.slotFreed()
+
+	w.narrator.With(bctx, id, "infer", w.cfg.Model,
+		map[string]any{"slot": slotIdx, "attempt": attempt, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
+		"worker %s on hive %s is generating with model %s", w.cfg.ID, w.cfg.Hive, w.cfg.Model)
+	w.generate(genCtx, cancelGen, slot, job, req, ereq, attempt)
+}
+
+// reject fails a job whose parameters are bad before any work is done.
+func (w *worker) reject(ctx context.Context, msg jetstream.Msg, id string, bad error) {
+	// Only a waiting job is failed here: a redelivered request must not
+	// fail the job another worker now runs.
+	if job, err := w.store.Get(ctx, id); err != nil || job.State != api.JobQueued {
+		_ = msg.Ack()
+		return
+	}
+	_, err := w.store.Transition(ctx, id, api.JobFailed, func(j *api.Job) {
+		j.Error = bad.Error()
+		j.Worker, j.Hive = w.cfg.ID, w.cfg.Hive
+	})
+	if err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
+		w.log.Warn().Err(err).Str("job", id).Msg("could not fail a bad request; leaving it queued")
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	_ = msg.Ack()
+	w.log.Info().Str("job", id).Err(bad).Msg("rejected a bad request")
+}
+
+// First-token watch states.
+const (
+	waitingFirst int32 = iota
+	gotFirst
+	firstTimedOut
+)
+
+// generate streams the tokens of one running job and records its end.
+func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, job api.Job, req api.InferRequest, ereq engine.Request, attempt int) {
+	id := job.ID
+	pub, err := w.bus.Tokens(id)
+	if err != nil { // the id was validated; kept for safety
+		w.finish(id, api.JobFailed, err.Error(), nil)
+		return
+	}
+	var first atomic.Int32
+	ftt := time.Duration(req.Args.FirstTokenTimeout)
+	started := time.Now()
+	if ftt > 0 {
+		t := time.AfterFunc(ftt, func() {
+			if first.CompareAndSwap(waitingFirst, firstTimedOut) {
+				cancel(errNoFirstToken)
+			}
+		})
+		defer t.Stop()
+	}
+	var text strings.Builder
+	res, genErr := slot.Generate(ctx, ereq, func(t engine.Token) error {
+		// The timer cancels a generation stuck before its first token;
+		// a first token that comes late anyway is refused here too.
+		if t.Index == 0 && (!first.CompareAndSwap(waitingFirst, gotFirst) || ftt > 0 && time.Since(started) > ftt) {
+			return errNoFirstToken
+		}
+		// Every token is published, even one whose text is held back,
+		// so indices are the engine's: contiguous from 0.
+		if err := pub.Publish(api.Token{Index: t.Index, ID: t.ID, Text: t.Text}); err != nil {
+			return err
+		}
+		text.WriteString(t.Text)
+		w.tokenServed()
+		return nil
+	})
+	fctx, fcancel := context.WithTimeout(context.Background(), busTimeout)
+	defer fcancel()
+	// Every token is stored before the end is, so no follower sees the
+	// end before the last token.
+	flushErr := pub.Flush(fctx)
+
+	result := api.InferResult{
+		Text: text.String(), StopReason: string(res.StopReason),
+		PromptTokens: res.PromptTokens, CompletionTokens: res.CompletionTokens,
+		TimeToFirstToken: api.Duration(res.TimeToFirstToken), Duration: api.Duration(res.Duration),
+		TokensPerSecond: tokensPerSecond(res), Worker: w.cfg.ID, Hive: w.cfg.Hive, Attempt: attempt,
+	}
+	cause := context.Cause(ctx)
+	switch {
+	case errors.Is(genErr, errNoFirstToken) || (res.StopReason == engine.StopCancelled && errors.Is(cause, errNoFirstToken)):
+		w.finish(id, api.JobFailed, fmt.Sprintf("no first token within %s from worker %s on hive %s", ftt, w.cfg.ID, w.cfg.Hive), nil)
+	case genErr != nil && errors.Is(genErr, engine.ErrInvalidRequest):
+		w.finish(id, api.JobFailed, genErr.Error(), nil)
+	case genErr != nil:
+		w.finish(id, api.JobFailed, fmt.Sprintf("generation failed on worker %s: %v", w.cfg.ID, genErr), nil)
+	case flushErr != nil:
+		w.finish(id, api.JobFailed, fmt.Sprintf("tokens of worker %s were not stored: %v", w.cfg.ID, flushErr), nil)
+	case res.StopReason == engine.StopCancelled && errors.Is(cause, ErrStopped):
+		w.finish(id, api.JobFailed, fmt.Sprintf("worker %s on hive %s shut down before the job finished (after %d tokens)", w.cfg.ID, w.cfg.Hive, res.CompletionTokens), &result)
+	case res.StopReason == engine.StopCancelled:
+		w.finish(id, api.JobCancelled, "cancelled", &result)
+	default:
+		w.jobSpeed(result.TokensPerSecond)
+		w.finish(id, api.JobCompleted, "", &result)
+	}
+}
+
+// finish moves the job to its terminal state. Someone else may have ended
+// it first (the queen cancels or times out a job before signalling the
+// worker); then their state stands.
+func (w *worker) finish(id string, to api.JobState, reason string, result *api.InferResult) {
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+	var raw json.RawMessage
+	if result != nil {
+		raw, _ = json.Marshal(result)
+	}
+	switch to {
+	case api.JobCompleted:
+		w.narrator.With(ctx, id, "infer", w.cfg.Model, map[string]any{"tokens": result.CompletionTokens, "stop": result.StopReason},
+			"worker %s generated %d tokens in %s (%.1f tokens/s, %s)", w.cfg.ID, result.CompletionTokens,
+			time.Duration(result.Duration).Round(time.Millisecond), result.TokensPerSecond, result.StopReason)
+	case api.JobCancelled:
+		w.narrator.Say(ctx, id, "infer", w.cfg.Model, "worker %s stopped generating after %d tokens: cancelled", w.cfg.ID, result.CompletionTokens)
+	default:
+		w.narrator.Warn(ctx, id, "infer", w.cfg.Model, "%s", reason)
+	}
+	_, err := w.store.Transition(ctx, id, to, func(j *api.Job) {
+		j.Error = reason
+		if raw != nil {
+			j.Result = raw
+		}
+	})
+	switch {
+	case err == nil:
+	case errors.Is(err, jobs.ErrTerminal):
+		w.log.Debug().Str("job", id).Err(err).Msg("job already ended")
+	default:
+		w.log.Error().Str("job", id).Str("state", string(to)).Err(err).Msg("could not record the end of a job")
+	}
+}
+
+// tokensPerSecond is the generation speed after the first token, which is
+// what a reader compares between machines; prompt processing is in TTFT.
+func tokensPerSecond(r engine.Result) float64 {
+	if r.CompletionTokens > 1 && r.Duration > r.TimeToFirstToken {
+		return float64(r.CompletionTokens-1) / (r.Duration - r.TimeToFirstToken).Seconds()
+	}
+	if r.CompletionTokens > 0 && r.Duration > 0 {
+		return float64(r.CompletionTokens) / r.Duration.Seconds()
+	}
+	return 0
+}
+
+// prepare turns the job's arguments into an engine request and checks it
+// against the loaded model before any work: a bad parameter is a
+// *engine.ParamError naming the field.
+func (w *worker) prepare(a api.InferArgs) (engine.Request, int, error) {
+	ctxSize := w.model.ContextSize()
+	prompt, err := w.prompt(a)
+	if err != nil {
+		return engine.Request{}, 0, err
+	}
+	s := a.Sampling
+	r := engine.Request{
+		Prompt: prompt, MaxTokens: s.MaxTokens, Temperature: s.Temperature, TopP: s.TopP,
+		TopK: s.TopK, MinP: s.MinP, RepeatPenalty: s.RepeatPenalty, Stop: s.Stop,
+	}
+	if r.MaxTokens == 0 {
+		r.MaxTokens = min(w.cfg.DefaultMaxTokens, ctxSize)
+	}
+	switch {
+	case s.Seed != nil:
+		r.Seed = *s.Seed
+	case s.Temperature == 0:
+		r.Seed = 0 // greedy: the seed plays no part
+	default:
+		r.Seed = engine.RandomSeed
+	}
+	if err := r.Validate(ctxSize); err != nil {
+		return r, 0, err
+	}
+	toks, err := w.model.Tokenize(prompt, true)
+	if err != nil {
+		return r, 0, err
+	}
+	if len(toks) >= ctxSize {
+		return r, len(toks), &engine.ParamError{Field: "prompt", Err: engine.ErrPromptTooLong,
+			Reason: fmt.Sprintf("%d tokens do not fit in the context of %d", len(toks), ctxSize)}
+	}
+	return r, len(toks), nil
+}
+
+// prompt is the raw prompt, or the chat (system, then the messages or the
+// prompt as the user's turn) rendered with the model's chat template. A
+// model without a template gets the turns as "role: content" lines.
+func (w *worker) prompt(a api.InferArgs) (string, error) {
+	if len(a.Messages) == 0 && a.System == "" {
+		return a.Prompt, nil
+	}
+	var msgs []engine.ChatMessage
+	if a.System != "" {
+		msgs = append(msgs, engine.ChatMessage{Role: "system", Content: a.System})
+	}
+	if len(a.Messages) == 0 {
+		if a.Prompt == "" {
+			return "", &engine.ParamError{Field: "prompt", Reason: "must not be empty"}
+		}
+		msgs = append(msgs, engine.ChatMessage{Role: "user", Content: a.Prompt})
+	}
+	for i, m := range a.Messages {
+		if m.Role == "" {
+			return "", &engine.ParamError{Field: "messages", Reason: fmt.Sprintf("message %d has no role", i)}
+		}
+		msgs = append(msgs, engine.ChatMessage{Role: m.Role, Content: m.Content})
+	}
+	out, err := w.model.ApplyChatTemplate(msgs, true)
+	if errors.Is(err, engine.ErrNoChatTemplate) {
+		var b strings.Builder
+		for _, m := range msgs {
+			fmt.Fprintf(&b, "%s: %s\n", m.Role, m.Content)
+		}
+		b.WriteString("assistant:")
+		return b.String(), nil
+	}
+	if err != nil {
+		return "", &engine.ParamError{Field: "messages", Reason: err.Error()}
+	}
+	return out, nil
+}
