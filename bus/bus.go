@@ -118,7 +118,9 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 		}()
 		return nil, fmt.Errorf("%w: connecting to NATS at %s: %v", ErrUnreachable, redact(url), ctx.Err())
 	}
-	js, err := jetstream.New(nc)
+	// An acknowledgement that never comes (the server died for good) fails
+	// its token after this long instead of holding the job forever.
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(10*time.Second))
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("JetStream: %w", err)

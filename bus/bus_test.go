@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,12 +21,19 @@ import (
 
 func publishJob(t *testing.T, b *bus.Bus, job string, tokens int, terminal bool) {
 	t.Helper()
+	publishJobFrom(t, b, job, 0, tokens, terminal)
+}
+
+// publishJobFrom publishes tokens first..first+tokens-1: a job never reuses
+// a token index, and the stream drops a repeated one as a duplicate.
+func publishJobFrom(t *testing.T, b *bus.Bus, job string, first, tokens int, terminal bool) {
+	t.Helper()
 	ctx := context.Background()
 	n := b.Narrator(api.Actor{Component: "test"}, "", "")
 	require.NoError(t, n.Narrate(ctx, api.Narration{JobID: job, Action: "start", Human: "starting"}))
 	tp, err := b.Tokens(job)
 	require.NoError(t, err)
-	for i := 0; i < tokens; i++ {
+	for i := first; i < first+tokens; i++ {
 		require.NoError(t, tp.Publish(api.Token{Index: i, Text: fmt.Sprintf("t%d ", i)}))
 	}
 	require.NoError(t, tp.Flush(ctx))
@@ -98,7 +106,7 @@ func TestResumeFromSequenceHasNoGapsOrDuplicates(t *testing.T) {
 		}
 		return nil
 	}))
-	publishJob(t, f.Bus, "resume", 0, true)
+	publishJobFrom(t, f.Bus, "resume", 100, 0, true)
 	// A new connection resumes after the last sequence it saw.
 	other := busfix.Connect(t, f.URL)
 	rest := collect(t, other, "resume", first[len(first)-1].Seq+1)
@@ -148,7 +156,7 @@ func TestQuietJobIsNotCutOff(t *testing.T) {
 		t.Fatalf("follow returned during a quiet gap after %d events", len(evs))
 	default:
 	}
-	publishJob(t, f.Bus, "quiet", 2, true)
+	publishJobFrom(t, f.Bus, "quiet", 3, 2, true)
 	evs := <-got
 	require.True(t, evs[len(evs)-1].Terminal())
 	require.Len(t, evs, 1+3+1+2+1)
@@ -244,4 +252,27 @@ func TestFollowLeavesNoConsumerBehind(t *testing.T) {
 	info, err := stream.Info(ctx)
 	require.NoError(t, err)
 	require.Zero(t, info.State.Consumers, "a finished follower removes its consumer")
+}
+
+// A token resent after a reconnect can be stored behind later ones, and a
+// copy can be stored twice if its message id outlived the duplicate window:
+// followers still see each index once, in order.
+func TestFollowOrdersTokensByIndexAndDropsCopies(t *testing.T) {
+	f := busfix.Start(t)
+	ctx := context.Background()
+	subject, err := f.Bus.Space.JobEvent("shuffled", subjects.EventToken)
+	require.NoError(t, err)
+	for _, i := range []int{0, 2, 3, 1, 2, 5, 4, 1} {
+		data, _ := json.Marshal(api.Token{Index: i, Text: fmt.Sprintf("t%d ", i)})
+		_, err := f.Bus.JS.Publish(ctx, subject, data)
+		require.NoError(t, err)
+	}
+	require.NoError(t, f.Bus.PublishEvent(ctx, "shuffled", subjects.EventState, api.StateChange{State: api.JobCompleted}))
+	var text strings.Builder
+	for _, ev := range collect(t, f.Bus, "shuffled", 0) {
+		if ev.Token != nil {
+			text.WriteString(ev.Token.Text)
+		}
+	}
+	require.Equal(t, "t0 t1 t2 t3 t4 t5 ", text.String())
 }

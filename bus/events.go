@@ -5,8 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strconv"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/subjects"
@@ -34,10 +38,20 @@ func (b *Bus) PublishEvent(ctx context.Context, job string, kind subjects.EventK
 // acknowledgement, which would cap a stream at one round trip per token.
 // Flush waits for all of them before the job's final state is published, so
 // no follower sees the end before the last token.
+//
+// A token whose acknowledgement is lost to a reconnect (the server or the
+// queen that embeds it restarted) is sent again; its message id lets the
+// stream drop the copy when the first one was stored after all. A resent
+// token may land after later ones, which is why Follow orders tokens by
+// index.
 type TokenPublisher struct {
 	bus     *Bus
+	job     string
 	subject string
 	futures []jetstream.PubAckFuture
+	// ResendWithin bounds how long a lost token is retried; it stays inside
+	// the stream's duplicate window so a retry can never store a token twice.
+	ResendWithin time.Duration
 }
 
 // Tokens returns a publisher for job's token subject.
@@ -46,7 +60,7 @@ func (b *Bus) Tokens(job string) (*TokenPublisher, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &TokenPublisher{bus: b, subject: subject}, nil
+	return &TokenPublisher{bus: b, job: job, subject: subject, ResendWithin: tokenDuplicateWindow - 5*time.Second}, nil
 }
 
 // Publish sends one token.
@@ -55,7 +69,17 @@ func (p *TokenPublisher) Publish(t api.Token) error {
 	if err != nil {
 		return err
 	}
-	f, err := p.bus.JS.PublishAsync(p.subject, data)
+	msg := &nats.Msg{Subject: p.subject, Data: data, Header: nats.Header{}}
+	msg.Header.Set(jetstream.MsgIDHeader, p.job+"."+strconv.Itoa(t.Index))
+	f, err := p.bus.JS.PublishMsgAsync(msg)
+	if errors.Is(err, jetstream.ErrTooManyStalledMsgs) || retryable(err) {
+		// Too many unacknowledged tokens, as while the connection is
+		// down: wait for those, then store this one before going on.
+		if err := p.Flush(context.Background()); err != nil {
+			return err
+		}
+		return p.resend(context.Background(), msg, err)
+	}
 	if err != nil {
 		return fmt.Errorf("publish token %d: %w", t.Index, err)
 	}
@@ -79,7 +103,10 @@ func (p *TokenPublisher) settle(ctx context.Context, all bool) error {
 			case <-f.Ok():
 				continue
 			case err := <-f.Err():
-				return fmt.Errorf("token not stored: %w", err)
+				if err := p.resend(ctx, f.Msg(), err); err != nil {
+					return err
+				}
+				continue
 			default:
 				kept = append(kept, f)
 				continue
@@ -88,7 +115,9 @@ func (p *TokenPublisher) settle(ctx context.Context, all bool) error {
 		select {
 		case <-f.Ok():
 		case err := <-f.Err():
-			return fmt.Errorf("token not stored: %w", err)
+			if err := p.resend(ctx, f.Msg(), err); err != nil {
+				return err
+			}
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -100,13 +129,49 @@ func (p *TokenPublisher) settle(ctx context.Context, all bool) error {
 	return nil
 }
 
+// resend stores a token whose first publish failed with cause, retrying
+// while the connection recovers.
+func (p *TokenPublisher) resend(ctx context.Context, msg *nats.Msg, cause error) error {
+	if msg == nil || !retryable(cause) {
+		return fmt.Errorf("token not stored: %w", cause)
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.ResendWithin)
+	defer cancel()
+	for {
+		actx, acancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := p.bus.JS.PublishMsg(actx, msg)
+		acancel()
+		if err == nil {
+			return nil
+		}
+		if !retryable(err) && !errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("token not stored: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("token not stored within %s of a reconnect: %w", p.ResendWithin, cause)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// retryable says whether a publish failed because the connection or the
+// server was going away, as opposed to the stream refusing the message.
+func retryable(err error) bool {
+	return errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, jetstream.ErrAsyncPublishTimeout)
+}
+
 // ErrFollowEnded is returned by a follow handler to stop following early
 // without error.
 var ErrFollowEnded = errors.New("stop following")
 
 // Follow delivers the stored events of job in order, starting at stream
 // sequence from (0 means from the job's first event), then live ones as they
-// arrive, and returns nil after the job's terminal state event. No idle
+// arrive, and returns nil after the job's terminal state event. Tokens come
+// in index order, each once, even where a publisher resent one after a
+// reconnect and it was stored behind later ones. No idle
 // timeout applies: a job that is quiet for an hour is still followed. It
 // returns when ctx ends, when fn returns an error (ErrFollowEnded stops
 // without one), or after the terminal event.
@@ -144,6 +209,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	// when ctx ends unblocks it.
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
+	order := tokenOrder{resumed: from > 0}
 	for {
 		msg, err := it.Next()
 		if err != nil {
@@ -157,16 +223,86 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 			b.Log.Warn().Err(err).Str("subject", msg.Subject()).Msg("skipping undecodable job event")
 			continue
 		}
-		if err := fn(ev); err != nil {
-			if errors.Is(err, ErrFollowEnded) {
+		for _, ev := range order.admit(ev) {
+			if err := fn(ev); err != nil {
+				if errors.Is(err, ErrFollowEnded) {
+					return nil
+				}
+				return err
+			}
+			if ev.Terminal() {
 				return nil
 			}
-			return err
-		}
-		if ev.Terminal() {
-			return nil
 		}
 	}
+}
+
+// tokenOrder puts a job's tokens in index order. A token ahead of the next
+// index waits until the gap is filled; one behind it is a copy and is
+// dropped. The publisher stores every token before the job's end, so a
+// terminal event releases whatever still waits, in order. A gap that is
+// never filled (the stream's limits discarded the oldest tokens of a huge
+// job) is given up once maxHeldTokens wait behind it.
+const maxHeldTokens = 8192
+
+type tokenOrder struct {
+	// resumed means the follow began mid-job: the first token seen sets
+	// where counting starts.
+	resumed bool
+	started bool
+	next    int
+	held    map[int]api.Event
+}
+
+func (o *tokenOrder) admit(ev api.Event) []api.Event {
+	if ev.Token == nil {
+		if !ev.Terminal() || len(o.held) == 0 {
+			return []api.Event{ev}
+		}
+		idx := make([]int, 0, len(o.held))
+		for i := range o.held {
+			idx = append(idx, i)
+		}
+		slices.Sort(idx)
+		out := make([]api.Event, 0, len(idx)+1)
+		for _, i := range idx {
+			out = append(out, o.held[i])
+		}
+		o.held = nil
+		return append(out, ev)
+	}
+	i := ev.Token.Index
+	if !o.started {
+		o.started = true
+		if o.resumed {
+			o.next = i
+		}
+	}
+	switch {
+	case i < o.next:
+		return nil
+	case i > o.next:
+		if o.held == nil {
+			o.held = map[int]api.Event{}
+		}
+		o.held[i] = ev
+		if len(o.held) < maxHeldTokens {
+			return nil
+		}
+		o.next = slices.Min(slices.Collect(maps.Keys(o.held)))
+		ev = o.held[o.next]
+		delete(o.held, o.next)
+	}
+	out := []api.Event{ev}
+	for o.next++; ; o.next++ {
+		h, ok := o.held[o.next]
+		if !ok {
+			break
+		}
+		delete(o.held, o.next)
+		out = append(out, h)
+	}
+	return out
 }
 
 // DecodeEvent turns a stored job event message into an api.Event.

@@ -91,7 +91,14 @@ func respondErr(e *Endpoints, name string, r micro.Request, err error) {
 	if e.Log != nil && code >= 500 {
 		e.Log(name, err)
 	}
-	_ = r.Error(api.CodeString(code), err.Error(), nil)
+	// Not r.Error: it records the error in a field that micro's dispatcher
+	// reads once the handler returns, and Handler answers from a goroutine
+	// of its own after that, which is a data race. Respond with the same
+	// headers puts the same reply on the wire and records nothing.
+	_ = r.Respond(nil, micro.WithHeaders(micro.Headers{
+		micro.ErrorHeader:     {err.Error()},
+		micro.ErrorCodeHeader: {api.CodeString(code)},
+	}))
 }
 
 // Call sends a JSON request to subject and decodes the JSON reply into out.

@@ -22,6 +22,9 @@ type Retention struct {
 }
 
 // DefaultRetention is what a cluster keeps unless told otherwise.
+// tokenDuplicateWindow is how long the jobs stream remembers message ids.
+const tokenDuplicateWindow = 30 * time.Second
+
 func DefaultRetention() Retention {
 	return Retention{JobEvents: 24 * time.Hour, MaxEventsPerSubject: 100_000, MaxJobBytes: 1 << 30}
 }
@@ -54,8 +57,9 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		Discard:           jetstream.DiscardOld,
 		Storage:           jetstream.FileStorage,
 		// Tokens are small and many; a short duplicate window keeps the
-		// dedupe index small.
-		Duplicates: 30 * time.Second,
+		// dedupe index small. It only has to cover a token resent after a
+		// reconnect (TokenPublisher).
+		Duplicates: tokenDuplicateWindow,
 	}); err != nil {
 		return fmt.Errorf("create stream %s: %w", s.JobsStream(), err)
 	}

@@ -170,7 +170,9 @@ func TestConcurrentJobsAcrossTwoWorkersEachGetTheirOwnTokens(t *testing.T) {
 	for _, line := range strings.Split(strings.TrimSpace(r.stdout), "\n") {
 		var j api.Job
 		require.NoError(t, json.Unmarshal([]byte(line), &j))
-		used[j.Worker] = true
+		if j.Op.Kind == api.OpInfer { // not the spawn and synth jobs
+			used[j.Worker] = true
+		}
 	}
 	require.Len(t, used, 2, "both workers served jobs")
 }
@@ -265,7 +267,10 @@ func TestCancelQueuedJobNeverReachesAWorker(t *testing.T) {
 	require.Equal(t, api.JobQueued, c.job(queued).State)
 	c.mustRbee("jobs", "cancel", queued)
 	c.mustRbee("jobs", "cancel", busy)
-	r := c.mustRbee("--json", "jobs", "attach", queued)
+	// attach ends with the job's outcome: a cancelled job exits 1.
+	r := c.rbee("--json", "jobs", "attach", queued)
+	require.Equal(t, 1, r.code, r.stderr)
+	require.Contains(t, r.stderr, "job cancelled")
 	require.NotContains(t, r.stdout, `"kind":"token"`)
 	require.NotContains(t, r.stdout, `"state":"running"`)
 	j := c.job(queued)

@@ -389,19 +389,19 @@ func (h *hive) addService() (micro.Service, []*bus.Endpoints, error) {
 	}
 	g := svc.AddGroup(group)
 	err = errors.Join(
-		g.AddEndpoint(api.HiveEpCapabilities, raceFreeErrors(bus.Handler(quick, api.HiveEpCapabilities, h.capabilities))),
-		g.AddEndpoint(api.HiveEpStatus, raceFreeErrors(bus.Handler(quick, api.HiveEpStatus, func(ctx context.Context, _ struct{}) (api.HiveStatus, error) {
+		g.AddEndpoint(api.HiveEpCapabilities, bus.Handler(quick, api.HiveEpCapabilities, h.capabilities)),
+		g.AddEndpoint(api.HiveEpStatus, bus.Handler(quick, api.HiveEpStatus, func(ctx context.Context, _ struct{}) (api.HiveStatus, error) {
 			return h.status(ctx), nil
-		}))),
-		g.AddEndpoint(api.HiveEpShutdown, raceFreeErrors(bus.Handler(quick, api.HiveEpShutdown, h.shutdownEndpoint))),
-		g.AddEndpoint(api.HiveEpModelList, raceFreeErrors(bus.Handler(quick, api.HiveEpModelList, h.modelList))),
-		g.AddEndpoint(api.HiveEpModelGet, raceFreeErrors(bus.Handler(quick, api.HiveEpModelGet, h.modelGet))),
-		g.AddEndpoint(api.HiveEpModelDelete, raceFreeErrors(bus.Handler(long, api.HiveEpModelDelete, h.modelDelete))),
-		g.AddEndpoint(api.HiveEpModelAdd, raceFreeErrors(bus.Handler(long, api.HiveEpModelAdd, h.modelAdd))),
-		g.AddEndpoint(api.HiveEpModelSynth, raceFreeErrors(bus.Handler(long, api.HiveEpModelSynth, h.modelSynth))),
-		g.AddEndpoint(api.HiveEpWorkerSpawn, raceFreeErrors(bus.Handler(long, api.HiveEpWorkerSpawn, h.workerSpawn))),
-		g.AddEndpoint(api.HiveEpWorkerStop, raceFreeErrors(bus.Handler(long, api.HiveEpWorkerStop, h.workerStop))),
-		g.AddEndpoint(api.HiveEpWorkerList, raceFreeErrors(bus.Handler(quick, api.HiveEpWorkerList, h.workerList))),
+		})),
+		g.AddEndpoint(api.HiveEpShutdown, bus.Handler(quick, api.HiveEpShutdown, h.shutdownEndpoint)),
+		g.AddEndpoint(api.HiveEpModelList, bus.Handler(quick, api.HiveEpModelList, h.modelList)),
+		g.AddEndpoint(api.HiveEpModelGet, bus.Handler(quick, api.HiveEpModelGet, h.modelGet)),
+		g.AddEndpoint(api.HiveEpModelDelete, bus.Handler(long, api.HiveEpModelDelete, h.modelDelete)),
+		g.AddEndpoint(api.HiveEpModelAdd, bus.Handler(long, api.HiveEpModelAdd, h.modelAdd)),
+		g.AddEndpoint(api.HiveEpModelSynth, bus.Handler(long, api.HiveEpModelSynth, h.modelSynth)),
+		g.AddEndpoint(api.HiveEpWorkerSpawn, bus.Handler(long, api.HiveEpWorkerSpawn, h.workerSpawn)),
+		g.AddEndpoint(api.HiveEpWorkerStop, bus.Handler(long, api.HiveEpWorkerStop, h.workerStop)),
+		g.AddEndpoint(api.HiveEpWorkerList, bus.Handler(quick, api.HiveEpWorkerList, h.workerList)),
 	)
 	if err != nil {
 		_ = svc.Stop()
@@ -441,20 +441,3 @@ func (h *hive) shutdownEndpoint(_ context.Context, req api.ShutdownRequest) (str
 	return struct{}{}, nil
 }
 
-// raceFreeErrors answers a handler's errors with Respond and the micro error
-// headers instead of Request.Error. bus.Handler answers from a goroutine of
-// its own after the micro handler has returned, and Request.Error records
-// the error in a field micro's dispatcher reads once the handler returns: a
-// data race. Respond records nothing on success, and the reply on the wire
-// (headers, code, message) is the same, so callers see no difference.
-// TODO(bus): fix respondErr in bus/rpc.go the same way and drop this.
-func raceFreeErrors(h micro.Handler) micro.Handler {
-	return micro.HandlerFunc(func(r micro.Request) { h.Handle(errorAsRespond{r}) })
-}
-
-type errorAsRespond struct{ micro.Request }
-
-func (r errorAsRespond) Error(code, description string, data []byte, opts ...micro.RespondOpt) error {
-	opts = append(opts, micro.WithHeaders(micro.Headers{micro.ErrorHeader: {description}, micro.ErrorCodeHeader: {code}}))
-	return r.Request.Respond(data, opts...)
-}

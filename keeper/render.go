@@ -21,9 +21,12 @@ type Printer struct {
 	// redrawn in place, on a terminal.
 	Terminal bool
 	progress bool
-	// sawToken notes whether a token was printed, so the summary starts
-	// on a fresh line.
-	sawToken bool
+	// outOpen notes that stdout holds tokens with no closing newline yet:
+	// the output ends with one so pipes and shells get a whole line.
+	outOpen bool
+	// glue notes that tokens were printed since the last stderr line, so
+	// the next stderr line must start on a fresh line of a shared terminal.
+	glue bool
 }
 
 // Event prints one job event.
@@ -36,7 +39,7 @@ func (p *Printer) Event(ev api.Event) {
 	case ev.Token != nil:
 		p.endProgress()
 		fmt.Fprint(p.Out, ev.Token.Text)
-		p.sawToken = true
+		p.outOpen, p.glue = true, true
 	case ev.Narration != nil:
 		if !p.Quiet {
 			p.Narration(*ev.Narration)
@@ -115,12 +118,12 @@ func (p *Printer) endProgress() {
 
 func (p *Printer) line(s string) {
 	p.endProgress()
-	if p.sawToken {
+	if p.glue && p.Terminal {
 		// Tokens went to stdout without a newline; keep stderr lines
 		// from gluing onto them on a shared terminal.
 		fmt.Fprintln(p.Err)
-		p.sawToken = false
 	}
+	p.glue = false
 	fmt.Fprintln(p.Err, s)
 }
 
@@ -134,15 +137,9 @@ func (p *Printer) Message(format string, args ...any) {
 
 // Summary prints the closing line of an inference.
 func (p *Printer) Summary(r api.InferResult) {
+	p.closeOut()
 	if p.Quiet || p.JSON {
-		if p.Quiet && p.sawToken {
-			fmt.Fprintln(p.Out)
-		}
 		return
-	}
-	if p.sawToken {
-		fmt.Fprintln(p.Out)
-		p.sawToken = false
 	}
 	p.endProgress()
 	fmt.Fprintf(p.Err, "%d tokens, first token %s, %.1f tokens/s, worker %s on hive %s (%s)\n",
@@ -152,8 +149,13 @@ func (p *Printer) Summary(r api.InferResult) {
 // Done finishes any pending line.
 func (p *Printer) Done() {
 	p.endProgress()
-	if p.sawToken && !p.JSON {
+	p.closeOut()
+}
+
+// closeOut ends the token line on stdout.
+func (p *Printer) closeOut() {
+	if p.outOpen && !p.JSON {
 		fmt.Fprintln(p.Out)
-		p.sawToken = false
 	}
+	p.outOpen, p.glue = false, false
 }

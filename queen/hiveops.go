@@ -72,6 +72,9 @@ func (q *Queen) dial(ctx context.Context, entry api.InventoryEntry) (*remote.Cli
 	if err != nil {
 		return nil, err
 	}
+	// `rbee hive trust` takes the hive's name, so that is what a host key
+	// error tells the user to pass.
+	target.Alias = entry.Name
 	return remote.Dial(ctx, target, opts...)
 }
 

@@ -21,8 +21,10 @@ const DefaultTimeout = 10 * time.Second
 // Target is a fully resolved SSH destination: after ParseTarget nothing about
 // it depends on ~/.ssh/config any more.
 type Target struct {
-	// Alias is the host name as the user typed it (an ssh config Host alias
-	// or the literal host). It is what `rbee hive trust NAME` takes.
+	// Alias is the name the user knows this machine by: the host as typed
+	// (an ssh config Host alias or the literal host), or a hive's name set
+	// by the caller. Host key errors tell the user to run
+	// `rbee hive trust ALIAS`.
 	Alias string
 	// Host is the address to connect to (HostName from the config, if any).
 	// IPv6 literals are stored without brackets.
