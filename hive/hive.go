@@ -440,4 +440,3 @@ func (h *hive) shutdownEndpoint(_ context.Context, req api.ShutdownRequest) (str
 	}
 	return struct{}{}, nil
 }
-
