@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -127,12 +128,16 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 		log.Warn().Err(err).Msg("acknowledging the request")
 	}
 	w.slotTaken()
-	defer w.slotFreed()
+	// The slot is free once generation stops, before the job's end is
+	// recorded: whoever sees the end and asks for the worker's status
+	// must find the slot free.
+	freeSlot := sync.OnceFunc(w.slotFreed)
+	defer freeSlot()
 
 	w.narrator.With(bctx, id, "infer", w.cfg.Model,
 		map[string]any{"slot": slotIdx, "attempt": attempt, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
 		"worker %s on hive %s is generating with model %s", w.cfg.ID, w.cfg.Hive, w.cfg.Model)
-	w.generate(genCtx, cancelGen, slot, job, req, ereq, attempt)
+	w.generate(genCtx, cancelGen, slot, job, req, ereq, attempt, freeSlot)
 }
 
 // reject fails a job whose parameters are bad before any work is done.
@@ -164,7 +169,7 @@ const (
 )
 
 // generate streams the tokens of one running job and records its end.
-func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, job api.Job, req api.InferRequest, ereq engine.Request, attempt int) {
+func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, job api.Job, req api.InferRequest, ereq engine.Request, attempt int, freeSlot func()) {
 	id := job.ID
 	pub, err := w.bus.Tokens(id)
 	if err != nil { // the id was validated; kept for safety
@@ -203,6 +208,7 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 	// Every token is stored before the end is, so no follower sees the
 	// end before the last token.
 	flushErr := pub.Flush(fctx)
+	freeSlot()
 
 	result := api.InferResult{
 		Text: text.String(), StopReason: string(res.StopReason),
