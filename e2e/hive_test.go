@@ -180,3 +180,18 @@ func TestRemoteHiveOverRealSSH(t *testing.T) {
 	_, err := os.Stat(filepath.Join(prefix, "bin", "rbee-hive"))
 	require.True(t, os.IsNotExist(err))
 }
+
+// A worker is owned by its hive: when the hive is killed outright, its
+// workers go too instead of serving on unowned, and the queen sees them go.
+func TestWorkersDieWithTheirKilledHive(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"tiny": "tiny"})
+	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "tiny")
+	ws := c.workers()
+	require.Len(t, ws, 1)
+	hive := c.hiveView("local").Status.PID
+	require.NoError(t, syscall.Kill(hive, syscall.SIGKILL))
+	require.NoError(t, waitProcessGone(ws[0].PID, 10*time.Second), "worker outlived its hive")
+	eventually(t, 10*time.Second, func() bool { return len(c.workers()) == 0 }, "the queen still lists the worker")
+}

@@ -222,8 +222,9 @@ func (h *hive) startWorker(id string, m api.Model, device string, a api.WorkerSp
 		Path: h.cfg.WorkerBin, Args: args,
 		// Credentials travel in the environment, never in arguments
 		// anyone can read in ps.
-		Env:     cliutil.CredentialEnv(h.cfg.Credentials),
-		LogPath: filepath.Join(h.cfg.workersDir(), id+".log"),
+		Env:           cliutil.CredentialEnv(h.cfg.Credentials),
+		LogPath:       filepath.Join(h.cfg.workersDir(), id+".log"),
+		DieWithParent: true,
 	})
 	if err != nil {
 		return nil, err

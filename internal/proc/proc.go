@@ -25,6 +25,11 @@ type Spec struct {
 	// LogPath receives stdout and stderr (appended). Required: a detached
 	// process must leave a trail someone can read when it fails.
 	LogPath string
+	// DieWithParent asks the kernel to send the child SIGTERM when the
+	// parent dies, however it dies (kill -9 included): a worker is
+	// useless without the hive that owns it, and a new hive would not
+	// know of it. Linux only; elsewhere the child outlives its parent.
+	DieWithParent bool
 }
 
 // Process is a started child. Done is closed when it has exited; Err then
@@ -53,6 +58,9 @@ func Start(spec Spec) (*Process, error) {
 	cmd.Env = append(os.Environ(), spec.Env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if spec.DieWithParent {
+		dieWithParent(cmd.SysProcAttr)
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", spec.Path, err)
 	}
