@@ -6,6 +6,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/internal/gguf"
+	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/worker/engine"
 	"github.com/stretchr/testify/require"
 )
@@ -375,4 +378,102 @@ func TestQueenRestartMidStreamKeepsStreaming(t *testing.T) {
 	require.NoError(t, json.Unmarshal(j.Result, &res))
 	require.Equal(t, 400, res.CompletionTokens)
 	require.Equal(t, res.Text+"\n", k.stdout.String(), "the keeper saw every token across the restart")
+}
+
+// A job waiting for a worker on a hive that is lost meanwhile fails at once
+// naming the hive, instead of waiting out the worker start timeout.
+func TestHiveLostWhileAJobWaitsForItsWorkerFailsTheJobClearly(t *testing.T) {
+	t.Parallel()
+	stuck := filepath.Join(binaries.Root(t), "e2e", "testdata", "stuck-worker")
+	c := newCluster(t).withDaemons().setEnv("RBEE_HIVE_ARGS=--worker-bin="+stuck, "RBEE_WORKER_START_TIMEOUT=60s")
+	c.readyHive(map[string]string{"tiny": "tiny"})
+	k := c.start("infer", "-m", "tiny", "hello")
+	eventually(t, 30*time.Second, func() bool { return strings.Contains(k.stderr.String(), "asking hive local to start one") },
+		"the queen never asked the hive for a worker")
+	pid := c.hiveView("local").Status.PID
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	killed := time.Now()
+	require.Equal(t, 1, k.wait(t, 20*time.Second), k.stderr.String())
+	require.Less(t, time.Since(killed), 8*time.Second, "failed later than the hive-lost bound")
+	require.Contains(t, k.stderr.String(), "hive local was lost while starting the worker")
+	require.Equal(t, api.JobFailed, c.job(jobIDFrom(t, k.stderr.String())).State)
+}
+
+// After each way a job can end (completed, failed, timed out, its client
+// gone) nothing is left behind: the record is terminal, the worker's slot is
+// free, no follower's consumer lingers on the jobs stream, and no process
+// was added.
+func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "large")
+	b := c.connect()
+	consumers := func() int {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s, err := b.JS.Stream(ctx, b.Space.JobsStream())
+		require.NoError(t, err)
+		info, err := s.Info(ctx)
+		require.NoError(t, err)
+		return info.State.Consumers
+	}
+	processes := func() int {
+		n := 0
+		entries, _ := os.ReadDir("/proc")
+		for _, e := range entries {
+			if cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline")); err == nil && strings.Contains(string(cmdline), c.home) {
+				n++
+			}
+		}
+		return n
+	}
+	baseConsumers, baseProcesses := consumers(), processes()
+	clean := func(ending, id string) {
+		t.Helper()
+		eventually(t, 10*time.Second, func() bool { return c.job(id).State.Terminal() }, "%s: job %s not terminal", ending, id)
+		eventually(t, 10*time.Second, func() bool { ws := c.workers(); return len(ws) == 1 && ws[0].SlotsBusy == 0 }, "%s: slot still held", ending)
+		eventually(t, 10*time.Second, func() bool { return consumers() == baseConsumers }, "%s: %d consumers on the jobs stream, want %d", ending, consumers(), baseConsumers)
+		require.Equal(t, baseProcesses, processes(), "%s: processes added or lost", ending)
+	}
+
+	r := c.mustRbee("infer", "-m", "large", "--max-tokens", "3", "hello")
+	clean("completed", jobIDFrom(t, r.stderr))
+
+	r = c.rbee("infer", "-m", "large", "--max-tokens", "100000000", "hello")
+	require.Equal(t, 1, r.code, r.stderr)
+	require.Contains(t, r.stderr, "max_tokens")
+	clean("failed", jobIDFrom(t, r.stderr))
+
+	r = c.rbee("infer", "-m", "large", "--max-tokens", "2000", "--timeout", "2s", "hello")
+	require.Equal(t, 1, r.code, r.stderr)
+	require.Contains(t, r.stderr, "timed out after 2s")
+	clean("timed out", jobIDFrom(t, r.stderr))
+
+	// A gateway client that goes away mid-stream.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	body := strings.NewReader(`{"model":"large","stream":true,"max_tokens":2000,"messages":[{"role":"user","content":"hello"}]}`)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+c.gateway+"/v1/chat/completions", body)
+	require.NoError(t, err)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	require.NoError(t, err)
+	require.Contains(t, line, "data:")
+	cancel()
+	var id string
+	eventually(t, 10*time.Second, func() bool {
+		for _, j := range strings.Split(strings.TrimSpace(c.mustRbee("--json", "jobs", "list").stdout), "\n") {
+			var job api.Job
+			if json.Unmarshal([]byte(j), &job) == nil && job.Op.Kind == api.OpInfer && job.State == api.JobCancelled {
+				id = job.ID
+				return true
+			}
+		}
+		return false
+	}, "the gateway job was not cancelled when its client went away")
+	clean("client gone", id)
 }
