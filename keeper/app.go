@@ -99,7 +99,16 @@ func printer(c *cli.Context) *Printer {
 	return &Printer{
 		Out: os.Stdout, Err: os.Stderr, JSON: c.Bool("json"), Quiet: c.Bool("quiet"),
 		Terminal: term.IsTerminal(int(os.Stderr.Fd())),
+		Shared:   sameFile(os.Stdout, os.Stderr),
 	}
+}
+
+// sameFile says whether two descriptors write to one place (`2>&1`, or both
+// on one terminal), where token text and narration lines interleave.
+func sameFile(a, b *os.File) bool {
+	ia, err1 := a.Stat()
+	ib, err2 := b.Stat()
+	return err1 == nil && err2 == nil && os.SameFile(ia, ib)
 }
 
 // withSession runs fn connected to the queen, starting an ephemeral local

@@ -20,6 +20,9 @@ type Printer struct {
 	// progress remembers that the last stderr line was a progress line
 	// redrawn in place, on a terminal.
 	Terminal bool
+	// Shared means stdout and stderr reach one place, so a narration line
+	// after tokens must first end their line.
+	Shared   bool
 	progress bool
 	// outOpen notes that stdout holds tokens with no closing newline yet:
 	// the output ends with one so pipes and shells get a whole line.
@@ -118,7 +121,7 @@ func (p *Printer) endProgress() {
 
 func (p *Printer) line(s string) {
 	p.endProgress()
-	if p.glue && p.Terminal {
+	if p.glue && (p.Terminal || p.Shared) {
 		// Tokens went to stdout without a newline; keep stderr lines
 		// from gluing onto them on a shared terminal.
 		fmt.Fprintln(p.Err)
@@ -152,9 +155,10 @@ func (p *Printer) Done() {
 	p.closeOut()
 }
 
-// closeOut ends the token line on stdout.
+// closeOut ends the token line on stdout, unless stdout is shared with
+// stderr and a narration line has ended it already.
 func (p *Printer) closeOut() {
-	if p.outOpen && !p.JSON {
+	if p.outOpen && !p.JSON && (p.glue || !p.Shared) {
 		fmt.Fprintln(p.Out)
 	}
 	p.outOpen, p.glue = false, false

@@ -2,6 +2,7 @@ package keeper
 
 import (
 	"bytes"
+	"strings"
 	"testing"
 
 	"github.com/rbee-dev/rbee/api"
@@ -61,8 +62,21 @@ func TestTokensEndWithOneNewlineOnStdout(t *testing.T) {
 			require.NotContains(t, errOut.String(), "\n\n")
 		}
 	}
+	// With 2>&1 both streams are one: narration breaks the token line
+	// once, and no blank line follows.
+	var both bytes.Buffer
+	p := &Printer{Out: &both, Err: &both, Shared: true}
+	p.Event(token(0, "hello"))
+	p.Event(say("finished"))
+	p.Summary(api.InferResult{CompletionTokens: 1, Worker: "w1", Hive: "h1"})
+	require.True(t, strings.HasPrefix(both.String(), "hello\n[worker w1] finished\n1 tokens"), both.String())
+	both.Reset()
+	p = &Printer{Out: &both, Err: &both, Shared: true}
+	p.Event(token(0, "hello"))
+	p.Summary(api.InferResult{CompletionTokens: 1, Worker: "w1", Hive: "h1"})
+	require.True(t, strings.HasPrefix(both.String(), "hello\n1 tokens"), both.String())
 	var out bytes.Buffer
-	p := &Printer{Out: &out, Err: &bytes.Buffer{}, Quiet: true}
+	p = &Printer{Out: &out, Err: &bytes.Buffer{}, Quiet: true}
 	p.Event(token(0, "x"))
 	p.Done()
 	require.Equal(t, "x\n", out.String())
