@@ -183,6 +183,13 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	// The endpoints' subscriptions are sent asynchronously: the server
+	// must hold them before anyone is told the queen is ready, or a
+	// client's first request finds no responder.
+	if err := q.bus.NC.FlushWithContext(setupCtx); err != nil {
+		_ = svc.Stop()
+		return fmt.Errorf("queen endpoints: %w", err)
+	}
 	if cfg.GatewayAddr != "" {
 		if q.gateway, err = startGateway(q, cfg.GatewayAddr); err != nil {
 			_ = svc.Stop()

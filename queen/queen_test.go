@@ -140,7 +140,7 @@ func TestBadRequestsGetClearCodes(t *testing.T) {
 	_, b := startQueen(t, nil)
 	ctx := context.Background()
 	err := b.Call(ctx, b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: "explode"}}, nil)
-	require.Equal(t, api.CodeBadRequest, api.CodeOf(err))
+	require.Equal(t, api.CodeBadRequest, api.CodeOf(err), "%v", err)
 	require.Contains(t, err.Error(), `unknown operation "explode"`)
 
 	msg, err := b.NC.Request(b.Space.Queen(api.EpSubmit), []byte("{not json"), 5*time.Second)

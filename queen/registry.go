@@ -3,7 +3,8 @@ package queen
 import (
 	"context"
 	"encoding/json"
-	"sync"
+	"maps"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -30,6 +31,14 @@ type Snapshot struct {
 // (run) owns it and is fed only by the registry buckets' watchers; readers
 // take immutable snapshots. Liveness is the buckets' TTLs: the queen never
 // polls anyone.
+//
+// A new snapshot is a copy of every entry, so one per heartbeat would cost
+// the queen O(entries) per beat: quadratic in the size of the cluster. A
+// change that matters to a decision (an entry appearing or leaving, a hive
+// going online, offline or lost, a worker changing state or busy slots) is
+// published at once; a beat that only refreshes figures (free memory,
+// tokens served) is folded into the next snapshot, at most refreshEvery
+// later.
 type Registry struct {
 	bus  *bus.Bus
 	snap atomic.Pointer[Snapshot]
@@ -39,11 +48,24 @@ type Registry struct {
 	OnWorkerLost func(id string, last api.WorkerStatus)
 	OnWorkerGone func(id string, last api.WorkerStatus)
 	ready        chan struct{}
-	readyOnce    sync.Once
+
+	// Owned by run: the current state, newer than the snapshot while dirty.
+	hives   map[string]HiveRecord
+	workers map[string]api.WorkerStatus
+	dirty   bool
+	// loading holds back snapshots while the watchers replay the buckets,
+	// so a queen starting against 10,000 entries copies them once, not once
+	// per entry.
+	loading bool
+	// flushes counts snapshots published, to show beats are folded.
+	flushes atomic.Int64
 }
 
+// refreshEvery bounds how stale a snapshot's figures may be.
+const refreshEvery = 250 * time.Millisecond
+
 func newRegistry(b *bus.Bus) *Registry {
-	r := &Registry{bus: b, ready: make(chan struct{})}
+	r := &Registry{bus: b, ready: make(chan struct{}), loading: true, hives: map[string]HiveRecord{}, workers: map[string]api.WorkerStatus{}}
 	r.snap.Store(&Snapshot{Hives: map[string]HiveRecord{}, Workers: map[string]api.WorkerStatus{}, changed: make(chan struct{})})
 	return r
 }
@@ -87,11 +109,20 @@ func (r *Registry) run(ctx context.Context) error {
 		return err
 	}
 	defer func() { _ = ww.Stop() }()
+	refresh := time.NewTimer(refreshEvery)
+	refresh.Stop()
+	armed := false
 	hivesReady, workersReady := false, false
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-refresh.C:
+			armed = false
+			if r.dirty {
+				r.flush()
+			}
+			continue
 		case e := <-hw.Updates():
 			if e == nil {
 				hivesReady = true
@@ -105,33 +136,46 @@ func (r *Registry) run(ctx context.Context) error {
 				r.applyWorker(e)
 			}
 		}
-		if hivesReady && workersReady {
-			r.readyOnce.Do(func() { close(r.ready) })
+		// Armed once per batch, never pushed back: a steady stream of
+		// beats cannot postpone the snapshot for ever.
+		if r.dirty && !armed {
+			refresh.Reset(refreshEvery)
+			armed = true
+		}
+		if hivesReady && workersReady && r.loading {
+			r.loading = false
+			r.flush()
+			close(r.ready)
 		}
 	}
 }
 
-// publish swaps in a new snapshot built by mutate from a copy of the old.
-func (r *Registry) publish(mutate func(*Snapshot)) {
+// flush publishes the current state as a new snapshot and wakes waiters.
+func (r *Registry) flush() {
 	old := r.snap.Load()
-	next := &Snapshot{
-		Hives:   make(map[string]HiveRecord, len(old.Hives)),
-		Workers: make(map[string]api.WorkerStatus, len(old.Workers)),
-		changed: make(chan struct{}),
-	}
-	for k, v := range old.Hives {
-		next.Hives[k] = v
-	}
-	for k, v := range old.Workers {
-		next.Workers[k] = v
-	}
-	mutate(next)
+	next := &Snapshot{Hives: maps.Clone(r.hives), Workers: maps.Clone(r.workers), changed: make(chan struct{})}
 	r.snap.Store(next)
 	close(old.changed)
+	r.dirty = false
+	r.flushes.Add(1)
 }
+
+// changed publishes a change that matters at once (once loaded).
+func (r *Registry) changed() {
+	if r.loading {
+		r.dirty = true
+		return
+	}
+	r.flush()
+}
+
+// refreshed notes a change that can wait for the next periodic snapshot
+// (run arms the timer).
+func (r *Registry) refreshed() { r.dirty = true }
 
 func (r *Registry) applyHive(ctx context.Context, e jetstream.KeyValueEntry) {
 	id := e.Key()
+	prev, known := r.hives[id]
 	switch e.Operation() {
 	case jetstream.KeyValuePut:
 		var st api.HiveStatus
@@ -139,33 +183,31 @@ func (r *Registry) applyHive(ctx context.Context, e jetstream.KeyValueEntry) {
 			r.bus.Log.Warn().Err(err).Str("hive", id).Msg("undecodable hive heartbeat")
 			return
 		}
-		prev, known := r.Snapshot().Hives[id]
-		r.publish(func(s *Snapshot) { s.Hives[id] = HiveRecord{Status: st, State: api.HiveOnline, LastSeen: time.Now()} })
+		r.hives[id] = HiveRecord{Status: st, State: api.HiveOnline, LastSeen: time.Now()}
+		if known && prev.State == api.HiveOnline && sameHive(prev.Status, st) {
+			r.refreshed()
+			return
+		}
+		r.changed()
 		if !known || prev.State != api.HiveOnline {
 			r.narrate(ctx, "hive-online", id, "hive %s is online (%s, %d CPU threads)", id, st.Capabilities.Hostname, st.Capabilities.CPU.Threads)
 		}
 	case jetstream.KeyValueDelete:
-		prev, known := r.Snapshot().Hives[id]
-		r.publish(func(s *Snapshot) {
-			rec := s.Hives[id]
-			rec.State = api.HiveOffline
-			s.Hives[id] = rec
-		})
-		if known && prev.State == api.HiveOnline {
+		prev.State = api.HiveOffline
+		r.hives[id] = prev
+		r.changed()
+		if known {
 			r.narrate(ctx, "hive-offline", id, "hive %s stopped", id)
 		}
 	case jetstream.KeyValuePurge:
 		// A purge is the TTL running out: the hive stopped beating
 		// without saying goodbye.
-		prev, known := r.Snapshot().Hives[id]
 		if !known || prev.State != api.HiveOnline {
 			return
 		}
-		r.publish(func(s *Snapshot) {
-			rec := s.Hives[id]
-			rec.State = api.HiveLost
-			s.Hives[id] = rec
-		})
+		prev.State = api.HiveLost
+		r.hives[id] = prev
+		r.changed()
 		r.bus.Log.Warn().Str("hive", id).Time("last_seen", prev.LastSeen).Msg("hive lost")
 		r.narrateLevel(ctx, "warn", "hive-lost", id, "hive %s lost: no heartbeat since %s", id, prev.LastSeen.Format(time.TimeOnly))
 		if r.OnHiveLost != nil {
@@ -174,8 +216,18 @@ func (r *Registry) applyHive(ctx context.Context, e jetstream.KeyValueEntry) {
 	}
 }
 
+// sameHive says whether a beat changes nothing the scheduler decides on
+// at once: the same process, models and workers. Free memory and the like
+// reach the next periodic snapshot.
+func sameHive(a, b api.HiveStatus) bool {
+	return a.PID == b.PID && a.StartedAt.Equal(b.StartedAt) &&
+		slices.Equal(a.Workers, b.Workers) &&
+		slices.Equal(a.Models, b.Models)
+}
+
 func (r *Registry) applyWorker(e jetstream.KeyValueEntry) {
 	id := e.Key()
+	prev, known := r.workers[id]
 	switch e.Operation() {
 	case jetstream.KeyValuePut:
 		var st api.WorkerStatus
@@ -183,14 +235,19 @@ func (r *Registry) applyWorker(e jetstream.KeyValueEntry) {
 			r.bus.Log.Warn().Err(err).Str("worker", id).Msg("undecodable worker heartbeat")
 			return
 		}
-		r.publish(func(s *Snapshot) { s.Workers[id] = st })
+		r.workers[id] = st
+		if known && prev.State == st.State && prev.SlotsBusy == st.SlotsBusy && prev.SlotsTotal == st.SlotsTotal && prev.PID == st.PID {
+			r.refreshed()
+			return
+		}
+		r.changed()
 	case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
-		prev, known := r.Snapshot().Workers[id]
 		if !known {
 			return
 		}
 		lost := e.Operation() == jetstream.KeyValuePurge
-		r.publish(func(s *Snapshot) { delete(s.Workers, id) })
+		delete(r.workers, id)
+		r.changed()
 		if lost && r.OnWorkerLost != nil {
 			r.OnWorkerLost(id, prev)
 		}
