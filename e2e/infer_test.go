@@ -477,3 +477,40 @@ func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
 	}, "the gateway job was not cancelled when its client went away")
 	clean("client gone", id)
 }
+
+// A worker that dies before sending a token costs the client nothing but
+// time: the job runs again on another worker, and the client is told.
+func TestWorkerDyingBeforeTheFirstTokenIsRetriedElsewhere(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "large")
+	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "large")
+	// A long prompt keeps the first worker in prompt processing, before
+	// any token, long enough to kill it there.
+	prompt := strings.Repeat("the bee is in the hive ", 250)
+	k := c.start("infer", "-m", "large", "--temperature", "0", "--max-tokens", "5", prompt)
+	var victim string
+	eventually(t, 30*time.Second, func() bool {
+		s := k.stderr.String()
+		i := strings.Index(s, "is generating with model")
+		if i < 0 {
+			return false
+		}
+		line := s[strings.LastIndex(s[:i], "\n")+1 : i]
+		victim = strings.Fields(line[strings.Index(line, "] ")+2:])[1]
+		return true
+	}, "no worker took the job")
+	require.Empty(t, k.stdout.String(), "the prompt was processed before the worker could be killed; lengthen it")
+	for _, w := range c.workers() {
+		if w.ID == victim {
+			require.NoError(t, syscall.Kill(w.PID, syscall.SIGKILL))
+		}
+	}
+	require.Equal(t, 0, k.wait(t, 60*time.Second), k.stderr.String())
+	require.Contains(t, k.stderr.String(), "retrying the job on another worker (attempt 2)")
+	j := c.job(jobIDFrom(t, k.stderr.String()))
+	require.Equal(t, api.JobCompleted, j.State)
+	require.NotEqual(t, victim, j.Worker)
+	require.Equal(t, 2, j.Attempts)
+}
