@@ -62,7 +62,7 @@ type way struct {
 // through the queen and a warm worker (B) and the OpenAI gateway's
 // streaming (C), interleaved, on the tiny and the large generated model.
 func benchOverhead(ctx context.Context, e *env) (*Table, error) {
-	n, rounds := 128, 10
+	n, rounds := 128, 30
 	if e.opts.Quick {
 		n, rounds = 64, 3
 	}

@@ -33,6 +33,42 @@ func (b *Bus) Narrator(actor api.Actor, hive, worker string) *Narrator {
 // the job's sake: a failure is returned for the caller to log, and the job
 // goes on.
 func (n *Narrator) Narrate(ctx context.Context, ev api.Narration) error {
+	ev = n.fill(ev)
+	if ev.JobID == "" {
+		data, err := json.Marshal(ev)
+		if err != nil {
+			return err
+		}
+		return n.bus.NC.Publish(n.bus.Space.ClusterNarration(), data)
+	}
+	err := n.bus.PublishEvent(ctx, ev.JobID, subjects.EventNarration, ev)
+	if err != nil {
+		n.bus.Log.Warn().Err(err).Str("job", ev.JobID).Msg("narration not published")
+	}
+	return err
+}
+
+// Post narrates on a job without waiting for the stream to store the
+// event: for a line on the path to a job's first token, where a round trip
+// is time the user waits. The server stores a connection's messages in the
+// order sent, so the line still precedes whatever the caller publishes next.
+func (n *Narrator) Post(job, action, target string, fields map[string]any, format string, args ...any) {
+	ev := n.fill(api.Narration{JobID: job, Action: action, Target: target, Fields: fields, Human: fmt.Sprintf(format, args...)})
+	subject, err := n.bus.Space.JobEvent(job, subjects.EventNarration)
+	if err != nil {
+		return
+	}
+	data, err := json.Marshal(ev)
+	if err == nil {
+		err = n.bus.NC.Publish(subject, data)
+	}
+	if err != nil {
+		n.bus.Log.Warn().Err(err).Str("job", job).Msg("narration not published")
+	}
+}
+
+// fill stamps time, level, actor and ids, and logs the line at debug level.
+func (n *Narrator) fill(ev api.Narration) api.Narration {
 	if ev.Time.IsZero() {
 		ev.Time = time.Now().UTC()
 	}
@@ -48,18 +84,7 @@ func (n *Narrator) Narrate(ctx context.Context, ev api.Narration) error {
 	}
 	n.bus.Log.Debug().Str("job", ev.JobID).Str("action", ev.Action).Str("target", ev.Target).
 		Interface("fields", ev.Fields).Msg(ev.Human)
-	if ev.JobID == "" {
-		data, err := json.Marshal(ev)
-		if err != nil {
-			return err
-		}
-		return n.bus.NC.Publish(n.bus.Space.ClusterNarration(), data)
-	}
-	err := n.bus.PublishEvent(ctx, ev.JobID, subjects.EventNarration, ev)
-	if err != nil {
-		n.bus.Log.Warn().Err(err).Str("job", ev.JobID).Msg("narration not published")
-	}
-	return err
+	return ev
 }
 
 // Say narrates at info level: action on target, as a sentence.

@@ -124,7 +124,10 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	}
 	// The job is ours now; if this worker dies, the queen sees it go and
 	// recovers the job, so the request must not be redelivered as well.
-	if err := msg.DoubleAck(bctx); err != nil {
+	// A plain ack, not a confirmed one: waiting a round trip here would
+	// delay the first token, and should the ack be lost, the redelivered
+	// request finds its job running and is dropped by the state machine.
+	if err := msg.Ack(); err != nil {
 		log.Warn().Err(err).Msg("acknowledging the request")
 	}
 	w.slotTaken()
@@ -134,7 +137,7 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	freeSlot := sync.OnceFunc(w.slotFreed)
 	defer freeSlot()
 
-	w.narrator.With(bctx, id, "infer", w.cfg.Model,
+	w.narrator.Post(id, "infer", w.cfg.Model,
 		map[string]any{"slot": slotIdx, "attempt": attempt, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
 		"worker %s on hive %s is generating with model %s", w.cfg.ID, w.cfg.Hive, w.cfg.Model)
 	w.generate(genCtx, cancelGen, slot, job, req, ereq, attempt, freeSlot)
