@@ -186,10 +186,7 @@ func TestRemoteHiveOverRealSSH(t *testing.T) {
 func TestWorkersDieWithTheirKilledHive(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
-	c.readyHive(map[string]string{"tiny": "tiny"})
-	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "tiny")
-	ws := c.workers()
-	require.Len(t, ws, 1)
+	ws := c.readyWorkers("tiny", 1)
 	hive := c.hiveView("local").Status.PID
 	require.NoError(t, syscall.Kill(hive, syscall.SIGKILL))
 	require.NoError(t, waitProcessGone(ws[0].PID, 10*time.Second), "worker outlived its hive")

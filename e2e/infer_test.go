@@ -34,6 +34,19 @@ func (c *cluster) readyHive(models map[string]string) {
 	}
 }
 
+// readyWorkers readies a local hive with model (synthesised at that size)
+// and n warm workers serving it.
+func (c *cluster) readyWorkers(model string, n int) []api.WorkerStatus {
+	c.t.Helper()
+	c.readyHive(map[string]string{model: model})
+	for range n {
+		c.mustRbee("worker", "spawn", "--hive", "local", "-m", model)
+	}
+	ws := c.workers()
+	require.Len(c.t, ws, n)
+	return ws
+}
+
 var (
 	goldenMu     sync.Mutex
 	goldenModels = map[string]engine.Model{}
@@ -148,10 +161,7 @@ func TestInferErrorsHaveMessagesAndExitCodes(t *testing.T) {
 func TestConcurrentJobsAcrossTwoWorkersEachGetTheirOwnTokens(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
-	c.readyHive(map[string]string{"tiny": "tiny"})
-	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "tiny")
-	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "tiny")
-	require.Len(t, c.workers(), 2)
+	c.readyWorkers("tiny", 2)
 
 	prompts := []string{"hello world", "the bee is", "a quick test", "bees make honey", "once upon a time", "the sky", "I and you", "what is it"}
 	outs := make([]result, len(prompts))
@@ -406,8 +416,7 @@ func TestHiveLostWhileAJobWaitsForItsWorkerFailsTheJobClearly(t *testing.T) {
 func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
-	c.readyHive(map[string]string{"large": "large"})
-	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "large")
+	c.readyWorkers("large", 1)
 	b := c.connect()
 	consumers := func() int {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -483,9 +492,7 @@ func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
 func TestWorkerDyingBeforeTheFirstTokenIsRetriedElsewhere(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
-	c.readyHive(map[string]string{"large": "large"})
-	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "large")
-	c.mustRbee("worker", "spawn", "--hive", "local", "-m", "large")
+	c.readyWorkers("large", 2)
 	// A long prompt keeps the first worker in prompt processing, before
 	// any token, long enough to kill it there.
 	prompt := strings.Repeat("the bee is in the hive ", 250)
