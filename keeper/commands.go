@@ -222,16 +222,7 @@ func hiveCommand() *cli.Command {
 					if err := call(ctx, s, api.EpHiveList, nil, &r); err != nil {
 						return err
 					}
-					if c.Bool("json") {
-						p := printer(c)
-						for _, h := range r.Hives {
-							p.JSONValue(h)
-						}
-						return nil
-					}
-					w := tabwriter.NewWriter(os.Stdout, 0, 2, 2, ' ', 0)
-					fmt.Fprintln(w, "NAME\tSTATE\tADDRESS\tDEVICES\tLAST SEEN")
-					for _, h := range r.Hives {
+					return listing(c, r.Hives, "NAME\tSTATE\tADDRESS\tDEVICES\tLAST SEEN", func(h api.HiveView) string {
 						devices, seen := "-", "-"
 						if h.Status != nil {
 							devices = deviceSummary(h.Status.Capabilities)
@@ -239,9 +230,8 @@ func hiveCommand() *cli.Command {
 						if h.LastSeen != nil {
 							seen = time.Since(*h.LastSeen).Round(time.Second).String() + " ago"
 						}
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", h.Name, h.State, h.Address, devices, seen)
-					}
-					return w.Flush()
+						return strings.Join([]string{h.Name, h.State, h.Address, devices, seen}, "\t")
+					})
 				})
 			}},
 			{Name: "get", Usage: "show one hive", ArgsUsage: "NAME", Action: hiveGet},
@@ -331,19 +321,9 @@ func jobsCommand() *cli.Command {
 					if err := call(ctx, s, api.EpJobList, api.JobListRequest{State: api.JobState(c.String("state")), Limit: c.Int("limit")}, &r); err != nil {
 						return err
 					}
-					if c.Bool("json") {
-						p := printer(c)
-						for _, j := range r.Jobs {
-							p.JSONValue(j)
-						}
-						return nil
-					}
-					w := tabwriter.NewWriter(os.Stdout, 0, 2, 2, ' ', 0)
-					fmt.Fprintln(w, "ID\tOPERATION\tSTATE\tCREATED\tWHERE\tERROR")
-					for _, j := range r.Jobs {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.Op.Kind, j.State, j.CreatedAt.Local().Format(time.DateTime), joinNonEmpty(j.Hive, j.Worker), j.Error)
-					}
-					return w.Flush()
+					return listing(c, r.Jobs, "ID\tOPERATION\tSTATE\tCREATED\tWHERE\tERROR", func(j api.Job) string {
+						return strings.Join([]string{j.ID, j.Op.Kind, string(j.State), j.CreatedAt.Local().Format(time.DateTime), joinNonEmpty(j.Hive, j.Worker), j.Error}, "\t")
+					})
 				})
 			}},
 			{Name: "get", Usage: "show one job's record", ArgsUsage: "ID", Action: func(c *cli.Context) error {

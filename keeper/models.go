@@ -188,19 +188,9 @@ func workerCommand() *cli.Command {
 					if err := call(ctx, s, api.EpWorkerList, api.HiveRequest{Name: c.String("hive")}, &r); err != nil {
 						return err
 					}
-					if c.Bool("json") {
-						p := printer(c)
-						for _, w := range r.Workers {
-							p.JSONValue(w)
-						}
-						return nil
-					}
-					w := tabwriter.NewWriter(os.Stdout, 0, 2, 2, ' ', 0)
-					fmt.Fprintln(w, "WORKER\tHIVE\tMODEL\tDEVICE\tSTATE\tSLOTS\tTOKENS\tTOKENS/S")
-					for _, wk := range r.Workers {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d/%d\t%d\t%.1f\n", wk.ID, wk.Hive, wk.Model, wk.Device, wk.State, wk.SlotsBusy, wk.SlotsTotal, wk.TokensServed, wk.TokensPerSec)
-					}
-					return w.Flush()
+					return listing(c, r.Workers, "WORKER\tHIVE\tMODEL\tDEVICE\tSTATE\tSLOTS\tTOKENS\tTOKENS/S", func(wk api.WorkerStatus) string {
+						return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%d/%d\t%d\t%.1f", wk.ID, wk.Hive, wk.Model, wk.Device, wk.State, wk.SlotsBusy, wk.SlotsTotal, wk.TokensServed, wk.TokensPerSec)
+					})
 				})
 			}},
 			{Name: "get", Usage: "show one worker", ArgsUsage: "ID", Action: func(c *cli.Context) error {

@@ -4,10 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
+	"github.com/urfave/cli/v2"
 )
 
 // Printer shows events the way the user asked: readable narration on
@@ -162,4 +165,22 @@ func (p *Printer) closeOut() {
 		fmt.Fprintln(p.Out)
 	}
 	p.outOpen, p.glue = false, false
+}
+
+// listing prints items as NDJSON with --json, else as a table under header
+// (tab-separated columns) with one row per item.
+func listing[T any](c *cli.Context, items []T, header string, row func(T) string) error {
+	if c.Bool("json") {
+		p := printer(c)
+		for _, it := range items {
+			p.JSONValue(it)
+		}
+		return nil
+	}
+	w := tabwriter.NewWriter(os.Stdout, 0, 2, 2, ' ', 0)
+	fmt.Fprintln(w, header)
+	for _, it := range items {
+		fmt.Fprintln(w, row(it))
+	}
+	return w.Flush()
 }
