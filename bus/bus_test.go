@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -125,15 +124,13 @@ func TestResumeFromSequenceHasNoGapsOrDuplicates(t *testing.T) {
 }
 
 // TestQuietJobIsNotCutOff: the original ended streams after 2 s of silence.
-// A job quiet for longer than any idle timer must still be followed. Set
-// RBEE_LONG_TESTS=1 to use the full 70 s gap the issue names; the default gap
-// outlasts the ordered consumer's heartbeat and reset timers several times.
+// A job quiet for longer than any idle timer must still be followed: the
+// 70 s gap the issue names outlasts the follower consumer's 30 s inactivity
+// threshold twice and the ordered consumer's heartbeat and reset timers many
+// times. It runs in parallel with the rest, so it costs the suite little.
 func TestQuietJobIsNotCutOff(t *testing.T) {
 	t.Parallel()
-	gap := 12 * time.Second
-	if os.Getenv("RBEE_LONG_TESTS") != "" {
-		gap = 70 * time.Second
-	}
+	gap := 70 * time.Second
 	f := busfix.Start(t)
 	publishJob(t, f.Bus, "quiet", 3, false)
 	got := make(chan []api.Event, 1)
@@ -254,9 +251,9 @@ func TestFollowLeavesNoConsumerBehind(t *testing.T) {
 	require.Zero(t, info.State.Consumers, "a finished follower removes its consumer")
 }
 
-// A token resent after a reconnect can be stored behind later ones, and a
-// copy can be stored twice if its message id outlived the duplicate window:
-// followers still see each index once, in order.
+// A token resent after a reconnect can be stored behind later ones, and
+// twice when the first copy was stored after all: followers still see each
+// index once, in order.
 func TestFollowOrdersTokensByIndexAndDropsCopies(t *testing.T) {
 	f := busfix.Start(t)
 	ctx := context.Background()

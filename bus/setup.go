@@ -22,9 +22,6 @@ type Retention struct {
 }
 
 // DefaultRetention is what a cluster keeps unless told otherwise.
-// tokenDuplicateWindow is how long the jobs stream remembers message ids.
-const tokenDuplicateWindow = 30 * time.Second
-
 func DefaultRetention() Retention {
 	return Retention{JobEvents: 24 * time.Hour, MaxEventsPerSubject: 100_000, MaxJobBytes: 1 << 30}
 }
@@ -56,10 +53,10 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		MaxBytes:          r.MaxJobBytes,
 		Discard:           jetstream.DiscardOld,
 		Storage:           jetstream.FileStorage,
-		// Tokens are small and many; a short duplicate window keeps the
-		// dedupe index small. It only has to cover a token resent after a
-		// reconnect (TokenPublisher).
-		Duplicates: tokenDuplicateWindow,
+		// Tokens are small and many and carry no message id (followers
+		// drop copies by index); a short window keeps the dedupe index
+		// small for the few events that do.
+		Duplicates: 30 * time.Second,
 	}); err != nil {
 		return fmt.Errorf("create stream %s: %w", s.JobsStream(), err)
 	}
