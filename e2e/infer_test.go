@@ -521,3 +521,22 @@ func TestWorkerDyingBeforeTheFirstTokenIsRetriedElsewhere(t *testing.T) {
 	require.NotEqual(t, victim, j.Worker)
 	require.Equal(t, 2, j.Attempts)
 }
+
+// A queen that comes back after its worker died meanwhile finds the job
+// running on a worker that is gone, and fails it clearly instead of leaving
+// it running until its deadline.
+func TestQueenRestartReconcilesAJobWhoseWorkerDiedMeanwhile(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	ws := c.readyWorkers("large", 1)
+	id := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "2000", "hello").stdout)
+	eventually(t, 30*time.Second, func() bool { return c.job(id).State == api.JobRunning }, "job not running")
+	c.mustRbee("queen", "stop")
+	require.NoError(t, syscall.Kill(ws[0].PID, syscall.SIGKILL))
+	require.NoError(t, waitProcessGone(ws[0].PID, 5*time.Second))
+	// Past the entry's TTL, so the restarted queen never sees it alive.
+	time.Sleep(4 * time.Second)
+	c.startQueen()
+	eventually(t, 10*time.Second, func() bool { return c.job(id).State == api.JobFailed }, "job still %s", c.job(id).State)
+	require.Contains(t, c.job(id).Error, fmt.Sprintf("worker %s on hive local died", ws[0].ID))
+}
