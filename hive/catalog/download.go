@@ -196,7 +196,7 @@ func (c *Catalog) download(ctx context.Context, u *url.URL, s *sink) error {
 	for {
 		if failures > 0 {
 			if failures > c.opts.retries {
-				return fmt.Errorf("catalog: %w: %s: gave up after %d failed attempts: %w", ErrDownload, u.Redacted(), failures, lastErr)
+				return fmt.Errorf("catalog: %w: gave up on %s after %d failed attempts; the last: %w", ErrDownload, u.Redacted(), failures, lastErr)
 			}
 			wait := min(c.opts.backoff<<(failures-1), 2*time.Second)
 			t := time.NewTimer(wait)
@@ -251,7 +251,8 @@ func (c *Catalog) attempt(ctx context.Context, u *url.URL, s *sink) attemptResul
 		if cause := context.Cause(actx); errors.Is(cause, errStalled) {
 			err = cause
 		}
-		return attemptResult{retry: true, err: fmt.Errorf("%s: %w", u.Redacted(), err)}
+		// A transport error names the URL already (*url.Error).
+		return attemptResult{retry: true, err: err}
 	}
 	defer resp.Body.Close()
 
