@@ -76,7 +76,7 @@ func (h *hive) modelList(context.Context, struct{}) (api.ModelListReply, error) 
 func (h *hive) modelGet(_ context.Context, req api.ModelRequest) (api.Model, error) {
 	m, err := h.catalog.Get(req.Model)
 	if errors.Is(err, catalog.ErrNotFound) {
-		return api.Model{}, api.Errorf(api.CodeNotFound, "model %s is not in hive %s's catalog; add it with rbee model download --hive %s", req.Model, h.cfg.ID, h.cfg.ID)
+		return api.Model{}, api.Errorf(api.CodeNotFound, "model %s is not in hive %s's catalog; see `rbee model list`, or add it with `rbee model download --hive %s SOURCE --name %s`", req.Model, h.cfg.ID, h.cfg.ID, req.Model)
 	}
 	if err != nil {
 		return api.Model{}, catalogErr(err)

@@ -70,7 +70,7 @@ func (h *hive) workerSpawn(ctx context.Context, args api.WorkerSpawnArgs) (api.W
 	m, err := h.catalog.Get(args.Model)
 	if errors.Is(err, catalog.ErrNotFound) {
 		return api.WorkerSpawnReply{}, api.Errorf(api.CodeNotFound,
-			"model %s is not in hive %s's catalog; add it with rbee model download --hive %s <source> --name %s", args.Model, h.cfg.ID, h.cfg.ID, args.Model)
+			"model %s is not in hive %s's catalog; add it with `rbee model download --hive %s SOURCE --name %s`", args.Model, h.cfg.ID, h.cfg.ID, args.Model)
 	}
 	if err != nil {
 		return api.WorkerSpawnReply{}, catalogErr(err)

@@ -38,7 +38,7 @@ func TestWorkerSpawnIsRefusedBeforeAnythingStarts(t *testing.T) {
 		parts []string
 	}{
 		{"unknown model", api.WorkerSpawnArgs{Model: "llama-70b"}, api.CodeNotFound,
-			[]string{"model llama-70b is not in hive tight's catalog; add it with rbee model download --hive tight"}},
+			[]string{"model llama-70b is not in hive tight's catalog; add it with `rbee model download --hive tight SOURCE --name llama-70b`"}},
 		{"bad device", api.WorkerSpawnArgs{Model: "tiny", Device: "gpu"}, api.CodeBadRequest, []string{`"cpu" or "cuda:N"`}},
 		{"missing gpu", api.WorkerSpawnArgs{Model: "tiny", Device: "cuda:7"}, api.CodeBadRequest,
 			[]string{"device cuda:7 does not exist on hive tight", "cuda:0, cuda:1"}},
