@@ -33,6 +33,23 @@ func (b *Bus) PublishEvent(ctx context.Context, job string, kind subjects.EventK
 	return nil
 }
 
+// PostEvent stores one event of a job without waiting for the stream's
+// acknowledgement: for an event on the way to a job's first token, where a
+// round trip is time the user waits. The server stores one connection's
+// messages in the order sent, so the event still precedes whatever this
+// connection publishes next; a failure is not reported.
+func (b *Bus) PostEvent(job string, kind subjects.EventKind, v any) error {
+	subject, err := b.Space.JobEvent(job, kind)
+	if err != nil {
+		return err
+	}
+	data, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s event: %w", kind, err)
+	}
+	return b.NC.Publish(subject, data)
+}
+
 // TokenPublisher streams a job's tokens without waiting for each
 // acknowledgement, which would cap a stream at one round trip per token.
 // Flush waits for all of them before the job's final state is published, so

@@ -54,15 +54,7 @@ func (n *Narrator) Narrate(ctx context.Context, ev api.Narration) error {
 // order sent, so the line still precedes whatever the caller publishes next.
 func (n *Narrator) Post(job, action, target string, fields map[string]any, format string, args ...any) {
 	ev := n.fill(api.Narration{JobID: job, Action: action, Target: target, Fields: fields, Human: fmt.Sprintf(format, args...)})
-	subject, err := n.bus.Space.JobEvent(job, subjects.EventNarration)
-	if err != nil {
-		return
-	}
-	data, err := json.Marshal(ev)
-	if err == nil {
-		err = n.bus.NC.Publish(subject, data)
-	}
-	if err != nil {
+	if err := n.bus.PostEvent(job, subjects.EventNarration, ev); err != nil {
 		n.bus.Log.Warn().Err(err).Str("job", job).Msg("narration not published")
 	}
 }

@@ -263,7 +263,13 @@ func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState
 	if job.State.Terminal() {
 		ev.Result = job.Result
 	}
-	if err := s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev); err != nil {
+	publish := func() error { return s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev) }
+	if job.State == api.JobRunning {
+		// A job starting is on the path to its first token: the record
+		// is already written, so the event need not hold the worker up.
+		publish = func() error { return s.bus.PostEvent(job.ID, subjects.EventState, ev) }
+	}
+	if err := publish(); err != nil {
 		s.bus.Log.Error().Err(err).Str("job", job.ID).Str("state", string(job.State)).Msg("state event not published")
 	}
 }
