@@ -268,24 +268,28 @@ type tokenOrder struct {
 	started bool
 	next    int
 	held    map[int]api.Event
+	// out is reused for what admit returns: no allocation per token.
+	out []api.Event
 }
 
+// admit takes the next stored event and returns those now due, in order;
+// the slice is valid until the next call.
 func (o *tokenOrder) admit(ev api.Event) []api.Event {
+	o.out = o.out[:0]
 	if ev.Token == nil {
 		if !ev.Terminal() || len(o.held) == 0 {
-			return []api.Event{ev}
+			return append(o.out, ev)
 		}
 		idx := make([]int, 0, len(o.held))
 		for i := range o.held {
 			idx = append(idx, i)
 		}
 		slices.Sort(idx)
-		out := make([]api.Event, 0, len(idx)+1)
 		for _, i := range idx {
-			out = append(out, o.held[i])
+			o.out = append(o.out, o.held[i])
 		}
 		o.held = nil
-		return append(out, ev)
+		return append(o.out, ev)
 	}
 	i := ev.Token.Index
 	if !o.started {
@@ -309,16 +313,16 @@ func (o *tokenOrder) admit(ev api.Event) []api.Event {
 		ev = o.held[o.next]
 		delete(o.held, o.next)
 	}
-	out := []api.Event{ev}
+	o.out = append(o.out, ev)
 	for o.next++; ; o.next++ {
 		h, ok := o.held[o.next]
 		if !ok {
 			break
 		}
 		delete(o.held, o.next)
-		out = append(out, h)
+		o.out = append(o.out, h)
 	}
-	return out
+	return o.out
 }
 
 // DecodeEvent turns a stored job event message into an api.Event.
