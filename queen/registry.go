@@ -193,10 +193,11 @@ func (r *Registry) applyHive(ctx context.Context, e jetstream.KeyValueEntry) {
 			r.narrate(ctx, "hive-online", id, "hive %s is online (%s, %d CPU threads)", id, st.Capabilities.Hostname, st.Capabilities.CPU.Threads)
 		}
 	case jetstream.KeyValueDelete:
+		wasOnline := known && prev.State == api.HiveOnline
 		prev.State = api.HiveOffline
 		r.hives[id] = prev
 		r.changed()
-		if known {
+		if wasOnline {
 			r.narrate(ctx, "hive-offline", id, "hive %s stopped", id)
 		}
 	case jetstream.KeyValuePurge:
