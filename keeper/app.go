@@ -230,6 +230,16 @@ func needArgs(c *cli.Context, n int, what string) error {
 	return nil
 }
 
+// idArg returns the command's one argument, an id of kind, or a usage
+// error naming what is missing or wrong.
+func idArg(c *cli.Context, kind subjects.Kind, what string) (string, error) {
+	if err := needArgs(c, 1, what); err != nil {
+		return "", err
+	}
+	id := c.Args().First()
+	return id, validID(kind, id)
+}
+
 func validID(kind subjects.Kind, id string) error {
 	if err := subjects.ValidateID(kind, id); err != nil {
 		return err

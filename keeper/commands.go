@@ -154,13 +154,7 @@ func deviceSummary(caps api.Capabilities) string {
 // --- hives ---
 
 func hiveCommand() *cli.Command {
-	name := func(c *cli.Context) (string, error) {
-		if err := needArgs(c, 1, "a hive NAME"); err != nil {
-			return "", err
-		}
-		n := c.Args().First()
-		return n, validID(subjects.KindHive, n)
-	}
+	name := func(c *cli.Context) (string, error) { return idArg(c, subjects.KindHive, "a hive NAME") }
 	jobOp := func(kind, usageText string) *cli.Command {
 		return &cli.Command{Name: strings.TrimPrefix(kind, "hive."), Usage: usageText, ArgsUsage: "NAME", Action: func(c *cli.Context) error {
 			n, err := name(c)
@@ -263,11 +257,8 @@ func hiveCommand() *cli.Command {
 }
 
 func hiveGet(c *cli.Context) error {
-	if err := needArgs(c, 1, "a hive NAME"); err != nil {
-		return err
-	}
-	n := c.Args().First()
-	if err := validID(subjects.KindHive, n); err != nil {
+	n, err := idArg(c, subjects.KindHive, "a hive NAME")
+	if err != nil {
 		return err
 	}
 	return withSession(c, true, func(ctx context.Context, s *Session) error {
@@ -301,13 +292,7 @@ func printCapabilities(w io.Writer, name string, caps api.Capabilities) {
 // --- jobs ---
 
 func jobsCommand() *cli.Command {
-	jobID := func(c *cli.Context) (string, error) {
-		if err := needArgs(c, 1, "a job ID"); err != nil {
-			return "", err
-		}
-		id := c.Args().First()
-		return id, validID(subjects.KindJob, id)
-	}
+	jobID := func(c *cli.Context) (string, error) { return idArg(c, subjects.KindJob, "a job ID") }
 	return &cli.Command{
 		Name:  "jobs",
 		Usage: "list, inspect, follow and cancel jobs",

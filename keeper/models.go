@@ -194,11 +194,8 @@ func workerCommand() *cli.Command {
 				})
 			}},
 			{Name: "get", Usage: "show one worker", ArgsUsage: "ID", Action: func(c *cli.Context) error {
-				if err := needArgs(c, 1, "a worker ID"); err != nil {
-					return err
-				}
-				id := c.Args().First()
-				if err := validID(subjects.KindWorker, id); err != nil {
+				id, err := idArg(c, subjects.KindWorker, "a worker ID")
+				if err != nil {
 					return err
 				}
 				return withSession(c, true, func(ctx context.Context, s *Session) error {
@@ -221,11 +218,8 @@ func workerCommand() *cli.Command {
 			{Name: "stop", Usage: "drain a worker, then SIGTERM, then SIGKILL", ArgsUsage: "ID",
 				Flags: []cli.Flag{&cli.DurationFlag{Name: "grace", Usage: "time to finish in-flight work", Value: 10 * time.Second}},
 				Action: func(c *cli.Context) error {
-					if err := needArgs(c, 1, "a worker ID"); err != nil {
-						return err
-					}
-					id := c.Args().First()
-					if err := validID(subjects.KindWorker, id); err != nil {
+					id, err := idArg(c, subjects.KindWorker, "a worker ID")
+					if err != nil {
 						return err
 					}
 					raw, _ := json.Marshal(api.WorkerStopArgs{Worker: id, Grace: api.Duration(c.Duration("grace"))})
@@ -244,11 +238,8 @@ func workerCommand() *cli.Command {
 // hiveTrust records a hive machine's host key after showing its
 // fingerprint: the explicit step that replaces silently trusting a host.
 func hiveTrust(c *cli.Context) error {
-	if err := needArgs(c, 1, "a hive NAME"); err != nil {
-		return err
-	}
-	n := c.Args().First()
-	if err := validID(subjects.KindHive, n); err != nil {
+	n, err := idArg(c, subjects.KindHive, "a hive NAME")
+	if err != nil {
 		return err
 	}
 	return withSession(c, true, func(ctx context.Context, s *Session) error {
