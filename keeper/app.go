@@ -150,6 +150,19 @@ func show(c *cli.Context, v any, human func(io.Writer)) {
 	human(os.Stdout)
 }
 
+// ask makes one call to the queen and shows the reply: as JSON with
+// --json, else through human.
+func ask[Resp any](c *cli.Context, endpoint string, req any, human func(io.Writer, Resp)) error {
+	return withSession(c, true, func(ctx context.Context, s *Session) error {
+		var r Resp
+		if err := call(ctx, s, endpoint, req, &r); err != nil {
+			return err
+		}
+		show(c, r, func(w io.Writer) { human(w, r) })
+		return nil
+	})
+}
+
 // submitAndFollow submits an operation as a job and follows it to its end.
 // Ctrl-C cancels the job and exits 130. It returns the terminal state.
 func submitAndFollow(c *cli.Context, s *Session, ctx context.Context, op api.Operation, timeout time.Duration, detach bool) (*api.StateChange, error) {

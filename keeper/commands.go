@@ -94,14 +94,7 @@ func queenStatus(c *cli.Context) error {
 // --- status ---
 
 func statusAction(c *cli.Context) error {
-	return withSession(c, true, func(ctx context.Context, s *Session) error {
-		var st api.Status
-		if err := call(ctx, s, api.EpStatus, nil, &st); err != nil {
-			return err
-		}
-		show(c, st, func(w io.Writer) { printStatus(w, st) })
-		return nil
-	})
+	return ask(c, api.EpStatus, nil, func(w io.Writer, st api.Status) { printStatus(w, st) })
 }
 
 func printStatus(out io.Writer, st api.Status) {
@@ -187,13 +180,9 @@ func hiveCommand() *cli.Command {
 					if err != nil {
 						return err
 					}
-					return withSession(c, true, func(ctx context.Context, s *Session) error {
-						var e api.InventoryEntry
-						if err := call(ctx, s, api.EpHiveAdd, api.HiveAddRequest{Name: n, SSH: c.String("ssh"), IdentityFile: c.String("identity"), BinDir: c.String("bin-dir"), Prefix: c.String("prefix")}, &e); err != nil {
-							return err
-						}
-						show(c, e, func(w io.Writer) { fmt.Fprintf(w, "hive %s added (%s)\n", e.Name, e.Address()) })
-						return nil
+					req := api.HiveAddRequest{Name: n, SSH: c.String("ssh"), IdentityFile: c.String("identity"), BinDir: c.String("bin-dir"), Prefix: c.String("prefix")}
+					return ask(c, api.EpHiveAdd, req, func(w io.Writer, e api.InventoryEntry) {
+						fmt.Fprintf(w, "hive %s added (%s)\n", e.Name, e.Address())
 					})
 				}},
 			{Name: "remove", Usage: "remove a hive from the inventory", ArgsUsage: "NAME", Action: func(c *cli.Context) error {
@@ -201,13 +190,8 @@ func hiveCommand() *cli.Command {
 				if err != nil {
 					return err
 				}
-				return withSession(c, true, func(ctx context.Context, s *Session) error {
-					var e api.InventoryEntry
-					if err := call(ctx, s, api.EpHiveRemove, api.HiveRequest{Name: n}, &e); err != nil {
-						return err
-					}
-					show(c, e, func(w io.Writer) { fmt.Fprintf(w, "hive %s removed\n", n) })
-					return nil
+				return ask(c, api.EpHiveRemove, api.HiveRequest{Name: n}, func(w io.Writer, _ api.InventoryEntry) {
+					fmt.Fprintf(w, "hive %s removed\n", n)
 				})
 			}},
 			{Name: "list", Usage: "list hives and whether they are online", Action: func(c *cli.Context) error {
@@ -261,19 +245,12 @@ func hiveGet(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return withSession(c, true, func(ctx context.Context, s *Session) error {
-		var v api.HiveView
-		if err := call(ctx, s, api.EpHiveGet, api.HiveRequest{Name: n}, &v); err != nil {
-			return err
+	return ask(c, api.EpHiveGet, api.HiveRequest{Name: n}, func(w io.Writer, v api.HiveView) {
+		fmt.Fprintf(w, "hive %s: %s (%s)\n", v.Name, v.State, v.Address)
+		if v.Status != nil {
+			printCapabilities(w, v.Name, v.Status.Capabilities)
+			fmt.Fprintf(w, "  version %s, pid %d, workers %d, models %d\n", v.Status.Version, v.Status.PID, len(v.Status.Workers), len(v.Status.Models))
 		}
-		show(c, v, func(w io.Writer) {
-			fmt.Fprintf(w, "hive %s: %s (%s)\n", v.Name, v.State, v.Address)
-			if v.Status != nil {
-				printCapabilities(w, v.Name, v.Status.Capabilities)
-				fmt.Fprintf(w, "  version %s, pid %d, workers %d, models %d\n", v.Status.Version, v.Status.PID, len(v.Status.Workers), len(v.Status.Models))
-			}
-		})
-		return nil
 	})
 }
 
@@ -316,16 +293,9 @@ func jobsCommand() *cli.Command {
 				if err != nil {
 					return err
 				}
-				return withSession(c, true, func(ctx context.Context, s *Session) error {
-					var j api.Job
-					if err := call(ctx, s, api.EpJobGet, api.JobRequest{ID: id}, &j); err != nil {
-						return err
-					}
-					show(c, j, func(w io.Writer) {
-						b, _ := json.MarshalIndent(j, "", "  ")
-						fmt.Fprintln(w, string(b))
-					})
-					return nil
+				return ask(c, api.EpJobGet, api.JobRequest{ID: id}, func(w io.Writer, j api.Job) {
+					b, _ := json.MarshalIndent(j, "", "  ")
+					fmt.Fprintln(w, string(b))
 				})
 			}},
 			{Name: "attach", Usage: "follow a job's narration and tokens from the start (or --from SEQ)", ArgsUsage: "ID",
@@ -356,13 +326,8 @@ func jobsCommand() *cli.Command {
 				if err != nil {
 					return err
 				}
-				return withSession(c, true, func(ctx context.Context, s *Session) error {
-					var j api.Job
-					if err := call(ctx, s, api.EpJobCancel, api.JobRequest{ID: id}, &j); err != nil {
-						return err
-					}
-					show(c, j, func(w io.Writer) { fmt.Fprintf(w, "job %s %s\n", j.ID, j.State) })
-					return nil
+				return ask(c, api.EpJobCancel, api.JobRequest{ID: id}, func(w io.Writer, j api.Job) {
+					fmt.Fprintf(w, "job %s %s\n", j.ID, j.State)
 				})
 			}},
 		},
