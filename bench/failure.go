@@ -170,11 +170,11 @@ func killBatch(ctx context.Context, r *removals, keys []string, pids []int, inte
 	return det, missed
 }
 
-func killHives(ctx context.Context, c *cluster, kills, batch int, interval time.Duration) ([]time.Duration, int, error) {
-	r, err := watchRemovals(ctx, c, c.b.Space.HivesBucket())
-	if err != nil {
-		return nil, 0, err
-	}
+// killRounds starts kills processes in batches with spawn, lets each batch
+// beat a while, kills it with SIGKILL and times how long until each entry
+// leaves the bucket r watches. afterBatch, when set, checks the queen's view
+// of the batch.
+func killRounds(ctx context.Context, r *removals, kills, batch int, interval time.Duration, spawn func() (string, int, error), afterBatch func([]string) error) ([]time.Duration, int, error) {
 	defer r.stop()
 	var det []time.Duration
 	missed := 0
@@ -182,29 +182,54 @@ func killHives(ctx context.Context, c *cluster, kills, batch int, interval time.
 		var keys []string
 		var pids []int
 		for i := done; i < min(done+batch, kills); i++ {
-			id := fmt.Sprintf("kill-hive-%d", i)
-			p, _, err := c.startHive(ctx, id)
+			id, pid, err := spawn()
 			if err != nil {
 				return det, missed, err
 			}
-			keys, pids = append(keys, id), append(pids, p.Pid)
+			keys, pids = append(keys, id), append(pids, pid)
 		}
-		time.Sleep(2 * interval) // a few beats, as a hive that has run a while
+		time.Sleep(2 * interval) // a few beats, as a process that has run a while
 		d, m := killBatch(ctx, r, keys, pids, interval)
 		det, missed = append(det, d...), missed+m
-		// The queen's own view must agree.
-		for _, id := range keys {
-			var v api.HiveView
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			if err := c.b.Call(cctx, c.b.Space.Queen(api.EpHiveGet), api.HiveRequest{Name: id}, &v); err == nil && v.State != api.HiveLost {
-				cancel()
-				return det, missed, fmt.Errorf("the KV entry of killed hive %s was purged but the queen shows it %q", id, v.State)
+		if afterBatch != nil {
+			if err := afterBatch(keys); err != nil {
+				return det, missed, err
 			}
-			cancel()
-			delete(c.hives, id)
 		}
 	}
 	return det, missed, nil
+}
+
+func killHives(ctx context.Context, c *cluster, kills, batch int, interval time.Duration) ([]time.Duration, int, error) {
+	r, err := watchRemovals(ctx, c, c.b.Space.HivesBucket())
+	if err != nil {
+		return nil, 0, err
+	}
+	n := 0
+	spawn := func() (string, int, error) {
+		id := fmt.Sprintf("kill-hive-%d", n)
+		n++
+		p, _, err := c.startHive(ctx, id)
+		if err != nil {
+			return "", 0, err
+		}
+		return id, p.Pid, nil
+	}
+	// The queen's own view must agree.
+	agree := func(keys []string) error {
+		for _, id := range keys {
+			var v api.HiveView
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := c.b.Call(cctx, c.b.Space.Queen(api.EpHiveGet), api.HiveRequest{Name: id}, &v)
+			cancel()
+			if err == nil && v.State != api.HiveLost {
+				return fmt.Errorf("the KV entry of killed hive %s was purged but the queen shows it %q", id, v.State)
+			}
+			delete(c.hives, id)
+		}
+		return nil
+	}
+	return killRounds(ctx, r, kills, batch, interval, spawn, agree)
 }
 
 // hiveWorkers returns a function spawning workers through a real hive.
@@ -253,22 +278,9 @@ func killWorkers(ctx context.Context, c *cluster, kills, batch int, interval tim
 	if err != nil {
 		return nil, 0, err
 	}
-	defer r.stop()
-	var det []time.Duration
-	missed := 0
-	for done := 0; done < kills && ctx.Err() == nil; done += batch {
-		var keys []string
-		var pids []int
-		for i := done; i < min(done+batch, kills); i++ {
-			id, pid, err := spawn()
-			if err != nil {
-				return det, missed, err
-			}
-			keys, pids = append(keys, id), append(pids, pid)
-		}
-		time.Sleep(2 * interval)
-		d, m := killBatch(ctx, r, keys, pids, interval)
-		det, missed = append(det, d...), missed+m
+	det, missed, err := killRounds(ctx, r, kills, batch, interval, spawn, nil)
+	if err != nil {
+		return det, missed, err
 	}
 	// The queen's view must agree: none of the killed workers listed.
 	var wl api.WorkerListReply
