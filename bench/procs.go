@@ -13,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/rbee-dev/rbee/internal/proc"
 )
 
 // process is a child the bench started, in a process group of its own, so
@@ -112,26 +114,7 @@ func (s *procSet) stopAll() {
 	}
 	wg.Wait()
 	if s.marker != "" {
-		killByMarker(s.marker)
-	}
-}
-
-// killByMarker SIGKILLs processes (other than this one) whose command line
-// or environment mentions marker.
-func killByMarker(marker string) {
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		for _, f := range []string{"cmdline", "environ"} {
-			b, err := os.ReadFile(filepath.Join("/proc", e.Name(), f))
-			if err == nil && bytes.Contains(b, []byte(marker)) {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-				break
-			}
-		}
+		proc.KillMarked(s.marker)
 	}
 }
 

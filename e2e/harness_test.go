@@ -12,12 +12,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/proc"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
@@ -131,27 +130,8 @@ func (c *cluster) stopAll() {
 	cmd := exec.CommandContext(ctx, filepath.Join(c.bin, "rbee"), "queen", "stop")
 	cmd.Env = c.env
 	_ = cmd.Run()
-	killByEnvMarker(c.home)
-}
-
-// killByEnvMarker kills leftover processes whose command line mentions the
-// cluster's home (hives and workers get it in --data); a test that failed
-// half-way must still leave nothing running.
-func killByEnvMarker(home string) {
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		if strings.Contains(string(cmdline), home) {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
+	// Hives and workers get the home in --data, keepers in RBEE_HOME.
+	proc.KillMarked(c.home)
 }
 
 // eventually polls cond until it holds or d passes; for state that has no
