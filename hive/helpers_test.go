@@ -17,6 +17,7 @@ import (
 	"github.com/rbee-dev/rbee/hive"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/internal/testutil/inproc"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 )
@@ -25,24 +26,9 @@ import (
 const testBeat = 300 * time.Millisecond
 
 // running is a hive started in-process.
-type running struct {
-	id     string
-	cancel context.CancelFunc
-	done   chan error
-}
+type running struct{ *inproc.Daemon }
 
-// wait returns Run's result, failing the test if it takes longer than d.
-func (r *running) wait(t *testing.T, d time.Duration) error {
-	t.Helper()
-	select {
-	case err := <-r.done:
-		r.done <- err // later waits (cleanup) see it too
-		return err
-	case <-time.After(d):
-		t.Fatalf("hive %s did not stop within %s", r.id, d)
-		return nil
-	}
-}
+func (r *running) wait(t *testing.T, d time.Duration) error { return r.Wait(t, d) }
 
 // startHive runs hive.Run in-process on fix's bus and waits until it serves.
 func startHive(t *testing.T, fix *busfix.Fixture, id string, mod func(*hive.Config)) *running {
@@ -57,25 +43,8 @@ func startHive(t *testing.T, fix *busfix.Fixture, id string, mod func(*hive.Conf
 	}
 	ready := make(chan struct{})
 	cfg.Ready = func() { close(ready) }
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{id: id, cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- hive.Run(ctx, cfg) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-r.done:
-		case <-time.After(30 * time.Second):
-			t.Errorf("hive %s did not stop within 30s", id)
-		}
-	})
-	select {
-	case <-ready:
-	case err := <-r.done:
-		t.Fatalf("hive %s stopped before it was ready: %v", id, err)
-	case <-time.After(20 * time.Second):
-		t.Fatalf("hive %s not ready within 20s", id)
-	}
-	return r
+	d, _ := inproc.Start(t, "hive "+id, func(ctx context.Context) error { return hive.Run(ctx, cfg) }, ready, 20*time.Second)
+	return &running{d}
 }
 
 // call calls one endpoint of a hive.

@@ -91,7 +91,7 @@ func TestCleanShutdownRemovesEntryAtOnce(t *testing.T) {
 	r := startHive(t, fix, "bye", nil)
 	awaitEntry(t, entries, 5*time.Second, "hive entry", isPut)
 
-	r.cancel()
+	r.Cancel()
 	stopped := time.Now()
 	require.NoError(t, r.wait(t, 10*time.Second))
 	e := awaitEntry(t, entries, 2*time.Second, "delete", func(e jetstream.KeyValueEntry) bool { return !isPut(e) })

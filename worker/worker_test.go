@@ -16,6 +16,7 @@ import (
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/gguf"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/internal/testutil/inproc"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rbee-dev/rbee/worker"
@@ -89,10 +90,8 @@ func greedy(t *testing.T, p string, n int) string {
 }
 
 type running struct {
-	id     string
-	cancel context.CancelFunc
-	done   chan error
-	ready  api.WorkerStatus
+	*inproc.Daemon
+	ready api.WorkerStatus
 }
 
 // start runs a worker in-process until the test ends and waits until it
@@ -109,41 +108,14 @@ func start(t *testing.T, f *busfix.Fixture, id string, slots int, mutate ...func
 	for _, m := range mutate {
 		m(&cfg)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{id: id, cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- worker.Run(ctx, cfg) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-r.done:
-		case <-time.After(30 * time.Second):
-			t.Errorf("worker %s did not stop", id)
-		}
-	})
-	select {
-	case r.ready = <-readyCh:
-	case err := <-r.done:
-		t.Fatalf("worker %s exited before it was ready: %v", id, err)
-	case <-time.After(30 * time.Second):
-		t.Fatalf("worker %s not ready", id)
-	}
-	return r
+	d, st := inproc.Start(t, "worker "+id, func(ctx context.Context) error { return worker.Run(ctx, cfg) }, readyCh, 30*time.Second)
+	return &running{Daemon: d, ready: st}
 }
 
 // longContext lets a worker generate long enough to be interrupted.
 func longContext(c *worker.Config) { c.ContextSize = 2048 }
 
-func (r *running) wait(t *testing.T) error {
-	t.Helper()
-	select {
-	case err := <-r.done:
-		r.done <- err // for the cleanup
-		return err
-	case <-time.After(30 * time.Second):
-		t.Fatalf("worker %s did not stop", r.id)
-		return nil
-	}
-}
+func (r *running) wait(t *testing.T) error { return r.Wait(t, 30*time.Second) }
 
 func store(t *testing.T, f *busfix.Fixture) *jobs.Store {
 	t.Helper()
