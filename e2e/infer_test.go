@@ -68,16 +68,9 @@ func greedy(t *testing.T, prompt string, maxTokens int) string {
 		require.NoError(t, err)
 		goldenModels["tiny"] = m
 	}
-	slot, err := m.NewSlot()
+	text, _, err := engine.Complete(context.Background(), m, engine.Request{Prompt: prompt, MaxTokens: maxTokens})
 	require.NoError(t, err)
-	defer slot.Close()
-	var b strings.Builder
-	_, err = slot.Generate(context.Background(), engine.Request{Prompt: prompt, MaxTokens: maxTokens}, func(tok engine.Token) error {
-		b.WriteString(tok.Text)
-		return nil
-	})
-	require.NoError(t, err)
-	return b.String()
+	return text
 }
 
 func (c *cluster) job(id string) api.Job {

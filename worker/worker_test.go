@@ -77,16 +77,9 @@ func tiny(t testing.TB) (string, engine.Model) {
 func greedy(t *testing.T, p string, n int) string {
 	t.Helper()
 	_, m := tiny(t)
-	s, err := m.NewSlot()
+	text, _, err := engine.Complete(context.Background(), m, engine.Request{Prompt: p, MaxTokens: n})
 	require.NoError(t, err)
-	defer s.Close()
-	var b strings.Builder
-	_, err = s.Generate(context.Background(), engine.Request{Prompt: p, MaxTokens: n}, func(tok engine.Token) error {
-		b.WriteString(tok.Text)
-		return nil
-	})
-	require.NoError(t, err)
-	return b.String()
+	return text
 }
 
 type running struct {

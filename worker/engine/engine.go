@@ -224,3 +224,19 @@ func (r Request) Validate(contextSize int) error {
 	}
 	return nil
 }
+
+// Complete generates req on a slot of its own and returns the whole text:
+// the non-streaming answer, and what tests compare a stream against.
+func Complete(ctx context.Context, m Model, req Request) (string, Result, error) {
+	slot, err := m.NewSlot()
+	if err != nil {
+		return "", Result{}, err
+	}
+	defer slot.Close()
+	var b strings.Builder
+	res, err := slot.Generate(ctx, req, func(t Token) error {
+		b.WriteString(t.Text)
+		return nil
+	})
+	return b.String(), res, err
+}
