@@ -80,15 +80,25 @@ type JobRequest struct {
 	ID string `json:"id"`
 }
 
-// JobListRequest filters the job list.
+// JobListRequest asks for one page of the job list, newest first. Job ids
+// sort by creation time, so a page is a range of ids.
 type JobListRequest struct {
 	State JobState `json:"state,omitempty"`
-	Limit int      `json:"limit,omitempty"`
+	// Limit caps the jobs in this page (0 = as many as the queen sends in
+	// one reply). The queen may send fewer: a page never exceeds the bus's
+	// max payload, whatever the records hold.
+	Limit int `json:"limit,omitempty"`
+	// Before is the cursor: only jobs whose id sorts before it ("" = from
+	// the newest). Pass the previous reply's Next to get the next page.
+	Before string `json:"before,omitempty"`
 }
 
-// JobListReply lists jobs, newest first.
+// JobListReply is one page of jobs, newest first.
 type JobListReply struct {
 	Jobs []Job `json:"jobs"`
+	// Next is the cursor for the following page (the Before of the next
+	// request); empty when no job is left.
+	Next string `json:"next,omitempty"`
 }
 
 // Status is the queen's report of the cluster at a glance.

@@ -185,17 +185,18 @@ func (q *Queen) jobList(ctx context.Context, req api.JobListRequest) (api.JobLis
 	if req.State != "" && !req.State.Valid() {
 		return api.JobListReply{}, api.Errorf(api.CodeBadRequest, "unknown state %q; use queued, running, completed, failed or cancelled", req.State)
 	}
-	list, err := q.jobs.List(ctx, req.State)
-	if err != nil {
-		return api.JobListReply{}, err
+	if req.Before != "" {
+		if err := subjects.ValidateID(subjects.KindJob, req.Before); err != nil {
+			return api.JobListReply{}, api.Errorf(api.CodeBadRequest, "list cursor: %v", err)
+		}
 	}
-	if req.Limit > 0 && len(list) > req.Limit {
-		list = list[:req.Limit]
+	// Half the bus's max payload leaves room for the reply's framing and for
+	// a server whose limit is lower than the one this connection was told.
+	budget := int(q.bus.NC.MaxPayload() / 2)
+	if budget <= 0 {
+		budget = 512 << 10 // half of NATS's default 1 MiB, before any server info
 	}
-	if list == nil {
-		list = []api.Job{}
-	}
-	return api.JobListReply{Jobs: list}, nil
+	return q.jobs.Page(ctx, req.State, req.Before, req.Limit, budget)
 }
 
 // cancelJob is the one path by which a job is cancelled, for the keeper,
