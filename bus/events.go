@@ -192,6 +192,9 @@ var ErrFollowEnded = errors.New("stop following")
 // returns when ctx ends, when fn returns an error (ErrFollowEnded stops
 // without one), or after the terminal event.
 func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.Event) error) error {
+	if done, err := b.followEnded(ctx, job, from, fn); done || err != nil {
+		return err
+	}
 	filter, err := b.Space.JobEvents(job)
 	if err != nil {
 		return err

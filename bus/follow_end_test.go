@@ -1,0 +1,147 @@
+package bus_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/subjects"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+)
+
+// storeJob stores a job's narration, tokens and states (the last one
+// given last) and returns the stream sequence of its last event.
+func storeJob(t *testing.T, b *bus.Bus, job string, tokens int, states ...api.JobState) uint64 {
+	t.Helper()
+	ctx := context.Background()
+	require.NoError(t, b.PublishEvent(ctx, job, subjects.EventNarration, api.Narration{JobID: job, Human: "starting"}))
+	for i := range tokens {
+		require.NoError(t, b.PublishEvent(ctx, job, subjects.EventToken, api.Token{Index: i, Text: fmt.Sprintf("t%d ", i)}))
+	}
+	for _, s := range states {
+		require.NoError(t, b.PublishEvent(ctx, job, subjects.EventState, api.StateChange{State: s, Error: "why " + string(s)}))
+	}
+	return lastSeq(t, b)
+}
+
+func lastSeq(t *testing.T, b *bus.Bus) uint64 {
+	t.Helper()
+	ctx := context.Background()
+	stream, err := b.JS.Stream(ctx, b.Space.JobsStream())
+	require.NoError(t, err)
+	info, err := stream.Info(ctx)
+	require.NoError(t, err)
+	return info.State.LastSeq
+}
+
+// A follower that resumes past a finished job's terminal event (it crashed
+// right after showing it) gets that terminal state at once instead of
+// waiting forever for an event that will never come.
+func TestFollowFromPastTheEndOfAFinishedJobEndsAtOnce(t *testing.T) {
+	f := busfix.Start(t)
+	end := storeJob(t, f.Bus, "done", 5, api.JobRunning, api.JobCompleted)
+	failedEnd := storeJob(t, f.Bus, "failed", 2, api.JobRunning, api.JobFailed)
+	storeJob(t, f.Bus, "later", 3, api.JobRunning, api.JobCompleted) // events after both
+	cases := []struct {
+		name string
+		job  string
+		from uint64
+		want api.JobState
+		seq  uint64
+	}{
+		{"just past the end", "done", end + 1, api.JobCompleted, end},
+		{"far past the end", "done", end + 1000, api.JobCompleted, end},
+		{"at the end is the usual replay", "done", end, api.JobCompleted, end},
+		{"failed job", "failed", failedEnd + 1, api.JobFailed, failedEnd},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			var evs []api.Event
+			require.NoError(t, f.Bus.Follow(ctx, tc.job, tc.from, func(ev api.Event) error {
+				evs = append(evs, ev)
+				return nil
+			}))
+			require.Len(t, evs, 1, "only the terminal event")
+			require.True(t, evs[0].Terminal())
+			require.Equal(t, tc.want, evs[0].State.State)
+			require.Equal(t, "why "+string(tc.want), evs[0].State.Error)
+			require.Equal(t, tc.seq, evs[0].Seq)
+			require.Equal(t, string(subjects.EventState), evs[0].Kind)
+		})
+	}
+}
+
+// A job that has not ended yet is still followed live from past its last
+// event: the shortcut applies only to a terminal state.
+func TestFollowFromPastTheEndOfARunningJobWaitsForItsEnd(t *testing.T) {
+	f := busfix.Start(t)
+	end := storeJob(t, f.Bus, "busy", 3, api.JobRunning)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got := make(chan api.Event, 8)
+	done := make(chan error, 1)
+	go func() {
+		done <- f.Bus.Follow(ctx, "busy", end+1, func(ev api.Event) error {
+			got <- ev
+			return nil
+		})
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("follow of a running job ended early: %v", err)
+	case ev := <-got:
+		t.Fatalf("follow from past the end saw an old event: %+v", ev)
+	case <-time.After(200 * time.Millisecond):
+	}
+	require.NoError(t, f.Bus.PublishEvent(ctx, "busy", subjects.EventToken, api.Token{Index: 3, Text: "t3 "}))
+	require.NoError(t, f.Bus.PublishEvent(ctx, "busy", subjects.EventState, api.StateChange{State: api.JobCompleted}))
+	require.NoError(t, <-done)
+	close(got)
+	var kinds []string
+	for ev := range got {
+		kinds = append(kinds, ev.Kind)
+	}
+	require.Equal(t, []string{"token", "state"}, kinds)
+}
+
+// The keeper tells its user when the bus is lost: OnDisconnect fires once
+// per loss, with the server's URL, and not for a connection closed on
+// purpose.
+func TestOnDisconnectReportsALossButNotAClose(t *testing.T) {
+	srv, err := bus.StartServer(bus.ServerConfig{DataDir: t.TempDir(), Listen: "127.0.0.1:-1", Log: zerolog.Nop()})
+	require.NoError(t, err)
+	t.Cleanup(srv.Shutdown)
+	lost := make(chan string, 4)
+	connect := func() *bus.Bus {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		b, err := bus.Connect(ctx, bus.ConnectConfig{URL: srv.ClientURL(), Reconnect: true, Log: zerolog.Nop(),
+			OnDisconnect: func(url string) { lost <- url }})
+		require.NoError(t, err)
+		t.Cleanup(func() { b.NC.Close() })
+		return b
+	}
+	closed := connect()
+	closed.NC.Close()
+	connect()
+	want := srv.ClientURL()
+	srv.Shutdown()
+	select {
+	case url := <-lost:
+		require.Equal(t, want, url)
+	case <-time.After(5 * time.Second):
+		t.Fatal("no OnDisconnect after the server went away")
+	}
+	select {
+	case url := <-lost:
+		t.Fatalf("a second OnDisconnect (%s): a close is no loss, and one loss is reported once", url)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
