@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -45,7 +46,12 @@ type ConnectConfig struct {
 	Extra []nats.Option
 	// OnReconnect is called after every reconnect (hives re-register).
 	OnReconnect func()
-	Log         zerolog.Logger
+	// OnDisconnect is called once each time the connection is lost, with
+	// the (redacted) URL of the server it was connected to; not when the
+	// connection is closed on purpose. Like OnReconnect it runs on the
+	// connection's callback goroutine, in order, and must not block.
+	OnDisconnect func(url string)
+	Log          zerolog.Logger
 }
 
 // Connect opens a connection and JetStream context. Disconnects and
@@ -59,18 +65,35 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 		cfg.Timeout = 2 * time.Second
 	}
 	log := cfg.Log
+	// The server a connection was on is no longer known once it is lost:
+	// remember it at connect and every reconnect.
+	var current atomic.Pointer[string]
 	opts := []nats.Option{
 		nats.Name(cfg.Name),
 		nats.Timeout(cfg.Timeout),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			if nc.IsClosed() {
+				// Close reports a disconnect too; a goodbye is no loss.
+				log.Info().Msg("disconnected from NATS")
+				return
+			}
 			if err != nil {
 				log.Warn().Err(err).Msg("disconnected from NATS")
 			} else {
 				log.Info().Msg("disconnected from NATS")
 			}
+			if cfg.OnDisconnect != nil {
+				url := ""
+				if u := current.Load(); u != nil {
+					url = *u
+				}
+				cfg.OnDisconnect(url)
+			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
-			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("reconnected to NATS")
+			url := nc.ConnectedUrlRedacted()
+			current.Store(&url)
+			log.Info().Str("url", url).Msg("reconnected to NATS")
 			if cfg.OnReconnect != nil {
 				cfg.OnReconnect()
 			}
@@ -110,6 +133,8 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 			return nil, fmt.Errorf("%w: cannot connect to NATS at %s: %v", ErrUnreachable, redact(url), r.err)
 		}
 		nc = r.nc
+		url := nc.ConnectedUrlRedacted()
+		current.CompareAndSwap(nil, &url)
 	case <-ctx.Done():
 		go func() {
 			if r := <-done; r.nc != nil {
