@@ -276,14 +276,33 @@ func jobsCommand() *cli.Command {
 		Subcommands: []*cli.Command{
 			{Name: "list", Usage: "list jobs, newest first", Flags: []cli.Flag{
 				&cli.StringFlag{Name: "state", Usage: "only jobs in this state: queued, running, completed, failed, cancelled"},
-				&cli.IntFlag{Name: "limit", Usage: "at most this many", Value: 50},
+				&cli.IntFlag{Name: "limit", Usage: "at most this many (0 = all)", Value: 50},
 			}, Action: func(c *cli.Context) error {
 				return withSession(c, true, func(ctx context.Context, s *Session) error {
-					var r api.JobListReply
-					if err := call(ctx, s, api.EpJobList, api.JobListRequest{State: api.JobState(c.String("state")), Limit: c.Int("limit")}, &r); err != nil {
-						return err
+					// The queen answers in pages that each fit the bus's max
+					// payload; walk them until the limit or the last page.
+					limit := c.Int("limit")
+					req := api.JobListRequest{State: api.JobState(c.String("state"))}
+					var list []api.Job
+					for {
+						req.Limit = 0
+						if limit > 0 {
+							req.Limit = limit - len(list)
+						}
+						var r api.JobListReply
+						if err := call(ctx, s, api.EpJobList, req, &r); err != nil {
+							return err
+						}
+						list = append(list, r.Jobs...)
+						if r.Next == "" || r.Next == req.Before || (limit > 0 && len(list) >= limit) {
+							break
+						}
+						req.Before = r.Next
 					}
-					return listing(c, r.Jobs, "ID\tOPERATION\tSTATE\tCREATED\tWHERE\tERROR", func(j api.Job) string {
+					if limit > 0 && len(list) > limit {
+						list = list[:limit]
+					}
+					return listing(c, list, "ID\tOPERATION\tSTATE\tCREATED\tWHERE\tERROR", func(j api.Job) string {
 						return strings.Join([]string{j.ID, j.Op.Kind, string(j.State), j.CreatedAt.Local().Format(time.DateTime), joinNonEmpty(j.Hive, j.Worker), j.Error}, "\t")
 					})
 				})
