@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -26,6 +27,8 @@ func App() *cli.App {
 	flags := append(cliutil.BusFlags(),
 		&cli.BoolFlag{Name: "json", Usage: "print NDJSON events and JSON results on stdout"},
 		&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "print results (tokens) only"},
+		&cli.DurationFlag{Name: FlagReconnectTimeout, Value: DefaultReconnectTimeout, EnvVars: []string{"RBEE_RECONNECT_TIMEOUT"},
+			Usage: "while following a job (infer, jobs attach), give up with exit 3 when the bus is gone this long (0 = never)"},
 	)
 	return &cli.App{
 		Name:                 "rbee",
@@ -35,6 +38,12 @@ func App() *cli.App {
 		EnableBashCompletion: true,
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return cli.Exit("usage: "+err.Error(), ExitUsage)
+		},
+		Before: func(c *cli.Context) error {
+			if c.Duration(FlagReconnectTimeout) < 0 {
+				return usage("--%s must not be negative (0 waits for the bus forever)", FlagReconnectTimeout)
+			}
+			return nil
 		},
 		Commands: []*cli.Command{
 			queenCommand(),
@@ -73,7 +82,7 @@ func Main(args []string) int {
 
 func exitCodeOf(err error) int {
 	switch {
-	case errors.Is(err, ErrQueenUnreachable), errors.Is(err, bus.ErrUnreachable), errors.Is(err, bus.ErrNoResponder):
+	case errors.Is(err, ErrQueenUnreachable), errors.Is(err, bus.ErrUnreachable), errors.Is(err, bus.ErrNoResponder), errors.Is(err, ErrBusLost):
 		return ExitUnreachable
 	case errors.Is(err, subjects.ErrInvalidID), errors.Is(err, errUsage):
 		return ExitUsage
@@ -183,18 +192,96 @@ func submitAndFollow(c *cli.Context, s *Session, ctx context.Context, op api.Ope
 	return follow(ctx, s, p, reply.JobID, 0, true)
 }
 
+// FlagReconnectTimeout names the flag that bounds an outage while following.
+const FlagReconnectTimeout = "reconnect-timeout"
+
 // follow shows a job's events until its terminal state. When the context
 // ends (Ctrl-C) it cancels the job if cancelOnInterrupt, then reports the
-// interruption.
+// interruption. When the bus goes away it says so once, and once when it is
+// back; an outage longer than the session's reconnect timeout ends the
+// follow with ErrBusLost and the command that resumes where it stopped.
 func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint64, cancelOnInterrupt bool) (*api.StateChange, error) {
-	var final *api.StateChange
-	err := s.Bus.Follow(ctx, jobID, from, func(ev api.Event) error {
-		p.Event(ev)
-		if ev.Terminal() {
-			final = ev.State
+	fctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// mu serialises the printer between the follow and the connection's
+	// callbacks, and guards what both record.
+	var (
+		mu     sync.Mutex
+		final  *api.StateChange
+		next   = from // where a re-attach resumes: past every event shown
+		down   bool
+		gaveUp bool
+		over   bool // follow has returned: show nothing more
+		timer  *time.Timer
+	)
+	giveUp := s.reconnectTimeout
+	stopWatch := s.watchLink(func(up bool, url string) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case over || gaveUp:
+		case !up && !down:
+			down = true
+			if giveUp > 0 {
+				p.Message("[rbee] lost the bus at %s; reconnecting (giving up after %s, --%s)", url, giveUp, FlagReconnectTimeout)
+				timer = time.AfterFunc(giveUp, func() {
+					mu.Lock()
+					defer mu.Unlock()
+					if down && !over {
+						gaveUp = true
+						cancel()
+					}
+				})
+			} else {
+				p.Message("[rbee] lost the bus at %s; reconnecting (no time limit, --%s 0)", url, FlagReconnectTimeout)
+			}
+		case up && down:
+			down = false
+			if timer != nil {
+				timer.Stop()
+			}
+			p.Message("[rbee] reconnected; following job %s again", jobID)
 		}
-		return nil
 	})
+	done := make(chan error, 1)
+	go func() {
+		done <- s.Bus.Follow(fctx, jobID, from, func(ev api.Event) error {
+			mu.Lock()
+			defer mu.Unlock()
+			if over {
+				return bus.ErrFollowEnded
+			}
+			p.Event(ev)
+			if ev.Seq >= next {
+				next = ev.Seq + 1
+			}
+			if ev.Terminal() {
+				final = ev.State
+			}
+			return nil
+		})
+	}()
+	var err error
+	select {
+	case err = <-done:
+	case <-fctx.Done():
+		// While the bus is down the consumer's own retries can hold
+		// Follow for seconds after its context ends; the command is
+		// over either way, and the connection's close ends them.
+		select {
+		case err = <-done:
+		case <-time.After(time.Second):
+			err = fctx.Err()
+		}
+	}
+	stopWatch()
+	mu.Lock()
+	over = true
+	if timer != nil {
+		timer.Stop()
+	}
+	lost := gaveUp && final == nil
+	mu.Unlock()
 	p.Done()
 	if ctx.Err() != nil {
 		if cancelOnInterrupt {
@@ -206,6 +293,13 @@ func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint
 			p.Message("[rbee] detached from job %s; re-attach with `rbee jobs attach %s`", jobID, jobID)
 		}
 		return nil, errInterrupted
+	}
+	if lost {
+		again := fmt.Sprintf("rbee jobs attach %s", jobID)
+		if next > 0 {
+			again += fmt.Sprintf(" --from %d", next)
+		}
+		return nil, fmt.Errorf("%w for %s; job %s may still be running: re-attach with `%s`", ErrBusLost, giveUp, jobID, again)
 	}
 	if err != nil {
 		return nil, err

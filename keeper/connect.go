@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
@@ -31,12 +32,74 @@ const (
 // ErrQueenUnreachable means neither a queen nor a bus answered.
 var ErrQueenUnreachable = errors.New("queen unreachable")
 
+// ErrBusLost means the bus went away while a job was followed and did not
+// come back within --reconnect-timeout. The job may well go on without us.
+var ErrBusLost = errors.New("lost the bus")
+
+// DefaultReconnectTimeout is how long a follow waits for a lost bus to come
+// back: longer than a queen restart, short enough that a bus gone for good
+// is reported.
+const DefaultReconnectTimeout = 2 * time.Minute
+
 // Session is one command's connection to the queen. When the command found
 // no local queen and started one (ephemeral mode), Close stops it again.
 type Session struct {
 	Bus       *bus.Bus
 	ephemeral *proc.Process
 	home      string
+	link      *linkWatch
+	// reconnectTimeout bounds how long a follow waits for a lost bus
+	// (0 = forever).
+	reconnectTimeout time.Duration
+}
+
+// linkWatch passes a connection's losses and recoveries to whoever follows
+// a job on it at the moment, so the user hears of an outage.
+type linkWatch struct {
+	mu  sync.Mutex
+	fn  func(up bool, url string)
+	url string // the server the connection is on, or was on when lost
+}
+
+func (w *linkWatch) lost(url string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if url != "" {
+		w.url = url
+	}
+	if w.fn != nil {
+		w.fn(false, w.url)
+	}
+}
+
+func (w *linkWatch) back() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.fn != nil {
+		w.fn(true, w.url)
+	}
+}
+
+// watchLink calls fn for each loss (up false) and recovery (up true) of the
+// session's connection, one call at a time, until stop; stop returns after
+// a call in progress. A connection already down when the watch starts is
+// reported at once.
+func (s *Session) watchLink(fn func(up bool, url string)) (stop func()) {
+	w := s.link
+	if w == nil {
+		return func() {}
+	}
+	w.mu.Lock()
+	w.fn = fn
+	if s.Bus.NC.IsReconnecting() {
+		fn(false, w.url)
+	}
+	w.mu.Unlock()
+	return func() {
+		w.mu.Lock()
+		w.fn = nil
+		w.mu.Unlock()
+	}
 }
 
 // localPort is where the local queen's bus listens.
@@ -52,14 +115,28 @@ func LocalURL() string { return fmt.Sprintf("nats://127.0.0.1:%d", localPort()) 
 
 // connectOnly reaches the bus without ever starting anything.
 func connectOnly(ctx context.Context, c *cli.Context, url string) (*bus.Bus, error) {
+	b, _, err := dial(ctx, c, url)
+	return b, err
+}
+
+// dial connects to the bus at url; the watch reports the connection's
+// losses and recoveries.
+func dial(ctx context.Context, c *cli.Context, url string) (*bus.Bus, *linkWatch, error) {
+	w := &linkWatch{}
 	b, err := bus.Connect(ctx, bus.ConnectConfig{
 		URL: url, Name: "rbee", Namespace: c.String(cliutil.FlagNamespace), Credentials: cliutil.Credentials(c),
 		Reconnect: true, Timeout: 2 * time.Second, Log: zerolog.Nop(),
+		OnDisconnect: w.lost, OnReconnect: w.back,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("%w at %s: %v", ErrQueenUnreachable, url, err)
+		return nil, nil, fmt.Errorf("%w at %s: %v", ErrQueenUnreachable, url, err)
 	}
-	return b, nil
+	w.mu.Lock()
+	if w.url == "" {
+		w.url = b.NC.ConnectedUrlRedacted()
+	}
+	w.mu.Unlock()
+	return b, w, nil
 }
 
 // Open connects to the queen. With an explicit --nats (or RBEE_NATS_URL) it
@@ -67,16 +144,19 @@ func connectOnly(ctx context.Context, c *cli.Context, url string) (*bus.Bus, err
 // autoStart is set, it starts one for the length of the command.
 func Open(ctx context.Context, c *cli.Context, autoStart bool) (*Session, error) {
 	home := cliutil.Home()
+	session := func(b *bus.Bus, w *linkWatch, p *proc.Process) *Session {
+		return &Session{Bus: b, link: w, ephemeral: p, home: home, reconnectTimeout: c.Duration(FlagReconnectTimeout)}
+	}
 	if url := c.String(cliutil.FlagNATS); url != "" {
-		b, err := connectOnly(ctx, c, url)
+		b, w, err := dial(ctx, c, url)
 		if err != nil {
 			return nil, err
 		}
-		return &Session{Bus: b, home: home}, nil
+		return session(b, w, nil), nil
 	}
-	b, err := connectOnly(ctx, c, LocalURL())
+	b, w, err := dial(ctx, c, LocalURL())
 	if err == nil {
-		return &Session{Bus: b, home: home}, nil
+		return session(b, w, nil), nil
 	}
 	if !autoStart {
 		return nil, fmt.Errorf("%w: no local queen at %s; start one with `rbee queen start`", ErrQueenUnreachable, LocalURL())
@@ -85,12 +165,12 @@ func Open(ctx context.Context, c *cli.Context, autoStart bool) (*Session, error)
 	if err != nil {
 		return nil, err
 	}
-	b, err = waitQueen(ctx, c, LocalURL(), 15*time.Second)
+	b, w, err = waitQueenWatched(ctx, c, LocalURL(), 15*time.Second)
 	if err != nil {
 		_, _ = p.Stop(context.Background(), 5*time.Second)
 		return nil, fmt.Errorf("the queen started for this command did not answer: %w; its log: %s\n%s", err, p.Log, proc.Tail(p.Log, 10))
 	}
-	return &Session{Bus: b, ephemeral: p, home: home}, nil
+	return session(b, w, p), nil
 }
 
 // Close disconnects, and stops a queen this session started.
@@ -130,24 +210,29 @@ func startQueen(_ context.Context, c *cli.Context, home string) (*proc.Process, 
 
 // waitQueen connects and waits until the queen's status endpoint answers.
 func waitQueen(ctx context.Context, c *cli.Context, url string, within time.Duration) (*bus.Bus, error) {
+	b, _, err := waitQueenWatched(ctx, c, url, within)
+	return b, err
+}
+
+func waitQueenWatched(ctx context.Context, c *cli.Context, url string, within time.Duration) (*bus.Bus, *linkWatch, error) {
 	ctx, cancel := context.WithTimeout(ctx, within)
 	defer cancel()
 	var lastErr error
 	for ctx.Err() == nil {
-		b, err := connectOnly(ctx, c, url)
+		b, w, err := dial(ctx, c, url)
 		if err == nil {
 			cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
 			err = b.Call(cctx, b.Space.Queen(api.EpStatus), nil, nil)
 			ccancel()
 			if err == nil {
-				return b, nil
+				return b, w, nil
 			}
 			b.NC.Close()
 		}
 		lastErr = err
 		time.Sleep(100 * time.Millisecond)
 	}
-	return nil, lastErr
+	return nil, nil, lastErr
 }
 
 // queenPID reads the local queen's pid file; 0 when there is none or the
