@@ -246,11 +246,61 @@ func jobIDFrom(t *testing.T, stderr string) string {
 	return ""
 }
 
+// longPrompt, sent to the generated "large" model with temperature 0, has a
+// greedy answer that runs to longTokens without end-of-sequence, so a job
+// that must outlast a signal, a kill, a cancel or a deadline lasts seconds
+// (about 5 s on a 2-core CPU) by construction. A random seed's answer may end
+// at any token: one reached end-of-sequence after 570 tokens in 1.3 s.
+const (
+	longPrompt = "hello"
+	longTokens = 2000
+)
+
+var longGreedy struct {
+	once sync.Once
+	res  engine.Result
+	err  error
+}
+
+// requireLongGreedy checks longPrompt's promise once per test run, in this
+// process with the engine the worker uses, so a change of the model or the
+// engine fails the tests that rely on it loudly instead of making them flaky.
+func requireLongGreedy(t *testing.T) {
+	t.Helper()
+	longGreedy.once.Do(func() {
+		path := filepath.Join(t.TempDir(), "large.gguf")
+		if longGreedy.err = gguf.SynthFile(path, gguf.Large()); longGreedy.err != nil {
+			return
+		}
+		llama, err := engine.NewLlama("")
+		if err != nil {
+			longGreedy.err = err
+			return
+		}
+		m, err := llama.Load(context.Background(), path, engine.LoadOptions{ContextSize: 2048, Threads: 1, Device: "cpu"})
+		if err != nil {
+			longGreedy.err = err
+			return
+		}
+		defer m.Close()
+		_, longGreedy.res, longGreedy.err = engine.Complete(context.Background(), m, engine.Request{Prompt: longPrompt, MaxTokens: longTokens})
+	})
+	require.NoError(t, longGreedy.err)
+	require.Equal(t, engine.StopMaxTokens, longGreedy.res.StopReason,
+		"the greedy answer to %q on the large model ended after %d tokens; the tests that need a long job need another prompt", longPrompt, longGreedy.res.CompletionTokens)
+}
+
+// longInfer is the keeper's arguments for a job that runs long by construction.
+func longInfer(extra ...string) []string {
+	return append(append([]string{"infer", "-m", "large", "--temperature", "0", "--max-tokens", fmt.Sprint(longTokens)}, extra...), longPrompt)
+}
+
 func TestCtrlCCancelsTheJobAndFreesTheSlot(t *testing.T) {
 	t.Parallel()
+	requireLongGreedy(t)
 	c := newCluster(t).withDaemons()
 	c.readyHive(map[string]string{"large": "large"})
-	k := c.start("infer", "-m", "large", "--max-tokens", "2000", "hello")
+	k := c.start(longInfer()...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
 	id := jobIDFrom(t, k.stderr.String())
 	require.NoError(t, k.cmd.Process.Signal(syscall.SIGINT))
@@ -264,10 +314,11 @@ func TestCtrlCCancelsTheJobAndFreesTheSlot(t *testing.T) {
 
 func TestCancelQueuedJobNeverReachesAWorker(t *testing.T) {
 	t.Parallel()
+	requireLongGreedy(t)
 	c := newCluster(t).withDaemons()
 	c.readyHive(map[string]string{"large": "large"})
 	// One worker, one slot, busy with a long job.
-	busy := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "2000", "hello").stdout)
+	busy := strings.TrimSpace(c.mustRbee(longInfer("--detach")...).stdout)
 	eventually(t, 90*time.Second, func() bool { return c.job(busy).State == api.JobRunning }, "first job not running")
 	queued := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "5", "hello").stdout)
 	require.Equal(t, api.JobQueued, c.job(queued).State)
@@ -337,9 +388,10 @@ func parseEvents(t *testing.T, out string) []api.Event {
 
 func TestWorkerKilledMidStreamFailsTheJobClearly(t *testing.T) {
 	t.Parallel()
+	requireLongGreedy(t)
 	c := newCluster(t).withDaemons()
 	c.readyHive(map[string]string{"large": "large"})
-	k := c.start("infer", "-m", "large", "--max-tokens", "2000", "hello")
+	k := c.start(longInfer()...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
 	ws := c.workers()
 	require.Len(t, ws, 1)
@@ -352,9 +404,10 @@ func TestWorkerKilledMidStreamFailsTheJobClearly(t *testing.T) {
 
 func TestQueueFullIsRefused(t *testing.T) {
 	t.Parallel()
+	requireLongGreedy(t)
 	c := newCluster(t).withDaemons().setEnv("RBEE_MAX_QUEUE=1")
 	c.readyHive(map[string]string{"large": "large"})
-	busy := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "2000", "hello").stdout)
+	busy := strings.TrimSpace(c.mustRbee(longInfer("--detach")...).stdout)
 	eventually(t, 90*time.Second, func() bool { return c.job(busy).State == api.JobRunning }, "first job not running")
 	c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "5", "hello")
 	r := c.rbee("infer", "-m", "large", "--max-tokens", "5", "hello")
@@ -408,6 +461,7 @@ func TestHiveLostWhileAJobWaitsForItsWorkerFailsTheJobClearly(t *testing.T) {
 // was added.
 func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
 	t.Parallel()
+	requireLongGreedy(t)
 	c := newCluster(t).withDaemons()
 	c.readyWorkers("large", 1)
 	b := c.connect()
@@ -447,16 +501,18 @@ func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
 	require.Contains(t, r.stderr, "max_tokens")
 	clean("failed", jobIDFrom(t, r.stderr))
 
-	r = c.rbee("infer", "-m", "large", "--max-tokens", "2000", "--timeout", "2s", "hello")
+	r = c.rbee(longInfer("--timeout", "2s")...)
 	require.Equal(t, 1, r.code, r.stderr)
 	require.Contains(t, r.stderr, "timed out after 2s")
 	clean("timed out", jobIDFrom(t, r.stderr))
 
-	// A gateway client that goes away mid-stream.
+	// A gateway client that goes away mid-stream. /v1/completions takes the
+	// raw prompt, so the job is longPrompt's long greedy one; chat requests
+	// end the same way (both endpoints share one path).
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	body := strings.NewReader(`{"model":"large","stream":true,"max_tokens":2000,"messages":[{"role":"user","content":"hello"}]}`)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+c.gateway+"/v1/chat/completions", body)
+	body := strings.NewReader(fmt.Sprintf(`{"model":"large","stream":true,"temperature":0,"max_tokens":%d,"prompt":%q}`, longTokens, longPrompt))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+c.gateway+"/v1/completions", body)
 	require.NoError(t, err)
 	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
@@ -521,8 +577,9 @@ func TestWorkerDyingBeforeTheFirstTokenIsRetriedElsewhere(t *testing.T) {
 func TestQueenRestartReconcilesAJobWhoseWorkerDiedMeanwhile(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
+	requireLongGreedy(t)
 	ws := c.readyWorkers("large", 1)
-	id := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "2000", "hello").stdout)
+	id := strings.TrimSpace(c.mustRbee(longInfer("--detach")...).stdout)
 	eventually(t, 30*time.Second, func() bool { return c.job(id).State == api.JobRunning }, "job not running")
 	c.mustRbee("queen", "stop")
 	require.NoError(t, syscall.Kill(ws[0].PID, syscall.SIGKILL))
