@@ -46,13 +46,30 @@ type Job struct {
 	Deadline *time.Time `json:"deadline,omitempty"`
 	Error    string     `json:"error,omitempty"`
 	// Hive and Worker say where the job ran, once known.
-	Hive     string `json:"hive,omitempty"`
-	Worker   string `json:"worker,omitempty"`
-	Attempts int    `json:"attempts,omitempty"`
+	Hive   string `json:"hive,omitempty"`
+	Worker string `json:"worker,omitempty"`
+	// Attempts is the number of the attempt that runs (or last ran) the
+	// job: 1 for its first worker, one more for each retry. Events of an
+	// older attempt are stale: the record and followers ignore them.
+	Attempts int `json:"attempts,omitempty"`
+	// Prompt describes an infer job's prompt, whose text the record keeps
+	// only as an excerpt (Op.Args): the whole request is stored once on
+	// the job's request subject.
+	Prompt *PromptInfo `json:"prompt,omitempty"`
 	// Result is the operation's outcome (an InferResult for infer jobs).
 	Result json.RawMessage `json:"result,omitempty"`
 	// Revision is the KV revision this record was read at (not stored).
 	Revision uint64 `json:"-"`
+}
+
+// PromptInfo is what a job record says of a prompt it does not hold whole.
+type PromptInfo struct {
+	// Bytes is the size of the prompt, system text and messages together.
+	Bytes int `json:"bytes"`
+	// SHA256 is the hex digest of the request's arguments as submitted.
+	SHA256 string `json:"sha256"`
+	// Truncated says whether the record's copy was shortened.
+	Truncated bool `json:"truncated,omitempty"`
 }
 
 // Operation is what a job does: a kind and its JSON arguments.
@@ -105,18 +122,26 @@ type Token struct {
 	Index int    `json:"i"`
 	ID    int32  `json:"id"`
 	Text  string `json:"t"`
+	// Attempt is the job attempt that generated the token (0: unknown,
+	// never stale). A follower drops tokens of an attempt the job's state
+	// events have moved past.
+	Attempt int `json:"a,omitempty"`
 }
 
 // StateChange is published on a job's state subject for every transition.
 type StateChange struct {
-	Time   time.Time       `json:"time"`
-	From   JobState        `json:"from,omitempty"`
-	State  JobState        `json:"state"`
-	Actor  Actor           `json:"actor"`
-	Error  string          `json:"error,omitempty"`
-	Hive   string          `json:"hive,omitempty"`
-	Worker string          `json:"worker,omitempty"`
-	Result json.RawMessage `json:"result,omitempty"`
+	Time   time.Time `json:"time"`
+	From   JobState  `json:"from,omitempty"`
+	State  JobState  `json:"state"`
+	Actor  Actor     `json:"actor"`
+	Error  string    `json:"error,omitempty"`
+	Hive   string    `json:"hive,omitempty"`
+	Worker string    `json:"worker,omitempty"`
+	// Attempt is the record's attempt number after the change: a running
+	// event names the attempt that started, a retry (running → queued)
+	// the attempt that was given up.
+	Attempt int             `json:"attempt,omitempty"`
+	Result  json.RawMessage `json:"result,omitempty"`
 }
 
 // Event is one stored event of a job as a follower sees it.

@@ -420,7 +420,7 @@ func queenCounts(ctx context.Context, c *cluster) (online, workers int) {
 func watchBacklog(ctx context.Context, c *cluster) uint64 {
 	var total uint64
 	for _, bucket := range []string{c.b.Space.HivesBucket(), c.b.Space.WorkersBucket()} {
-		st, err := c.b.JS.Stream(ctx, "KV_"+bucket)
+		st, err := c.b.JS.Stream(ctx, subjects.KVStream(bucket))
 		if err != nil {
 			continue
 		}

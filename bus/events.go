@@ -262,6 +262,12 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 // terminal event releases whatever still waits, in order. A gap that is
 // never filled (the stream's limits discarded the oldest tokens of a huge
 // job) is given up once maxHeldTokens wait behind it.
+//
+// It also fences attempts: once the job's state events say it was retried
+// (running → queued) or that a newer attempt runs, tokens of older attempts
+// are dropped, and counting starts again at the new attempt's index 0. A
+// worker given up while paused or cut off may still publish after it wakes;
+// nobody sees those tokens.
 const maxHeldTokens = 8192
 
 type tokenOrder struct {
@@ -271,14 +277,30 @@ type tokenOrder struct {
 	started bool
 	next    int
 	held    map[int]api.Event
+	// attempt is the oldest attempt whose tokens are still shown.
+	attempt int
 	// out is reused for what admit returns: no allocation per token.
 	out []api.Event
+}
+
+// newAttempt drops what an older attempt left and counts from 0 again.
+func (o *tokenOrder) newAttempt(a int) {
+	o.attempt = a
+	o.started, o.resumed, o.next, o.held = true, false, 0, nil
 }
 
 // admit takes the next stored event and returns those now due, in order;
 // the slice is valid until the next call.
 func (o *tokenOrder) admit(ev api.Event) []api.Event {
 	o.out = o.out[:0]
+	if st := ev.State; st != nil {
+		switch {
+		case st.State == api.JobQueued && st.From == api.JobRunning && st.Attempt >= o.attempt:
+			o.newAttempt(st.Attempt + 1)
+		case st.State == api.JobRunning && st.Attempt > o.attempt:
+			o.newAttempt(st.Attempt)
+		}
+	}
 	if ev.Token == nil {
 		if !ev.Terminal() || len(o.held) == 0 {
 			return append(o.out, ev)
@@ -293,6 +315,15 @@ func (o *tokenOrder) admit(ev api.Event) []api.Event {
 		}
 		o.held = nil
 		return append(o.out, ev)
+	}
+	if a := ev.Token.Attempt; a != 0 {
+		if a < o.attempt {
+			return nil // a stale attempt's token
+		}
+		if a > o.attempt && o.attempt != 0 {
+			o.newAttempt(a)
+		}
+		o.attempt = a
 	}
 	i := ev.Token.Index
 	if !o.started {

@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -11,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
+	"github.com/rbee-dev/rbee/subjects"
 )
 
 // ErrDuplicate is returned when another live component already holds the
@@ -36,6 +38,8 @@ type Heartbeat struct {
 	// Value produces the entry's content at each beat.
 	value    func() ([]byte, error)
 	instance string
+	// kick asks Run for a beat now (after a reconnect).
+	kick chan struct{}
 
 	mu  sync.Mutex
 	rev uint64
@@ -60,8 +64,19 @@ func (b *Bus) NewHeartbeat(bucket, key string, interval time.Duration, value fun
 		interval = DefaultHeartbeatInterval
 	}
 	return &Heartbeat{
-		bus: b, bucket: bucket, key: key, subject: "$KV." + bucket + "." + key,
+		bus: b, bucket: bucket, key: key, subject: subjects.KVSubject(bucket, key),
 		interval: interval, ttl: TTLForInterval(interval), value: value, instance: nuid.Next(),
+		kick: make(chan struct{}, 1),
+	}
+}
+
+// Kick makes Run beat at once instead of at its next tick: after the bus
+// comes back, the queen judges liveness one TTL later, so every live
+// component must have beaten by then. It never blocks.
+func (h *Heartbeat) Kick() {
+	select {
+	case h.kick <- struct{}{}:
+	default: // a beat is already due
 	}
 }
 
@@ -74,7 +89,7 @@ func (h *Heartbeat) TTL() time.Duration { return h.ttl }
 // Register claims the entry. It fails with ErrDuplicate while a live entry
 // written by another process exists.
 func (h *Heartbeat) Register(ctx context.Context) error {
-	stream, err := h.bus.JS.Stream(ctx, "KV_"+h.bucket)
+	stream, err := h.bus.JS.Stream(ctx, subjects.KVStream(h.bucket))
 	if err != nil {
 		return fmt.Errorf("registry bucket %s: %w", h.bucket, err)
 	}
@@ -144,6 +159,8 @@ func (h *Heartbeat) Run(ctx context.Context, onError func(error)) error {
 			t.Stop()
 			return ctx.Err()
 		case <-t.C:
+		case <-h.kick:
+			t.Stop()
 		}
 		bctx, cancel := context.WithTimeout(ctx, h.interval+time.Second)
 		err := h.Beat(bctx)
@@ -173,4 +190,24 @@ func (h *Heartbeat) Deregister(ctx context.Context) error {
 		return fmt.Errorf("deregister %s: %w", h.key, err)
 	}
 	return nil
+}
+
+// ExitReport is what a purged registry entry says about its owner's end,
+// when someone saw it (a hive watching its worker's process). An entry whose
+// TTL ran out carries none: its owner only stopped beating.
+type ExitReport struct {
+	Exit string `json:"exit"`
+}
+
+// PurgeExited purges a registry entry whose owner was seen to exit, saying
+// how (the purge marker carries report, and watchers see it as the entry's
+// value), so the queen can tell a death from a silence. The marker stays
+// for markerTTL.
+func (b *Bus) PurgeExited(ctx context.Context, bucket, key string, report ExitReport, markerTTL time.Duration) error {
+	msg := nats.NewMsg(subjects.KVSubject(bucket, key))
+	msg.Data, _ = json.Marshal(report)
+	msg.Header.Set("KV-Operation", "PURGE")
+	msg.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	_, err := b.JS.PublishMsg(ctx, msg, jetstream.WithMsgTTL(markerTTL))
+	return err
 }

@@ -52,3 +52,51 @@ func TestTokenOrderGivesUpAGapThatNeverFills(t *testing.T) {
 		require.Equal(t, 10+n, i)
 	}
 }
+
+// A worker given up (paused, cut off) may publish after the job moved on:
+// once the state events say the job was retried, or a newer attempt runs,
+// the stale attempt's tokens are not shown, whatever their index, and the
+// new attempt is counted from its own index 0.
+func TestTokenOrderFencesStaleAttempts(t *testing.T) {
+	attemptTok := func(a, i int) api.Event {
+		return api.Event{Kind: "token", Token: &api.Token{Index: i, Attempt: a, Text: string(rune('a' + a))}}
+	}
+	state := func(from, to api.JobState, a int) api.Event {
+		return api.Event{Kind: "state", State: &api.StateChange{From: from, State: to, Attempt: a}}
+	}
+	cases := []struct {
+		name   string
+		events []api.Event
+		want   string
+	}{
+		{"retry before any token", []api.Event{
+			state(api.JobQueued, api.JobRunning, 1),
+			state(api.JobRunning, api.JobQueued, 1),
+			attemptTok(1, 0), // the paused worker wakes up
+			state(api.JobQueued, api.JobRunning, 2),
+			attemptTok(2, 0), attemptTok(1, 1), attemptTok(2, 1), attemptTok(1, 99999999),
+		}, "cc"},
+		{"newer attempt seen only by its running event", []api.Event{
+			state(api.JobQueued, api.JobRunning, 2),
+			attemptTok(1, 0), attemptTok(2, 0), attemptTok(2, 1),
+		}, "cc"},
+		{"tokens without an attempt are never fenced", []api.Event{
+			state(api.JobQueued, api.JobRunning, 1),
+			attemptTok(0, 0), attemptTok(0, 1),
+		}, "aa"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			o := tokenOrder{}
+			var text string
+			for _, ev := range c.events {
+				for _, out := range o.admit(ev) {
+					if out.Token != nil {
+						text += out.Token.Text
+					}
+				}
+			}
+			require.Equal(t, c.want, text)
+		})
+	}
+}

@@ -312,7 +312,7 @@ func (h *hive) supervise(w *workerProc) {
 		}
 	}
 	if purge {
-		if err := h.workersKV.Purge(ctx, w.id, jetstream.PurgeTTL(bus.HeartbeatMarkerTTL)); err != nil {
+		if err := h.bus.PurgeExited(ctx, h.bus.Space.WorkersBucket(), w.id, bus.ExitReport{Exit: w.exit}, bus.HeartbeatMarkerTTL); err != nil {
 			h.log.Warn().Err(err).Str("worker", w.id).Msg("purging the registry entry of an exited worker")
 		}
 	}

@@ -32,7 +32,19 @@ var (
 	ErrTerminal = errors.New("job already finished")
 	// ErrConflict means the record changed since it was read.
 	ErrConflict = errors.New("job record changed concurrently")
+	// ErrStale means the writer's attempt is no longer the job's current
+	// one: the job was retried, or ended, without it. A stale worker (one
+	// paused or cut off long enough to be given up) must not change the
+	// job's outcome.
+	ErrStale = errors.New("stale attempt")
 )
+
+// Attempt names one attempt at running a job: its number (1 for the first
+// worker, one more per retry) and the worker that runs it.
+type Attempt struct {
+	Number int
+	Worker string
+}
 
 // transitions lists the allowed changes. running → queued is a retry: the
 // worker died before sending any token, so the job may run elsewhere.
@@ -202,6 +214,50 @@ func (s *Store) CompareAndSwap(ctx context.Context, job api.Job) (api.Job, error
 // changes, re-checking the state machine against the fresh record each
 // time, so a cancel racing a completion ends in exactly one terminal state.
 func (s *Store) Transition(ctx context.Context, id string, to api.JobState, mutate func(*api.Job)) (api.Job, error) {
+	return s.transition(ctx, id, to, nil, mutate)
+}
+
+// Take moves a queued job to running for attempt a, the attempt after the
+// record's last one. A request of an older attempt (redelivered after its
+// job was retried) is refused with ErrStale, so only one worker per attempt
+// ever runs a job.
+func (s *Store) Take(ctx context.Context, id string, a Attempt, hive string) (api.Job, error) {
+	return s.transition(ctx, id, api.JobRunning, func(j api.Job) error {
+		if j.State == api.JobQueued && a.Number != j.Attempts+1 {
+			return fmt.Errorf("job %s: %w: request of attempt %d, the job waits for attempt %d", id, ErrStale, a.Number, j.Attempts+1)
+		}
+		return nil
+	}, func(j *api.Job) { j.Worker, j.Hive, j.Attempts = a.Worker, hive, a.Number })
+}
+
+// Finish moves a running job to a terminal state on behalf of attempt a.
+// It fails with ErrStale when a is no longer the job's attempt (the queen
+// gave the worker up and retried or failed the job), and with ErrTerminal
+// when someone else ended the job first.
+func (s *Store) Finish(ctx context.Context, id string, a Attempt, to api.JobState, mutate func(*api.Job)) (api.Job, error) {
+	return s.transition(ctx, id, to, a.current(id), mutate)
+}
+
+// Retry puts a running job back in the queue after attempt a's worker was
+// lost, keeping the attempt number: the next request carries a.Number+1.
+func (s *Store) Retry(ctx context.Context, id string, a Attempt) (api.Job, error) {
+	return s.transition(ctx, id, api.JobQueued, a.current(id), func(j *api.Job) { j.Worker, j.Hive = "", "" })
+}
+
+// current checks that attempt a still runs the job.
+func (a Attempt) current(id string) func(api.Job) error {
+	return func(j api.Job) error {
+		if j.State.Terminal() {
+			return nil // the state machine says ErrTerminal
+		}
+		if j.Attempts != a.Number || j.Worker != a.Worker {
+			return fmt.Errorf("job %s: %w: attempt %d on worker %s, the job is at attempt %d on worker %q", id, ErrStale, a.Number, a.Worker, j.Attempts, j.Worker)
+		}
+		return nil
+	}
+}
+
+func (s *Store) transition(ctx context.Context, id string, to api.JobState, check func(api.Job) error, mutate func(*api.Job)) (api.Job, error) {
 	for attempt := 0; ; attempt++ {
 		job, err := s.Get(ctx, id)
 		if err != nil {
@@ -210,6 +266,11 @@ func (s *Store) Transition(ctx context.Context, id string, to api.JobState, muta
 		from := job.State
 		if err := CheckTransition(from, to); err != nil {
 			return job, fmt.Errorf("job %s: %w", id, err)
+		}
+		if check != nil {
+			if err := check(job); err != nil {
+				return job, err
+			}
 		}
 		now := time.Now().UTC()
 		job.State = to
@@ -258,7 +319,7 @@ func (s *Store) Update(ctx context.Context, id string, mutate func(*api.Job) err
 func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState) {
 	ev := api.StateChange{
 		Time: time.Now().UTC(), From: from, State: job.State, Actor: s.actor,
-		Error: job.Error, Hive: job.Hive, Worker: job.Worker,
+		Error: job.Error, Hive: job.Hive, Worker: job.Worker, Attempt: job.Attempts,
 	}
 	if job.State.Terminal() {
 		ev.Result = job.Result
@@ -286,6 +347,20 @@ func (s *Store) Counts(ctx context.Context) (map[api.JobState]int, error) {
 	}
 	return counts, nil
 }
+
+// Watch watches every record: first the current ones, then each change
+// (deletes included, as a record ages out), until ctx ends. Decode turns an
+// entry into a job.
+func (s *Store) Watch(ctx context.Context) (jetstream.KeyWatcher, error) {
+	w, err := s.kv.WatchAll(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("watch jobs: %w", err)
+	}
+	return w, nil
+}
+
+// Decode reads a job record from a bucket entry.
+func Decode(e jetstream.KeyValueEntry) (api.Job, error) { return decode(e) }
 
 // IsNotFound reports whether err means the job does not exist.
 func IsNotFound(err error) bool { return errors.Is(err, ErrNotFound) }

@@ -117,6 +117,22 @@ func (s Space) InferConsumer(modelKey string) (string, error) {
 	return "infer-" + modelKey, nil
 }
 
+// RequestsStream stores the whole request of each inference job once, so
+// the job record keeps only an excerpt of the prompt and a retry or a
+// restarted queen can queue the request again.
+func (s Space) RequestsStream() string { return strings.ToUpper(s.ns) + "_REQUESTS" }
+
+// RequestsAll matches every job's request subject.
+func (s Space) RequestsAll() string { return s.ns + ".request.*" }
+
+// Request is the subject holding one job's whole request.
+func (s Space) Request(job string) (string, error) {
+	if err := ValidateID(KindJob, job); err != nil {
+		return "", err
+	}
+	return s.ns + ".request." + job, nil
+}
+
 // --- job events ---
 
 // JobsStream is the stream that stores every job's narration, tokens and
@@ -203,6 +219,9 @@ func (s Space) JobsBucket() string { return s.ns + "_jobs" }
 // InventoryBucket holds the hives the user has added (name and how to reach
 // the machine), so a restarted queen still knows them.
 func (s Space) InventoryBucket() string { return s.ns + "_inventory" }
+
+// KVStream is the stream behind a KV bucket.
+func KVStream(bucket string) string { return "KV_" + bucket }
 
 // KVSubject is the subject a KV bucket stores key under. Heartbeats publish
 // to it directly because a plain publish can carry a per-message TTL that

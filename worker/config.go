@@ -87,6 +87,10 @@ type Config struct {
 	DrainGrace time.Duration
 	// DefaultMaxTokens applies to requests without max_tokens.
 	DefaultMaxTokens int
+	// BusOutage is how long a running job rides out a bus that went away
+	// (its tokens and its end wait for the bus to come back) before the
+	// job is failed (bus.DefaultOutage).
+	BusOutage time.Duration
 
 	// NATSURL, Credentials and Namespace say how to reach the bus;
 	// BusOptions are extra connection options (an in-process server).
@@ -150,6 +154,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.DefaultMaxTokens <= 0 {
 		c.DefaultMaxTokens = DefaultMaxTokens
+	}
+	if c.BusOutage <= 0 {
+		c.BusOutage = bus.DefaultOutage
 	}
 	return c, nil
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rbee-dev/rbee/worker/engine"
@@ -95,16 +96,12 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 
 	ereq, promptTokens, bad := w.prepare(req.Args)
 	if bad != nil {
-		w.reject(bctx, msg, id, bad)
+		w.reject(bctx, msg, id, max(req.Attempt, 1), bad)
 		return
 	}
 
-	attempt := req.Attempt
-	job, err := w.store.Transition(bctx, id, api.JobRunning, func(j *api.Job) {
-		j.Worker, j.Hive = w.cfg.ID, w.cfg.Hive
-		j.Attempts = max(j.Attempts+1, attempt)
-		attempt = j.Attempts
-	})
+	attempt := jobs.Attempt{Number: max(req.Attempt, 1), Worker: w.cfg.ID}
+	job, err := w.store.Take(bctx, id, attempt, w.cfg.Hive)
 	switch {
 	case err == nil:
 	case errors.Is(err, jobs.ErrTerminal):
@@ -112,9 +109,10 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 		log.Debug().Err(err).Msg("skipping a job that already ended")
 		_ = msg.Ack()
 		return
-	case errors.Is(err, jobs.ErrNotFound), errors.Is(err, jobs.ErrIllegalTransition):
-		// No record, or another worker runs it (a redelivery).
-		log.Warn().Err(err).Msg("skipping a request whose job is not waiting")
+	case errors.Is(err, jobs.ErrNotFound), errors.Is(err, jobs.ErrIllegalTransition), errors.Is(err, jobs.ErrStale):
+		// No record, another worker runs it (a redelivery), or the
+		// request is of an attempt the job has moved past.
+		log.Warn().Err(err).Msg("skipping a request whose job is not waiting for it")
 		_ = msg.Ack()
 		return
 	default:
@@ -138,16 +136,16 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	defer freeSlot()
 
 	w.narrator.Post(id, "infer", w.cfg.Model,
-		map[string]any{"slot": slotIdx, "attempt": attempt, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
+		map[string]any{"slot": slotIdx, "attempt": attempt.Number, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
 		"worker %s on hive %s is generating with model %s", w.cfg.ID, w.cfg.Hive, w.cfg.Model)
 	w.generate(genCtx, cancelGen, slot, job, req, ereq, attempt, freeSlot)
 }
 
 // reject fails a job whose parameters are bad before any work is done.
-func (w *worker) reject(ctx context.Context, msg jetstream.Msg, id string, bad error) {
-	// Only a waiting job is failed here: a redelivered request must not
-	// fail the job another worker now runs.
-	if job, err := w.store.Get(ctx, id); err != nil || job.State != api.JobQueued {
+func (w *worker) reject(ctx context.Context, msg jetstream.Msg, id string, attempt int, bad error) {
+	// Only a job waiting for this request's attempt is failed here: a
+	// redelivered or stale request must not fail a job that moved on.
+	if job, err := w.store.Get(ctx, id); err != nil || job.State != api.JobQueued || job.Attempts+1 != attempt {
 		_ = msg.Ack()
 		return
 	}
@@ -172,13 +170,14 @@ const (
 )
 
 // generate streams the tokens of one running job and records its end.
-func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, job api.Job, req api.InferRequest, ereq engine.Request, attempt int, freeSlot func()) {
+func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, job api.Job, req api.InferRequest, ereq engine.Request, attempt jobs.Attempt, freeSlot func()) {
 	id := job.ID
 	pub, err := w.bus.Tokens(id)
 	if err != nil { // the id was validated; kept for safety
-		w.finish(id, api.JobFailed, err.Error(), nil)
+		w.finish(id, attempt, api.JobFailed, err.Error(), nil)
 		return
 	}
+	pub.ResendWithin = w.cfg.BusOutage
 	var first atomic.Int32
 	ftt := time.Duration(req.Args.FirstTokenTimeout)
 	started := time.Now()
@@ -199,17 +198,18 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		}
 		// Every token is published, even one whose text is held back,
 		// so indices are the engine's: contiguous from 0.
-		if err := pub.Publish(api.Token{Index: t.Index, ID: t.ID, Text: t.Text}); err != nil {
+		if err := pub.Publish(api.Token{Index: t.Index, ID: t.ID, Text: t.Text, Attempt: attempt.Number}); err != nil {
 			return err
 		}
 		text.WriteString(t.Text)
 		w.tokenServed()
 		return nil
 	})
-	fctx, fcancel := context.WithTimeout(context.Background(), busTimeout)
-	defer fcancel()
 	// Every token is stored before the end is, so no follower sees the
-	// end before the last token.
+	// end before the last token. A bus outage (the queen restarting) is
+	// waited out for as long as the worker rides one out at all.
+	fctx, fcancel := context.WithTimeout(context.Background(), w.cfg.BusOutage+busTimeout)
+	defer fcancel()
 	flushErr := pub.Flush(fctx)
 	freeSlot()
 
@@ -217,37 +217,45 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		Text: text.String(), StopReason: string(res.StopReason),
 		PromptTokens: res.PromptTokens, CompletionTokens: res.CompletionTokens,
 		TimeToFirstToken: api.Duration(res.TimeToFirstToken), Duration: api.Duration(res.Duration),
-		TokensPerSecond: tokensPerSecond(res), Worker: w.cfg.ID, Hive: w.cfg.Hive, Attempt: attempt,
+		TokensPerSecond: tokensPerSecond(res), Worker: w.cfg.ID, Hive: w.cfg.Hive, Attempt: attempt.Number,
 	}
 	cause := context.Cause(ctx)
 	switch {
 	case errors.Is(genErr, errNoFirstToken) || (res.StopReason == engine.StopCancelled && errors.Is(cause, errNoFirstToken)):
-		w.finish(id, api.JobFailed, fmt.Sprintf("no first token within %s from worker %s on hive %s", ftt, w.cfg.ID, w.cfg.Hive), nil)
+		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("no first token within %s from worker %s on hive %s", ftt, w.cfg.ID, w.cfg.Hive), nil)
 	case genErr != nil && errors.Is(genErr, engine.ErrInvalidRequest):
-		w.finish(id, api.JobFailed, genErr.Error(), nil)
+		w.finish(id, attempt, api.JobFailed, genErr.Error(), nil)
 	case genErr != nil:
-		w.finish(id, api.JobFailed, fmt.Sprintf("generation failed on worker %s: %v", w.cfg.ID, genErr), nil)
+		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("generation failed on worker %s: %v", w.cfg.ID, genErr), nil)
 	case flushErr != nil:
-		w.finish(id, api.JobFailed, fmt.Sprintf("tokens of worker %s were not stored: %v", w.cfg.ID, flushErr), nil)
+		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("tokens of worker %s were not stored: %v", w.cfg.ID, flushErr), nil)
 	case res.StopReason == engine.StopCancelled && errors.Is(cause, ErrStopped):
-		w.finish(id, api.JobFailed, fmt.Sprintf("worker %s on hive %s shut down before the job finished (after %d tokens)", w.cfg.ID, w.cfg.Hive, res.CompletionTokens), &result)
+		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("worker %s on hive %s shut down before the job finished (after %d tokens)", w.cfg.ID, w.cfg.Hive, res.CompletionTokens), &result)
 	case res.StopReason == engine.StopCancelled:
-		w.finish(id, api.JobCancelled, "cancelled", &result)
+		w.finish(id, attempt, api.JobCancelled, "cancelled", &result)
 	default:
 		w.jobSpeed(result.TokensPerSecond)
-		w.finish(id, api.JobCompleted, "", &result)
+		w.finish(id, attempt, api.JobCompleted, "", &result)
 	}
 }
 
-// finish moves the job to its terminal state. Someone else may have ended
-// it first (the queen cancels or times out a job before signalling the
-// worker); then their state stands.
-func (w *worker) finish(id string, to api.JobState, reason string, result *api.InferResult) {
-	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+// finish moves the job to its terminal state for attempt. Someone else may
+// have ended it first (the queen cancels or times out a job before
+// signalling the worker); then their state stands. A worker given up while
+// it was paused or cut off finds its attempt stale and changes nothing, not
+// even the narration. A bus outage is ridden out for cfg.BusOutage.
+func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, reason string, result *api.InferResult) {
+	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.BusOutage+busTimeout)
 	defer cancel()
 	var raw json.RawMessage
 	if result != nil {
 		raw, _ = json.Marshal(result)
+	}
+	if job, err := retryOutage(ctx, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) }); err == nil &&
+		(job.State.Terminal() || job.Attempts != attempt.Number || job.Worker != attempt.Worker) {
+		w.log.Info().Str("job", id).Int("attempt", attempt.Number).Str("state", string(job.State)).
+			Msg("the job moved on without this attempt; its end is not recorded")
+		return
 	}
 	switch to {
 	case api.JobCompleted:
@@ -259,18 +267,38 @@ func (w *worker) finish(id string, to api.JobState, reason string, result *api.I
 	default:
 		w.narrator.Warn(ctx, id, "infer", w.cfg.Model, "%s", reason)
 	}
-	_, err := w.store.Transition(ctx, id, to, func(j *api.Job) {
-		j.Error = reason
-		if raw != nil {
-			j.Result = raw
-		}
+	_, err := retryOutage(ctx, func(ctx context.Context) (api.Job, error) {
+		return w.store.Finish(ctx, id, attempt, to, func(j *api.Job) {
+			j.Error = reason
+			if raw != nil {
+				j.Result = raw
+			}
+		})
 	})
 	switch {
 	case err == nil:
-	case errors.Is(err, jobs.ErrTerminal):
+	case errors.Is(err, jobs.ErrTerminal), errors.Is(err, jobs.ErrStale):
 		w.log.Debug().Str("job", id).Err(err).Msg("job already ended")
 	default:
 		w.log.Error().Str("job", id).Str("state", string(to)).Err(err).Msg("could not record the end of a job")
+	}
+}
+
+// retryOutage calls op until it succeeds, fails for a reason other than
+// the bus being away, or ctx ends: each try gets busTimeout.
+func retryOutage[T any](ctx context.Context, op func(context.Context) (T, error)) (T, error) {
+	for {
+		tctx, cancel := context.WithTimeout(ctx, busTimeout)
+		v, err := op(tctx)
+		cancel()
+		if err == nil || !bus.Unavailable(err) || ctx.Err() != nil {
+			return v, err
+		}
+		select {
+		case <-ctx.Done():
+			return v, err
+		case <-time.After(250 * time.Millisecond):
+		}
 	}
 }
 

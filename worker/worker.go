@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -31,11 +32,13 @@ var ErrStopped = errors.New("worker stopped")
 // heartbeat, the model and the slot goroutines; the status counters are the
 // only state shared with them, behind mu.
 type worker struct {
-	cfg      Config
-	log      zerolog.Logger
-	bus      *bus.Bus
-	key      string
-	hb       *bus.Heartbeat
+	cfg Config
+	log zerolog.Logger
+	bus *bus.Bus
+	key string
+	hb  *bus.Heartbeat
+	// beat is hb once registered, for the reconnect callback.
+	beat     atomic.Pointer[bus.Heartbeat]
 	model    engine.Model
 	store    *jobs.Store
 	narrator *bus.Narrator
@@ -78,6 +81,13 @@ func Run(ctx context.Context, cfg Config) error {
 	w.bus, err = bus.Connect(ctx, bus.ConnectConfig{
 		URL: cfg.NATSURL, Credentials: cfg.Credentials, Namespace: cfg.Namespace,
 		Name: "llm-worker-rbee " + cfg.ID, Reconnect: true, Extra: cfg.BusOptions, Log: w.log,
+		// Beat at once when the bus is back, well within the grace the
+		// queen gives before it judges liveness.
+		OnReconnect: func() {
+			if hb := w.beat.Load(); hb != nil {
+				hb.Kick()
+			}
+		},
 	})
 	if err != nil {
 		return err
@@ -96,6 +106,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := w.hb.Register(setupCtx); err != nil {
 		return fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
+	w.beat.Store(w.hb)
 	hbCtx, stopBeats := context.WithCancel(context.WithoutCancel(ctx))
 	hbStopped := make(chan struct{})
 	var hbErr error
