@@ -72,6 +72,19 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 	}); err != nil {
 		return fmt.Errorf("create stream %s: %w", s.InferStream(), err)
 	}
+	if _, err := b.JS.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:              s.RequestsStream(),
+		Description:       "rbee inference requests, whole, one per job: the job record keeps an excerpt",
+		Subjects:          []string{s.RequestsAll()},
+		Retention:         jetstream.LimitsPolicy,
+		MaxAge:            r.JobEvents,
+		MaxMsgsPerSubject: 1,
+		MaxBytes:          r.MaxJobBytes,
+		Discard:           jetstream.DiscardOld,
+		Storage:           jetstream.FileStorage,
+	}); err != nil {
+		return fmt.Errorf("create stream %s: %w", s.RequestsStream(), err)
+	}
 	buckets := []jetstream.KeyValueConfig{
 		{Bucket: s.HivesBucket(), Description: "live hives: one heartbeat entry per hive with a per-beat TTL", History: 1, LimitMarkerTTL: HeartbeatMarkerTTL, Storage: jetstream.FileStorage},
 		{Bucket: s.WorkersBucket(), Description: "live workers: one heartbeat entry per worker with a per-beat TTL", History: 1, LimitMarkerTTL: HeartbeatMarkerTTL, Storage: jetstream.FileStorage},

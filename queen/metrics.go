@@ -176,10 +176,10 @@ func (c *clusterCollector) Collect(ch chan<- prometheus.Metric) {
 	// Every model the cluster knows gets a series, at zero when nothing
 	// waits, so a dashboard does not see series come and go.
 	depths := map[string]int{}
-	for _, model := range q.sched.modelNames() {
+	for _, model := range q.registry.Snapshot().modelNames() {
 		depths[model] = 0
 	}
-	for model, n := range q.sched.queueDepths() {
+	for model, n := range q.sched.Depths() {
 		depths[model] += n
 	}
 	for model, n := range depths {

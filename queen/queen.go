@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -18,6 +19,7 @@ import (
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/jobs"
+	"github.com/rbee-dev/rbee/queen/sched"
 	"github.com/rs/zerolog"
 )
 
@@ -46,6 +48,10 @@ type Config struct {
 	FirstTokenTimeout time.Duration
 	// MaxQueue bounds waiting inference requests per model (default 1024).
 	MaxQueue int
+	// LivenessGrace is how long after the queen starts, or its bus comes
+	// back, an expired heartbeat is not taken for a loss: long enough for
+	// every live hive and worker to beat again (default one heartbeat TTL).
+	LivenessGrace time.Duration
 	// AdvertiseURL is the bus address hives on other machines are told to
 	// use (default: the embedded server's URL).
 	AdvertiseURL string
@@ -96,6 +102,9 @@ func (c *Config) defaults() {
 	if c.MaxQueue <= 0 {
 		c.MaxQueue = DefaultMaxQueue
 	}
+	if c.LivenessGrace <= 0 {
+		c.LivenessGrace = bus.TTLForInterval(bus.DefaultHeartbeatInterval)
+	}
 	if c.BinDir == "" {
 		if exe, err := os.Executable(); err == nil {
 			c.BinDir = filepath.Dir(exe)
@@ -120,9 +129,13 @@ type Queen struct {
 	runs sync.WaitGroup
 	// runCtx is cancelled at shutdown; every job goroutine derives from it.
 	runCtx context.Context
+	// busBack starts a grace after a reconnect (set once the registry
+	// and scheduler exist; the connection calls it).
+	busBack atomic.Pointer[func()]
 	// local hive processes this queen started, by hive name.
 	localHives sync.Map
-	sched      *scheduler
+	sched      *sched.Scheduler
+	deadlines  *deadlineKeeper
 	gateway    *gateway
 }
 
@@ -155,10 +168,23 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	q.narrator = q.bus.Narrator(actor, "", "")
-	q.registry = newRegistry(q.bus)
-	q.sched = newScheduler(q)
-	q.registry.OnHiveLost = q.sched.hiveLost
-	q.registry.OnWorkerLost = q.sched.workerLost
+	q.registry = newRegistry(q.bus, cfg.LivenessGrace)
+	q.sched = q.newScheduler()
+	q.registry.OnWorkerLost = func(_ string, last api.WorkerStatus, why string) { q.sched.WorkerLost(last, why) }
+	q.registry.OnWorkerGone = func(_ string, last api.WorkerStatus) { q.sched.WorkerGone(last) }
+	q.registry.OnSettled = func() { q.sched.Settled(true) }
+	q.registry.OnFlush = q.sched.ViewChanged
+	busBack := func() {
+		q.sched.Settled(false)
+		q.registry.BusBack()
+	}
+	q.busBack.Store(&busBack)
+	schedDone := make(chan struct{})
+	go func() {
+		defer close(schedDone)
+		q.sched.Run(runCtx)
+	}()
+	defer func() { cancelRuns(); <-schedDone }()
 	regDone := make(chan error, 1)
 	go func() { regDone <- q.registry.run(runCtx) }()
 	select {
@@ -169,13 +195,18 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("registry watch did not start: %w", setupCtx.Err())
 	}
 
-	deadlines := newDeadlineKeeper(q)
-	go deadlines.run(runCtx)
-	q.sched.deadlines = deadlines
-	go q.sched.run(runCtx)
+	q.deadlines = newDeadlineKeeper(q)
+	go q.deadlines.run(runCtx)
 	if err := q.reconcile(setupCtx); err != nil {
 		q.log.Warn().Err(err).Msg("reconciling jobs after start")
 	}
+	q.runs.Add(1)
+	go func() {
+		defer q.runs.Done()
+		if err := q.watchJobs(runCtx); err != nil {
+			q.log.Error().Err(err).Msg("watching job records")
+		}
+	}()
 
 	q.endpoints = bus.NewEndpoints(256, 30*time.Second)
 	q.endpoints.Log = func(ep string, err error) { q.log.Error().Err(err).Str("endpoint", ep).Msg("request failed") }
@@ -229,6 +260,11 @@ func (q *Queen) connect(ctx context.Context) error {
 	cc := bus.ConnectConfig{
 		Name: "queen-rbee", Namespace: q.cfg.Namespace, Credentials: q.cfg.Credentials,
 		Reconnect: true, Log: q.log, Timeout: 5 * time.Second,
+		OnReconnect: func() {
+			if f := q.busBack.Load(); f != nil {
+				(*f)()
+			}
+		},
 	}
 	if q.cfg.NATSURL != "" {
 		cc.URL = q.cfg.NATSURL

@@ -3,8 +3,10 @@ package queen
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -25,12 +27,57 @@ type Snapshot struct {
 	Hives   map[string]HiveRecord
 	Workers map[string]api.WorkerStatus
 	changed chan struct{}
+	// exits is the registry's record of workers seen to exit (shared by
+	// every snapshot; safe for concurrent use).
+	exits *exitLog
+}
+
+// exitLog remembers, for a while, how workers that were seen to exit ended:
+// a queen that starts after a worker died reads it from the purge marker
+// the worker's hive left, though it never saw the worker alive.
+type exitLog struct{ m sync.Map }
+
+type exitNote struct {
+	why string
+	at  time.Time
+}
+
+// exitMemory bounds how long an exit is remembered (markers live a minute).
+const exitMemory = 10 * time.Minute
+
+func (l *exitLog) note(id, why string) {
+	now := time.Now()
+	l.m.Store(id, exitNote{why, now})
+	l.m.Range(func(k, v any) bool {
+		if now.Sub(v.(exitNote).at) > exitMemory {
+			l.m.Delete(k)
+		}
+		return true
+	})
+}
+
+func (l *exitLog) forget(id string) { l.m.Delete(id) }
+
+func (l *exitLog) of(id string) (string, bool) {
+	v, ok := l.m.Load(id)
+	if !ok {
+		return "", false
+	}
+	return v.(exitNote).why, true
 }
 
 // Registry is the queen's live view of hives and workers. One goroutine
 // (run) owns it and is fed only by the registry buckets' watchers; readers
 // take immutable snapshots. Liveness is the buckets' TTLs: the queen never
 // polls anyone.
+//
+// Liveness is judged only once the bus has been back for a grace of one
+// heartbeat TTL: after the queen starts, and after every reconnect. An
+// entry that expired while the bus was away (or the queen was down) says
+// nothing about its owner, which beats again as soon as it can reach the
+// bus; so an expiry seen during the grace is held, and becomes a loss only
+// if no beat came by the grace's end. When the grace ends, OnSettled says
+// the view is now trustworthy: whatever is missing from it is gone.
 //
 // A new snapshot is a copy of every entry, so one per heartbeat would cost
 // the queen O(entries) per beat: quadratic in the size of the cluster. A
@@ -44,10 +91,21 @@ type Registry struct {
 	snap atomic.Pointer[Snapshot]
 	// OnHiveLost and OnWorkerLost are called from the owner goroutine when
 	// an entry expires without a goodbye.
+	// OnWorkerLost's why says what is known: the hive saw the worker exit,
+	// or its heartbeat stopped.
 	OnHiveLost   func(id string, last api.HiveStatus)
-	OnWorkerLost func(id string, last api.WorkerStatus)
+	OnWorkerLost func(id string, last api.WorkerStatus, why string)
 	OnWorkerGone func(id string, last api.WorkerStatus)
-	ready        chan struct{}
+	// OnFlush is called from the owner goroutine after each new snapshot.
+	OnFlush func()
+	// OnSettled is called from the owner goroutine each time a grace ends.
+	OnSettled func()
+	ready     chan struct{}
+	// grace is how long after the bus is back liveness is not judged.
+	grace   time.Duration
+	busBack chan struct{}
+	// settled is set while no grace runs (readable by anyone).
+	settled atomic.Bool
 
 	// Owned by run: the current state, newer than the snapshot while dirty.
 	hives   map[string]HiveRecord
@@ -59,16 +117,42 @@ type Registry struct {
 	loading bool
 	// flushes counts snapshots published, to show beats are folded.
 	flushes atomic.Int64
+	// graceUntil ends the current grace; expired holds the entries whose
+	// expiry was seen during it, by kind, until they beat again.
+	graceUntil     time.Time
+	expiredHives   map[string]bool
+	expiredWorkers map[string]string
+	// lastBeat is when each worker last beat, for the loss's reason.
+	lastBeat map[string]time.Time
+	exits    *exitLog
 }
 
 // refreshEvery bounds how stale a snapshot's figures may be.
 const refreshEvery = 250 * time.Millisecond
 
-func newRegistry(b *bus.Bus) *Registry {
-	r := &Registry{bus: b, ready: make(chan struct{}), loading: true, hives: map[string]HiveRecord{}, workers: map[string]api.WorkerStatus{}}
-	r.snap.Store(&Snapshot{Hives: map[string]HiveRecord{}, Workers: map[string]api.WorkerStatus{}, changed: make(chan struct{})})
+func newRegistry(b *bus.Bus, grace time.Duration) *Registry {
+	r := &Registry{
+		bus: b, ready: make(chan struct{}), loading: true, grace: grace, busBack: make(chan struct{}, 1),
+		hives: map[string]HiveRecord{}, workers: map[string]api.WorkerStatus{},
+		expiredHives: map[string]bool{}, expiredWorkers: map[string]string{}, lastBeat: map[string]time.Time{},
+		exits: &exitLog{},
+	}
+	r.snap.Store(&Snapshot{Hives: map[string]HiveRecord{}, Workers: map[string]api.WorkerStatus{}, changed: make(chan struct{}), exits: r.exits})
 	return r
 }
+
+// BusBack starts a new grace: the bus was away and is back. Safe from any
+// goroutine (the connection's reconnect callback); it never blocks.
+func (r *Registry) BusBack() {
+	r.settled.Store(false)
+	select {
+	case r.busBack <- struct{}{}:
+	default:
+	}
+}
+
+// Settled reports whether liveness is being judged (no grace runs).
+func (r *Registry) Settled() bool { return r.settled.Load() }
 
 // Snapshot returns the current view.
 func (r *Registry) Snapshot() *Snapshot { return r.snap.Load() }
@@ -112,6 +196,9 @@ func (r *Registry) run(ctx context.Context) error {
 	refresh := time.NewTimer(refreshEvery)
 	refresh.Stop()
 	armed := false
+	r.graceUntil = time.Now().Add(r.grace)
+	graceEnd := time.NewTimer(r.grace)
+	defer graceEnd.Stop()
 	hivesReady, workersReady := false, false
 	for {
 		select {
@@ -123,6 +210,17 @@ func (r *Registry) run(ctx context.Context) error {
 				r.flush()
 			}
 			continue
+		case <-r.busBack:
+			r.graceUntil = time.Now().Add(r.grace)
+			graceEnd.Reset(r.grace)
+			r.bus.Log.Info().Str("grace", r.grace.String()).Msg("bus back; judging liveness after the grace")
+			continue
+		case <-graceEnd.C:
+			if r.loading {
+				graceEnd.Reset(refreshEvery) // judge once the buckets are read
+				continue
+			}
+			r.settle(ctx)
 		case e := <-hw.Updates():
 			if e == nil {
 				hivesReady = true
@@ -153,11 +251,14 @@ func (r *Registry) run(ctx context.Context) error {
 // flush publishes the current state as a new snapshot and wakes waiters.
 func (r *Registry) flush() {
 	old := r.snap.Load()
-	next := &Snapshot{Hives: maps.Clone(r.hives), Workers: maps.Clone(r.workers), changed: make(chan struct{})}
+	next := &Snapshot{Hives: maps.Clone(r.hives), Workers: maps.Clone(r.workers), changed: make(chan struct{}), exits: r.exits}
 	r.snap.Store(next)
 	close(old.changed)
 	r.dirty = false
 	r.flushes.Add(1)
+	if r.OnFlush != nil {
+		r.OnFlush()
+	}
 }
 
 // changed publishes a change that matters at once (once loaded).
@@ -173,11 +274,32 @@ func (r *Registry) changed() {
 // (run arms the timer).
 func (r *Registry) refreshed() { r.dirty = true }
 
+// inGrace says whether an expiry now says nothing yet.
+func (r *Registry) inGrace() bool { return time.Now().Before(r.graceUntil) }
+
+// settle ends a grace: every entry that expired during it and has not beaten
+// since is lost now, through the same path as any loss.
+func (r *Registry) settle(ctx context.Context) {
+	for id := range r.expiredHives {
+		r.hiveLost(ctx, id)
+	}
+	for id, why := range r.expiredWorkers {
+		r.workerLost(id, why)
+	}
+	clear(r.expiredHives)
+	clear(r.expiredWorkers)
+	r.settled.Store(true)
+	if r.OnSettled != nil {
+		r.OnSettled()
+	}
+}
+
 func (r *Registry) applyHive(ctx context.Context, e jetstream.KeyValueEntry) {
 	id := e.Key()
 	prev, known := r.hives[id]
 	switch e.Operation() {
 	case jetstream.KeyValuePut:
+		delete(r.expiredHives, id)
 		var st api.HiveStatus
 		if err := json.Unmarshal(e.Value(), &st); err != nil {
 			r.bus.Log.Warn().Err(err).Str("hive", id).Msg("undecodable hive heartbeat")
@@ -206,14 +328,26 @@ func (r *Registry) applyHive(ctx context.Context, e jetstream.KeyValueEntry) {
 		if !known || prev.State != api.HiveOnline {
 			return
 		}
-		prev.State = api.HiveLost
-		r.hives[id] = prev
-		r.changed()
-		r.bus.Log.Warn().Str("hive", id).Time("last_seen", prev.LastSeen).Msg("hive lost")
-		r.narrateLevel(ctx, "warn", "hive-lost", id, "hive %s lost: no heartbeat since %s", id, prev.LastSeen.Format(time.TimeOnly))
-		if r.OnHiveLost != nil {
-			r.OnHiveLost(id, prev.Status)
+		if r.inGrace() {
+			r.expiredHives[id] = true
+			return
 		}
+		r.hiveLost(ctx, id)
+	}
+}
+
+func (r *Registry) hiveLost(ctx context.Context, id string) {
+	prev, known := r.hives[id]
+	if !known || prev.State != api.HiveOnline {
+		return
+	}
+	prev.State = api.HiveLost
+	r.hives[id] = prev
+	r.changed()
+	r.bus.Log.Warn().Str("hive", id).Time("last_seen", prev.LastSeen).Msg("hive lost")
+	r.narrateLevel(ctx, "warn", "hive-lost", id, "hive %s lost: no heartbeat since %s", id, prev.LastSeen.Format(time.TimeOnly))
+	if r.OnHiveLost != nil {
+		r.OnHiveLost(id, prev.Status)
 	}
 }
 
@@ -236,25 +370,59 @@ func (r *Registry) applyWorker(e jetstream.KeyValueEntry) {
 			r.bus.Log.Warn().Err(err).Str("worker", id).Msg("undecodable worker heartbeat")
 			return
 		}
+		delete(r.expiredWorkers, id)
+		r.exits.forget(id)
+		r.lastBeat[id] = time.Now()
 		r.workers[id] = st
 		if known && prev.State == st.State && prev.SlotsBusy == st.SlotsBusy && prev.SlotsTotal == st.SlotsTotal && prev.PID == st.PID {
 			r.refreshed()
 			return
 		}
 		r.changed()
-	case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
+	case jetstream.KeyValuePurge:
+		var exit bus.ExitReport
+		died := len(e.Value()) > 0 && json.Unmarshal(e.Value(), &exit) == nil && exit.Exit != ""
+		if died {
+			r.exits.note(id, exit.Exit)
+		}
 		if !known {
 			return
 		}
-		lost := e.Operation() == jetstream.KeyValuePurge
-		delete(r.workers, id)
-		r.changed()
-		if lost && r.OnWorkerLost != nil {
-			r.OnWorkerLost(id, prev)
+		why := fmt.Sprintf("worker %s on hive %s was lost: no heartbeat since %s", id, prev.Hive, r.lastBeat[id].Format(time.TimeOnly))
+		if died {
+			why = fmt.Sprintf("worker %s on hive %s died (%s)", id, prev.Hive, exit.Exit)
 		}
-		if !lost && r.OnWorkerGone != nil {
+		if r.inGrace() {
+			r.expiredWorkers[id] = why
+			return
+		}
+		r.workerLost(id, why)
+	case jetstream.KeyValueDelete:
+		// A goodbye: the worker left the registry itself.
+		if !known {
+			return
+		}
+		delete(r.expiredWorkers, id)
+		delete(r.workers, id)
+		delete(r.lastBeat, id)
+		r.changed()
+		if r.OnWorkerGone != nil {
 			r.OnWorkerGone(id, prev)
 		}
+	}
+}
+
+func (r *Registry) workerLost(id, why string) {
+	prev, known := r.workers[id]
+	if !known {
+		return
+	}
+	delete(r.workers, id)
+	delete(r.lastBeat, id)
+	r.changed()
+	r.bus.Log.Warn().Str("worker", id).Str("why", why).Msg("worker lost")
+	if r.OnWorkerLost != nil {
+		r.OnWorkerLost(id, prev, why)
 	}
 }
 

@@ -16,7 +16,7 @@ import (
 // beats keep coming, and without one snapshot per beat.
 func TestRegistryPublishesChangesAtOnceAndFiguresSoon(t *testing.T) {
 	f := busfix.Start(t)
-	r := newRegistry(f.Bus)
+	r := newRegistry(f.Bus, time.Second)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.run(ctx) }()

@@ -32,7 +32,7 @@ type operation struct {
 func (q *Queen) operations() map[string]operation {
 	return map[string]operation{
 		api.OpNoop:          {admit: admitJSON[noopArgs], run: q.runNoop},
-		api.OpInfer:         {admit: q.sched.admit},
+		api.OpInfer:         {admit: q.admitInfer},
 		api.OpHiveStart:     {admit: q.admitHive, run: q.runHiveStart},
 		api.OpHiveStop:      {admit: q.admitHive, run: q.runHiveStop},
 		api.OpHiveInstall:   {admit: q.admitHive, run: q.runHiveInstall},
@@ -80,14 +80,18 @@ func (q *Queen) submit(ctx context.Context, req api.SubmitRequest) (api.SubmitRe
 		timeout = time.Duration(req.Timeout)
 	}
 	deadline := time.Now().Add(timeout).UTC()
-	job, err := q.jobs.Create(ctx, api.Job{ID: jobs.NewID(), Op: req.Op, Deadline: &deadline})
+	job := api.Job{ID: jobs.NewID(), Op: req.Op, Deadline: &deadline}
+	var err error
+	if req.Op.Kind == api.OpInfer {
+		job, err = q.submitInfer(ctx, job)
+	} else {
+		job, err = q.jobs.Create(ctx, job)
+	}
 	if err != nil {
 		return api.SubmitReply{}, err
 	}
-	q.sched.deadlines.addDeadline(job.ID, deadline, timeout)
-	if req.Op.Kind == api.OpInfer {
-		q.sched.enqueue(job)
-	} else {
+	q.deadlines.addDeadline(job.ID, deadline, timeout)
+	if req.Op.Kind != api.OpInfer {
 		q.startLocal(job, op.run)
 	}
 	return api.SubmitReply{JobID: job.ID}, nil
@@ -207,7 +211,6 @@ func (q *Queen) cancelJob(ctx context.Context, id, reason string, state api.JobS
 		return job, err
 	}
 	q.signalCancel(id)
-	q.sched.forget(id)
 	return job, nil
 }
 
@@ -245,7 +248,7 @@ func (q *Queen) status(ctx context.Context, _ struct{}) (api.Status, error) {
 	sort.Slice(workers, func(i, j int) bool { return workers[i].ID < workers[j].ID })
 	return api.Status{
 		Version: version.Version, StartedAt: q.started, Uptime: api.Duration(time.Since(q.started).Round(time.Second)),
-		BusURL: q.BusURL(), Hives: hives, Workers: workers, Jobs: counts, Queues: q.sched.queueDepths(),
+		BusURL: q.BusURL(), Hives: hives, Workers: workers, Jobs: counts, Queues: q.sched.Depths(),
 	}, nil
 }
 

@@ -1,0 +1,391 @@
+package queen
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/jobs"
+	"github.com/rbee-dev/rbee/queen/sched"
+	"github.com/rbee-dev/rbee/subjects"
+)
+
+// maxAttempts bounds how often an inference is handed to a worker: a job
+// is retried only when its worker was lost before sending any token.
+const maxAttempts = 2
+
+// admitInfer checks an infer request before a job exists, so the errors a
+// user can cause come back at once with a fitting code.
+func (q *Queen) admitInfer(_ context.Context, raw json.RawMessage) error {
+	args, err := decodeArgs[api.InferArgs](raw)
+	if err != nil {
+		return err
+	}
+	if err := validateInfer(args); err != nil {
+		return err
+	}
+	key, _ := subjects.ModelKey(args.Model)
+	snap := q.registry.Snapshot()
+	if snap.online() == 0 {
+		return api.Errorf(api.CodeUnavailable, "no hive is online; start one with `rbee hive start NAME` (add it first with `rbee hive add NAME`)")
+	}
+	pins := sched.Pins{Hive: args.Hive, Device: args.Device}
+	if args.Hive != "" && snap.HiveState(args.Hive) != api.HiveOnline {
+		return api.Errorf(api.CodeUnavailable, "hive %s is not online; start it with `rbee hive start %s`", args.Hive, args.Hive)
+	}
+	if len(snap.Serving(key, pins)) == 0 && len(snap.Candidates(key, pins)) == 0 {
+		if !args.Pull {
+			return api.Errorf(api.CodeNotFound, "model %s is not on any online hive; download it with `rbee model download --hive HIVE SOURCE --name %s` (SOURCE: an https:// URL, hf:org/repo/file.gguf or file:///path), or pass --pull with -m SOURCE; for the offline demo model: `rbee model synth --hive HIVE %s`", args.Model, args.Model, args.Model)
+		}
+		if args.Source == "" {
+			return api.Errorf(api.CodeBadRequest, "invalid model: --pull needs -m to be a source (https://…, hf:org/repo/file.gguf or file:///path) to download %s from", args.Model)
+		}
+	}
+	if depth := q.sched.Depth(args.Model); depth >= q.cfg.MaxQueue {
+		return api.Errorf(api.CodeQueueFull, "queue full: %d requests already wait for model %s (limit %d); try again later", depth, args.Model, q.cfg.MaxQueue)
+	}
+	return nil
+}
+
+func validateInfer(a api.InferArgs) error {
+	bad := func(field, format string, args ...any) error {
+		return api.Errorf(api.CodeBadRequest, "invalid %s: %s", field, fmt.Sprintf(format, args...))
+	}
+	if err := subjects.ValidateModelID(a.Model); err != nil {
+		return api.Errorf(api.CodeBadRequest, "invalid model: %v", err)
+	}
+	if strings.TrimSpace(a.Prompt) == "" && len(a.Messages) == 0 {
+		return bad("prompt", "it is empty")
+	}
+	p := a.Sampling
+	switch {
+	case p.MaxTokens < 0:
+		return bad("max_tokens", "%d is below 1", p.MaxTokens)
+	case p.Temperature < 0 || p.Temperature > 2:
+		return bad("temperature", "%g is outside 0…2", p.Temperature)
+	case p.TopP < 0 || p.TopP > 1:
+		return bad("top_p", "%g is outside 0…1", p.TopP)
+	case p.TopK < 0:
+		return bad("top_k", "%d is below 0", p.TopK)
+	case p.MinP < 0 || p.MinP > 1:
+		return bad("min_p", "%g is outside 0…1", p.MinP)
+	case p.RepeatPenalty < 0:
+		return bad("repeat_penalty", "%g is below 0", p.RepeatPenalty)
+	}
+	if a.Hive != "" {
+		if err := subjects.ValidateID(subjects.KindHive, a.Hive); err != nil {
+			return api.Errorf(api.CodeBadRequest, "invalid hive: %v", err)
+		}
+	}
+	if a.Device != "" && a.Device != "cpu" && !strings.HasPrefix(a.Device, "cuda:") {
+		return bad("device", "%q; use cpu or cuda:N", a.Device)
+	}
+	return nil
+}
+
+// Excerpt bounds: a record shows this much of a prompt, so a record (and a
+// page of them) stays small whatever was submitted.
+const (
+	excerptPrompt   = 512
+	excerptMessage  = 160
+	excerptMessages = 8
+)
+
+// excerpt returns the arguments as a job record keeps them: the prompt,
+// system text and messages cut to a few hundred bytes, with what was cut
+// described by size and digest.
+func excerpt(raw json.RawMessage, a api.InferArgs) (json.RawMessage, *api.PromptInfo) {
+	sum := sha256.Sum256(raw)
+	info := &api.PromptInfo{SHA256: hex.EncodeToString(sum[:]), Bytes: len(a.Prompt) + len(a.System)}
+	cut := func(s string, n int) string {
+		if len(s) <= n {
+			return s
+		}
+		info.Truncated = true
+		for n > 0 && !utf8.RuneStart(s[n]) {
+			n--
+		}
+		return s[:n] + "…"
+	}
+	a.Prompt = cut(a.Prompt, excerptPrompt)
+	a.System = cut(a.System, excerptMessage)
+	msgs := a.Messages
+	a.Messages = nil
+	for i, m := range msgs {
+		info.Bytes += len(m.Content)
+		if i < excerptMessages/2 || i >= len(msgs)-excerptMessages/2 {
+			a.Messages = append(a.Messages, api.ChatMessage{Role: cut(m.Role, 32), Content: cut(m.Content, excerptMessage)})
+		} else if i == excerptMessages/2 {
+			info.Truncated = true
+			a.Messages = append(a.Messages, api.ChatMessage{Role: "…", Content: fmt.Sprintf("(%d messages left out)", len(msgs)-excerptMessages)})
+		}
+	}
+	out, _ := json.Marshal(a)
+	return out, info
+}
+
+// submitInfer stores the whole request once, creates the job's record with
+// an excerpt, and puts the request on the model's work queue. The request
+// is stored first, so any reader of the record finds it; the record before
+// the work queue, so a worker that pulls the request finds the record.
+func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
+	args, err := decodeArgs[api.InferArgs](job.Op.Args)
+	if err != nil {
+		return api.Job{}, err
+	}
+	subject, err := q.bus.Space.Request(job.ID)
+	if err != nil {
+		return api.Job{}, err
+	}
+	full, _ := json.Marshal(args)
+	if _, err := q.bus.JS.Publish(ctx, subject, full); err != nil {
+		return api.Job{}, fmt.Errorf("store the request of job %s: %w", job.ID, err)
+	}
+	job.Op.Args, job.Prompt = excerpt(job.Op.Args, args)
+	job, err = q.jobs.Create(ctx, job)
+	if err != nil {
+		return api.Job{}, err
+	}
+	if err := q.enqueue(ctx, job.ID, args, 1); err != nil {
+		q.failJob(ctx, job.ID, err.Error())
+		return api.Job{}, err
+	}
+	return job, nil
+}
+
+// enqueue puts attempt of a job on its model's work queue.
+func (q *Queen) enqueue(ctx context.Context, id string, args api.InferArgs, attempt int) error {
+	if args.FirstTokenTimeout == 0 {
+		args.FirstTokenTimeout = api.Duration(q.cfg.FirstTokenTimeout)
+	}
+	key, err := subjects.ModelKey(args.Model)
+	if err != nil {
+		return err
+	}
+	subject, err := q.bus.Space.Infer(key)
+	if err != nil {
+		return err
+	}
+	data, _ := json.Marshal(api.InferRequest{JobID: id, Args: args, Attempt: attempt, EnqueuedAt: time.Now().UTC()})
+	// The message id dedupes a re-publish of the same attempt (a
+	// restarted queen queueing its waiting jobs again) within the
+	// stream's duplicate window; past it, the worker drops the copy.
+	if _, err := q.bus.JS.Publish(ctx, subject, data, jetstream.WithMsgID(fmt.Sprintf("%s-%d", id, attempt))); err != nil {
+		return fmt.Errorf("could not queue the request: %w", err)
+	}
+	return nil
+}
+
+// request reads a job's whole stored request.
+func (q *Queen) request(ctx context.Context, id string) (api.InferArgs, error) {
+	var args api.InferArgs
+	subject, err := q.bus.Space.Request(id)
+	if err != nil {
+		return args, err
+	}
+	stream, err := q.bus.JS.Stream(ctx, q.bus.Space.RequestsStream())
+	if err != nil {
+		return args, err
+	}
+	msg, err := stream.GetLastMsgForSubject(ctx, subject)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return args, fmt.Errorf("the request of job %s is no longer stored", id)
+	}
+	if err != nil {
+		return args, err
+	}
+	if err := json.Unmarshal(msg.Data, &args); err != nil {
+		return args, fmt.Errorf("the stored request of job %s is corrupt: %w", id, err)
+	}
+	return args, nil
+}
+
+// failJob fails a job that has not ended, with reason.
+func (q *Queen) failJob(ctx context.Context, id, reason string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := q.cancelJob(ctx, id, reason, api.JobFailed); err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
+		q.log.Warn().Err(err).Str("job", id).Msg("failing job")
+	}
+}
+
+// recoverJob gives up a job's attempt on a worker that is gone. Without a
+// token sent, and with attempts left, the job runs again (a new attempt on
+// the work queue); otherwise it fails with why. Every write is fenced by
+// the attempt: a worker that finished the job meanwhile wins, and a worker
+// that comes back after being given up can change nothing.
+func (q *Queen) recoverJob(ctx context.Context, j sched.Job, why string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	a := jobs.Attempt{Number: j.Attempt, Worker: j.Worker}
+	// Tell a worker that is only paused or cut off to stop, should it
+	// wake up: its attempt is over either way.
+	q.signalCancel(j.ID)
+	if j.Attempt < maxAttempts && !q.tokenSent(ctx, j.ID) {
+		_, err := q.jobs.Retry(ctx, j.ID, a)
+		switch {
+		case err == nil:
+			// Followers drop the old attempt's tokens stored from here
+			// on; one stored between the check and the fence was seen.
+			if q.tokenSent(ctx, j.ID) {
+				_, _ = q.jobs.Transition(ctx, j.ID, api.JobFailed, func(job *api.Job) { job.Error = why })
+				return
+			}
+			q.narrator.Warn(ctx, j.ID, "retry", j.Worker, "%s before sending a token; retrying the job on another worker (attempt %d)", why, j.Attempt+1)
+			args, err := q.request(ctx, j.ID)
+			if err == nil {
+				err = q.enqueue(ctx, j.ID, args, j.Attempt+1)
+			}
+			if err != nil {
+				q.failJob(ctx, j.ID, fmt.Sprintf("%s; the retry could not be queued: %v", why, err))
+			}
+			return
+		case errors.Is(err, jobs.ErrStale), errors.Is(err, jobs.ErrTerminal), errors.Is(err, jobs.ErrNotFound):
+			return // the job moved on without this attempt
+		}
+	}
+	_, err := q.jobs.Finish(ctx, j.ID, a, api.JobFailed, func(job *api.Job) { job.Error = why })
+	if err != nil && !errors.Is(err, jobs.ErrStale) && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
+		q.log.Warn().Err(err).Str("job", j.ID).Msg("failing a job whose worker is gone")
+	}
+}
+
+// tokenSent reports whether any token of the job is stored (true when the
+// stream cannot say: a retry must never duplicate text).
+func (q *Queen) tokenSent(ctx context.Context, jobID string) bool {
+	subject, err := q.bus.Space.JobEvent(jobID, subjects.EventToken)
+	if err != nil {
+		return true
+	}
+	stream, err := q.bus.JS.Stream(ctx, q.bus.Space.JobsStream())
+	if err != nil {
+		return true
+	}
+	_, err = stream.GetLastMsgForSubject(ctx, subject)
+	return !errors.Is(err, jetstream.ErrMsgNotFound)
+}
+
+// spawnFor carries out a scheduler's spawn order: download the model first
+// when asked, then start a worker and wait until it serves.
+func (q *Queen) spawnFor(ctx context.Context, o sched.SpawnOrder) (string, error) {
+	if o.Pull {
+		subject, err := q.bus.Space.Hive(o.Hive, api.HiveEpModelAdd)
+		if err != nil {
+			return "", err
+		}
+		if err := q.bus.Call(ctx, subject, api.ModelAddArgs{Hive: o.Hive, Source: o.Source, Name: o.Model, JobID: o.Job}, nil); err != nil {
+			return "", fmt.Errorf("downloading %s: %w", o.Model, err)
+		}
+	}
+	return q.spawnWorker(ctx, o.Job, api.WorkerSpawnArgs{Hive: o.Hive, Model: o.Model, Device: o.Device})
+}
+
+// spawnWorker asks a hive to start a worker and waits for it, giving up
+// early if the hive is lost meanwhile.
+func (q *Queen) spawnWorker(ctx context.Context, jobID string, a api.WorkerSpawnArgs) (string, error) {
+	subject, err := q.bus.Space.Hive(a.Hive, api.HiveEpWorkerSpawn)
+	if err != nil {
+		return "", err
+	}
+	a.JobID = jobID
+	if a.LoadTimeout == 0 {
+		a.LoadTimeout = api.Duration(q.cfg.WorkerStartTimeout)
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(a.LoadTimeout)+5*time.Second)
+	defer cancel()
+	go func() {
+		// A lost hive will never answer: stop waiting for it.
+		_, _ = q.registry.Wait(ctx, func(s *Snapshot) bool { return s.Hives[a.Hive].State != api.HiveOnline })
+		cancel()
+	}()
+	var reply api.WorkerSpawnReply
+	err = q.bus.Call(ctx, subject, a, &reply)
+	switch {
+	case err == nil:
+		return reply.Worker.ID, nil
+	case q.registry.Snapshot().Hives[a.Hive].State != api.HiveOnline:
+		return "", fmt.Errorf("hive %s was lost while starting the worker", a.Hive)
+	case errors.Is(err, nats.ErrNoResponders):
+		return "", fmt.Errorf("hive %s does not answer (it may have died)", a.Hive)
+	case errors.Is(err, context.DeadlineExceeded):
+		return "", fmt.Errorf("worker did not start within %s", time.Duration(a.LoadTimeout))
+	}
+	return "", err
+}
+
+// watchJobs feeds the scheduler every infer record as it changes: the
+// records of before the start first (that is its reconcile), then each
+// change. The watch resumes by itself across reconnects.
+func (q *Queen) watchJobs(ctx context.Context) error {
+	w, err := q.jobs.Watch(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = w.Stop() }()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case e, ok := <-w.Updates():
+			if !ok {
+				return nil
+			}
+			if e == nil {
+				q.sched.Replayed()
+				continue
+			}
+			if e.Operation() != jetstream.KeyValuePut {
+				q.sched.JobChanged(sched.Job{ID: e.Key()}, true)
+				continue
+			}
+			job, err := jobs.Decode(e)
+			if err != nil || job.Op.Kind != api.OpInfer {
+				continue
+			}
+			q.sched.JobChanged(schedJob(job), false)
+		}
+	}
+}
+
+// schedJob is what the scheduler needs of a record.
+func schedJob(job api.Job) sched.Job {
+	j := sched.Job{ID: job.ID, State: job.State, Worker: job.Worker, Hive: job.Hive, Attempt: job.Attempts}
+	var a api.InferArgs
+	if json.Unmarshal(job.Op.Args, &a) == nil {
+		j.Model, j.Pins, j.Pull, j.Source = a.Model, sched.Pins{Hive: a.Hive, Device: a.Device}, a.Pull, a.Source
+		j.Key, _ = subjects.ModelKey(a.Model)
+	}
+	return j
+}
+
+// newScheduler wires the scheduler to the queen's registry and effects.
+func (q *Queen) newScheduler() *sched.Scheduler {
+	return sched.New(sched.Config{SpawnTimeout: q.cfg.WorkerStartTimeout + 30*time.Second},
+		func() sched.View { return q.registry.Snapshot() },
+		sched.Effects{
+			Spawn:   q.spawnFor,
+			Recover: q.recoverJob,
+			Fail:    q.failJob,
+			Narrate: func(job, action, target, text string) {
+				if job != "" {
+					q.narrator.Post(job, action, target, nil, "%s", text)
+				}
+			},
+		})
+}
+
+// workerWhy says how a worker was lost, truthfully: the queen knows only
+// that its heartbeat stopped (its hive purges the entry of a worker it saw
+// exit, which looks the same).
+func workerWhy(w api.WorkerStatus) string {
+	return fmt.Sprintf("worker %s on hive %s was lost (it died or stopped answering)", w.ID, w.Hive)
+}
