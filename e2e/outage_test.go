@@ -84,8 +84,9 @@ var reattach = regexp.MustCompile("re-attach with `rbee jobs attach (\\S+) --fro
 func TestKeeperGivesUpOnALostBusWithTheCommandToReattach(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
+	requireLongGreedy(t)
 	c.readyHive(map[string]string{"large": "large"})
-	k := c.start("infer", "--reconnect-timeout", "3s", "-m", "large", "--temperature", "0", "--max-tokens", "2000", "hello")
+	k := c.start(longInfer("--reconnect-timeout", "3s")...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
 	id := jobIDFrom(t, k.stderr.String())
 
@@ -116,8 +117,9 @@ func TestKeeperGivesUpOnALostBusWithTheCommandToReattach(t *testing.T) {
 func TestKeeperSaysOnceThatTheBusIsBack(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
+	requireLongGreedy(t)
 	c.readyHive(map[string]string{"large": "large"})
-	k := c.start("infer", "--reconnect-timeout", "60s", "-m", "large", "--temperature", "0", "--max-tokens", "2000", "hello")
+	k := c.start(longInfer("--reconnect-timeout", "60s")...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
 	id := jobIDFrom(t, k.stderr.String())
 
