@@ -13,11 +13,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
+	"github.com/stretchr/testify/require"
 )
 
 // --- the truth about processes ---
@@ -102,7 +104,11 @@ func (w *procWatch) scan() {
 		if ok && r.Kind == f.kind && r.ID == f.id {
 			continue
 		}
-		// New, or the same pid now another program (a fork that exec'd).
+		if ok {
+			// The same pid is now another program (a fork seen before
+			// its exec): that one ended.
+			r.Gone = now
+		}
 		r = &procRecord{PID: pid, Kind: f.kind, ID: f.id, Hive: f.hive, Seen: now}
 		w.byPID[pid] = r
 		w.all = append(w.all, r)
@@ -376,15 +382,19 @@ func (s *jobStream) add(ev api.Event) {
 
 // claim is one statement a failure reason makes about a process.
 type claim struct {
-	kind string // "died" (a worker) or "lost" (a hive)
+	kind string // "died" (a worker), "lost" (a hive), "none-online" (every hive)
 	id   string
 	hive string
 }
 
 // claimsIn finds the statements about processes in a failure reason: the
-// queen's "worker W on hive H died" and "hive H was lost".
+// queen's "worker W on hive H died", "hive H was lost" and "no online hive
+// has model M" (or "no hive is online").
 func claimsIn(reason string) []claim {
 	var out []claim
+	if strings.Contains(reason, "no online hive has model") || strings.Contains(reason, "no hive is online") {
+		out = append(out, claim{kind: "none-online"})
+	}
 	f := strings.Fields(reason)
 	for i := range f {
 		switch {
@@ -421,4 +431,57 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// The checker's own rules, without a cluster: what a reason claims, and
+// when a hive counts as up throughout a window.
+func TestChaosCheckerRules(t *testing.T) {
+	claims := []struct {
+		reason string
+		want   []claim
+	}{
+		{"worker direct-tiny-1a2b on hive direct died", []claim{{kind: "died", id: "direct-tiny-1a2b", hive: "direct"}}},
+		{"worker w1 on hive h1 died before sending a token; retrying the job on another worker (attempt 2)", []claim{{kind: "died", id: "w1", hive: "h1"}}},
+		{"hive proxied was lost while starting the worker", []claim{{kind: "lost", id: "proxied"}}},
+		{"the last worker for tiny is gone and no new one could be started: hive h2 was lost, try again", []claim{{kind: "lost", id: "h2"}}},
+		{"no online hive has model tiny", []claim{{kind: "none-online"}}},
+		{"timed out after 2s", nil},
+		{"worker w1 on hive h1 exited", nil},
+	}
+	for _, c := range claims {
+		require.Equal(t, c.want, claimsIn(c.reason), c.reason)
+	}
+
+	t0 := time.Now()
+	at := func(s int) time.Time { return t0.Add(time.Duration(s) * time.Second) }
+	cover := []struct {
+		name     string
+		recs     []procRecord
+		from, to int
+		want     bool
+	}{
+		{"one alive throughout", []procRecord{{Seen: at(0)}}, 5, 10, true},
+		{"started inside the window", []procRecord{{Seen: at(6)}}, 5, 10, false},
+		{"gone inside the window", []procRecord{{Seen: at(0), Gone: at(7)}}, 5, 10, false},
+		{"restarted inside the window", []procRecord{{Seen: at(0), Gone: at(7)}, {Seen: at(8)}}, 5, 10, false},
+		{"gone after the window", []procRecord{{Seen: at(0), Gone: at(11)}}, 5, 10, true},
+		{"gone before, a new one throughout", []procRecord{{Seen: at(0), Gone: at(2)}, {Seen: at(3)}}, 5, 10, true},
+		{"none", nil, 5, 10, false},
+	}
+	for _, c := range cover {
+		require.Equal(t, c.want, coveredBy(c.recs, at(c.from), at(c.to)), c.name)
+	}
+
+	s := &jobStream{tokens: map[int]string{}}
+	for _, ev := range []api.Event{
+		{Token: &api.Token{Index: 1, Text: "b"}}, {Token: &api.Token{Index: 0, Text: "a"}},
+		{Token: &api.Token{Index: 1, Text: "b"}}, {Token: &api.Token{Index: 3, Text: "d"}},
+		{State: &api.StateChange{State: api.JobCompleted}}, {State: &api.StateChange{State: api.JobCompleted}},
+	} {
+		s.add(ev)
+	}
+	require.Equal(t, "ab", s.text(), "in index order, each once, up to the first gap")
+	require.Equal(t, 1, s.copies)
+	require.Empty(t, s.conflicts)
+	require.Equal(t, 2, s.count(api.JobCompleted))
 }

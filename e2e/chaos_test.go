@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -172,7 +173,7 @@ type chaos struct {
 func newChaos(t *testing.T, seed int64) *chaos {
 	c := newCluster(t).withDaemons()
 	ch := &chaos{
-		t: t, c: c, seed: seed, rng: rand.New(rand.NewPCG(uint64(seed), 0)),
+		t: t, c: c, seed: seed, rng: seeded(seed, 0),
 		watch: newProcWatch(c.home), refused: map[string]int{}, golden: map[string]string{},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -231,6 +232,15 @@ func (ch *chaos) setUp() {
 		ch.golden[goldenKey(p.text, p.maxTokens)] = g
 		t.Logf("chaos: prompt %q, max %d tokens: greedy answer of %d bytes", p.text, p.maxTokens, len(g))
 	}
+}
+
+// seeded is the random source of one stream of choices (the faults, one
+// client) of a run.
+func seeded(seed int64, stream uint64) *rand.Rand {
+	var key [32]byte
+	binary.LittleEndian.PutUint64(key[0:], uint64(seed))
+	binary.LittleEndian.PutUint64(key[8:], stream)
+	return rand.New(rand.NewChaCha8(key))
 }
 
 func goldenKey(prompt string, maxTokens int) string {
@@ -334,7 +344,7 @@ func (ch *chaos) note(format string, args ...any) {
 // --- load ---
 
 func (ch *chaos) cliClient(ctx context.Context, i int, until time.Time) {
-	rng := rand.New(rand.NewPCG(uint64(ch.seed), uint64(i+1)))
+	rng := seeded(ch.seed, uint64(i+1))
 	name := fmt.Sprintf("cli-%d", i)
 	for time.Now().Before(until) && ctx.Err() == nil {
 		k := rng.IntN(len(chaosPrompts))
@@ -412,7 +422,7 @@ func keeperEvents(out string) (string, *api.StateChange) {
 }
 
 func (ch *chaos) gatewayClient(ctx context.Context, until time.Time) {
-	rng := rand.New(rand.NewPCG(uint64(ch.seed), 1000))
+	rng := seeded(ch.seed, 1000)
 	for time.Now().Before(until) && ctx.Err() == nil {
 		s := &submission{client: "gateway", prompt: rng.IntN(len(chaosPrompts))}
 		ch.mu.Lock()
@@ -471,7 +481,8 @@ func (ch *chaos) gatewayOnce(ctx context.Context, s *submission) {
 	}
 	switch {
 	case err != nil:
-		s.told, s.detail = "hung", err.Error()
+		// The gateway lives in the queen: a killed queen cuts the answer.
+		s.told, s.detail = "cut off", err.Error()
 	case json.Unmarshal(raw, &out) != nil:
 		s.told, s.detail = fmt.Sprintf("http %d", resp.StatusCode), lastLine(string(raw))
 	case resp.StatusCode == http.StatusOK && len(out.Choices) == 1:
@@ -812,6 +823,7 @@ func (ch *chaos) check() {
 			if j.State == api.JobCompleted {
 				told.fail("job %s: %s was told %s (%s), the record says completed", s.jobID, s.client, s.told, s.detail)
 			}
+		case s.told == "cut off":
 		case s.told == "hung":
 			if j.State.Terminal() {
 				told.fail("job %s: %s never heard that it ended (%s at %s)", s.jobID, s.client, j.State, timeOf(j.FinishedAt))
@@ -885,6 +897,14 @@ func (ch *chaos) checkReason(iv *invariant, j api.Job, unverifiable *int) {
 			}
 			if ch.aliveAfter(cl.id, at) {
 				iv.fail("job %s failed at %s with %q, but worker %s (pid %v) was alive then (%s)", j.ID, at.Local().Format("15:04:05.000"), j.Error, cl.id, ch.pids(cl.id), ch.lifeOf("llm-worker-rbee", cl.id))
+			}
+		case "none-online":
+			from := at.Add(-chaosLostWindow)
+			for _, h := range chaosHives {
+				if coveredBy(ch.watch.records("rbee-hive", h.name), from, at) && !ch.cutDuring(h.name, from, at) {
+					iv.fail("job %s failed at %s with %q, but hive %s ran and was connected throughout the %s before (%s)", j.ID, at.Local().Format("15:04:05.000"), j.Error, h.name, chaosLostWindow, ch.lifeOf("rbee-hive", h.name))
+					break
+				}
 			}
 		case "lost":
 			from := at.Add(-chaosLostWindow)
