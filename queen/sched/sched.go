@@ -134,8 +134,10 @@ type Scheduler struct {
 
 	// Owned by Run.
 	jobs map[string]*Job
-	// queued holds the ids of queued jobs by model key.
+	// queued holds the ids of queued jobs by model key; counts their
+	// number by model id.
 	queued map[string]map[string]struct{}
+	counts map[string]int
 	// spawns holds the spawn in flight per model key.
 	spawns map[string]*spawn
 	// ready holds workers a spawn reported ready that the view may not
@@ -172,7 +174,7 @@ func New(cfg Config, view func() View, fx Effects) *Scheduler {
 	}
 	s := &Scheduler{
 		cfg: cfg, view: view, fx: fx, events: make(chan func(), 4096), stopped: make(chan struct{}),
-		jobs: map[string]*Job{}, queued: map[string]map[string]struct{}{},
+		jobs: map[string]*Job{}, queued: map[string]map[string]struct{}{}, counts: map[string]int{},
 		spawns: map[string]*spawn{}, ready: map[string]readyWorker{}, replaying: true,
 	}
 	empty := map[string]int{}
@@ -195,15 +197,6 @@ func (s *Scheduler) Run(ctx context.Context) {
 			return
 		case ev := <-s.events:
 			ev()
-			// Take whatever else is waiting before publishing depths.
-			for more := true; more; {
-				select {
-				case ev := <-s.events:
-					ev()
-				default:
-					more = false
-				}
-			}
 		case <-tick.C:
 			s.expireReady()
 		}
@@ -297,18 +290,26 @@ func (s *Scheduler) enqueue(j *Job) {
 		q = map[string]struct{}{}
 		s.queued[j.Key] = q
 	}
-	q[j.ID] = struct{}{}
-	s.dirty = true
+	if _, ok := q[j.ID]; !ok {
+		q[j.ID] = struct{}{}
+		s.counts[j.Model]++
+		s.dirty = true
+	}
 }
 
 func (s *Scheduler) unqueue(j *Job) {
-	if q := s.queued[j.Key]; q != nil {
-		delete(q, j.ID)
-		if len(q) == 0 {
-			delete(s.queued, j.Key)
-		}
-		s.dirty = true
+	q := s.queued[j.Key]
+	if _, ok := q[j.ID]; !ok {
+		return
 	}
+	delete(q, j.ID)
+	if len(q) == 0 {
+		delete(s.queued, j.Key)
+	}
+	if s.counts[j.Model]--; s.counts[j.Model] == 0 {
+		delete(s.counts, j.Model)
+	}
+	s.dirty = true
 }
 
 func (s *Scheduler) workerDown(w api.WorkerStatus, why string) {
@@ -581,15 +582,10 @@ func (s *Scheduler) effect(fn func(ctx context.Context)) {
 	}()
 }
 
+// publishDepths copies the counts for readers: once per event that changed
+// them, O(models).
 func (s *Scheduler) publishDepths() {
 	s.dirty = false
-	out := make(map[string]int, len(s.queued))
-	for _, q := range s.queued {
-		for id := range q {
-			if j := s.jobs[id]; j != nil {
-				out[j.Model]++
-			}
-		}
-	}
+	out := maps.Clone(s.counts)
 	s.depths.Store(&out)
 }
