@@ -138,6 +138,9 @@ type Scheduler struct {
 	// number by model id.
 	queued map[string]map[string]struct{}
 	counts map[string]int
+	// pinned counts the queued jobs per key that are pinned to a hive or
+	// device: without any, one question to the view answers for all.
+	pinned map[string]int
 	// spawns holds the spawn in flight per model key.
 	spawns map[string]*spawn
 	// ready holds workers a spawn reported ready that the view may not
@@ -174,7 +177,7 @@ func New(cfg Config, view func() View, fx Effects) *Scheduler {
 	}
 	s := &Scheduler{
 		cfg: cfg, view: view, fx: fx, events: make(chan func(), 4096), stopped: make(chan struct{}),
-		jobs: map[string]*Job{}, queued: map[string]map[string]struct{}{}, counts: map[string]int{},
+		jobs: map[string]*Job{}, queued: map[string]map[string]struct{}{}, counts: map[string]int{}, pinned: map[string]int{},
 		spawns: map[string]*spawn{}, ready: map[string]readyWorker{}, replaying: true,
 	}
 	empty := map[string]int{}
@@ -241,9 +244,8 @@ func (s *Scheduler) WorkerGone(w api.WorkerStatus) {
 	s.send(func() { s.workerDown(w, fmt.Sprintf("worker %s on hive %s stopped", w.ID, w.Hive)) })
 }
 
-// ViewChanged says the view changed (a new snapshot). Capacity that
-// appears needs no decision; capacity that goes comes as WorkerLost or
-// WorkerGone, so this only notes workers a spawn reported ready.
+// ViewChanged says the view changed (a new snapshot): a worker that starts
+// draining no longer serves its model, so queued jobs may need a new one.
 func (s *Scheduler) ViewChanged() { s.send(s.viewChanged) }
 
 // Settled says whether the view can be trusted: true once a grace after
@@ -293,6 +295,9 @@ func (s *Scheduler) enqueue(j *Job) {
 	if _, ok := q[j.ID]; !ok {
 		q[j.ID] = struct{}{}
 		s.counts[j.Model]++
+		if j.Pins != (Pins{}) {
+			s.pinned[j.Key]++
+		}
 		s.dirty = true
 	}
 }
@@ -308,6 +313,11 @@ func (s *Scheduler) unqueue(j *Job) {
 	}
 	if s.counts[j.Model]--; s.counts[j.Model] == 0 {
 		delete(s.counts, j.Model)
+	}
+	if j.Pins != (Pins{}) {
+		if s.pinned[j.Key]--; s.pinned[j.Key] == 0 {
+			delete(s.pinned, j.Key)
+		}
 	}
 	s.dirty = true
 }
@@ -340,15 +350,13 @@ func goneWhy(v View, j *Job) string {
 }
 
 func (s *Scheduler) viewChanged() {
-	if len(s.ready) == 0 {
-		return
-	}
 	v := s.view()
 	for id := range s.ready {
 		if _, ok := v.Worker(id); ok {
 			delete(s.ready, id)
 		}
 	}
+	s.placeAll()
 }
 
 func (s *Scheduler) setSettled(ok bool) {
@@ -393,6 +401,9 @@ func (s *Scheduler) served(v View, key string, p Pins) bool {
 // first (job ids sort by creation). Jobs share few distinct pins, so the
 // view is asked once per pins, not once per job.
 func (s *Scheduler) waiting(v View, key string) []*Job {
+	if s.pinned[key] == 0 && s.served(v, key, Pins{}) {
+		return nil
+	}
 	var out []*Job
 	served := map[Pins]bool{}
 	for id := range s.queued[key] {

@@ -393,3 +393,22 @@ func TestDepthsFollowRecords(t *testing.T) {
 	require.Equal(t, map[string]int{}, s.Depths())
 	w.quiet()
 }
+
+// A worker that starts draining serves no new job: the jobs queued behind
+// it get a new worker without waiting for the drain to end.
+func TestDrainingWorkerHandsItsQueueToANewOne(t *testing.T) {
+	c := newCluster().hive("h1", "tiny")
+	w := newWorld(t, c)
+	c.worker("w1", "h1", "tiny")
+	s := start(t, c, w)
+	s.JobChanged(queued("j1", "tiny"), false)
+	w.quiet()
+	c.mu.Lock()
+	d := c.workers["w1"]
+	d.State = api.WorkerDraining
+	c.workers["w1"] = d
+	c.mu.Unlock()
+	s.ViewChanged()
+	require.Equal(t, []string{"spawn h1"}, w.await(1))
+	w.quiet()
+}
