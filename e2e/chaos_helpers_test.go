@@ -382,14 +382,14 @@ func (s *jobStream) add(ev api.Event) {
 
 // claim is one statement a failure reason makes about a process.
 type claim struct {
-	kind string // "died" (a worker), "lost" (a hive), "none-online" (every hive)
+	kind string // "died" or "worker-lost" (a worker), "lost" (a hive), "none-online" (every hive)
 	id   string
 	hive string
 }
 
 // claimsIn finds the statements about processes in a failure reason: the
-// queen's "worker W on hive H died", "hive H was lost" and "no online hive
-// has model M" (or "no hive is online").
+// queen's "worker W on hive H died", "worker W on hive H was lost", "hive H
+// was lost" and "no online hive has model M" (or "no hive is online").
 func claimsIn(reason string) []claim {
 	var out []claim
 	if strings.Contains(reason, "no online hive has model") || strings.Contains(reason, "no hive is online") {
@@ -400,7 +400,9 @@ func claimsIn(reason string) []claim {
 		switch {
 		case f[i] == "worker" && i+5 < len(f) && f[i+2] == "on" && f[i+3] == "hive" && strings.HasPrefix(f[i+5], "died"):
 			out = append(out, claim{kind: "died", id: f[i+1], hive: f[i+4]})
-		case f[i] == "hive" && i+3 < len(f) && f[i+2] == "was" && strings.HasPrefix(f[i+3], "lost"):
+		case f[i] == "worker" && i+6 < len(f) && f[i+2] == "on" && f[i+3] == "hive" && f[i+5] == "was" && strings.HasPrefix(f[i+6], "lost"):
+			out = append(out, claim{kind: "worker-lost", id: f[i+1], hive: f[i+4]})
+		case f[i] == "hive" && (i == 0 || f[i-1] != "on") && i+3 < len(f) && f[i+2] == "was" && strings.HasPrefix(f[i+3], "lost"):
 			out = append(out, claim{kind: "lost", id: strings.TrimRight(f[i+1], ",:;")})
 		}
 	}
@@ -445,6 +447,8 @@ func TestChaosCheckerRules(t *testing.T) {
 		{"hive proxied was lost while starting the worker", []claim{{kind: "lost", id: "proxied"}}},
 		{"the last worker for tiny is gone and no new one could be started: hive h2 was lost, try again", []claim{{kind: "lost", id: "h2"}}},
 		{"no online hive has model tiny", []claim{{kind: "none-online"}}},
+		{"worker w2 on hive proxied was lost: no heartbeat since 21:14:57", []claim{{kind: "worker-lost", id: "w2", hive: "proxied"}}},
+		{"worker w3 on hive direct died (signal: killed)", []claim{{kind: "died", id: "w3", hive: "direct"}}},
 		{"timed out after 2s", nil},
 		{"worker w1 on hive h1 exited", nil},
 	}

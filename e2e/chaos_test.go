@@ -898,6 +898,16 @@ func (ch *chaos) checkReason(iv *invariant, j api.Job, unverifiable *int) {
 			if ch.aliveAfter(cl.id, at) {
 				iv.fail("job %s failed at %s with %q, but worker %s (pid %v) was alive then (%s)", j.ID, at.Local().Format("15:04:05.000"), j.Error, cl.id, ch.pids(cl.id), ch.lifeOf("llm-worker-rbee", cl.id))
 			}
+		case "worker-lost":
+			// Lost is true of a dead worker and of one cut off from the bus.
+			from := at.Add(-chaosLostWindow)
+			if len(ch.watch.records("llm-worker-rbee", cl.id)) == 0 {
+				*unverifiable++
+				continue
+			}
+			if ch.aliveAfter(cl.id, at) && !ch.cutDuring(cl.hive, from, at) {
+				iv.fail("job %s failed at %s with %q, but worker %s ran and was connected throughout the %s before (%s)", j.ID, at.Local().Format("15:04:05.000"), j.Error, cl.id, chaosLostWindow, ch.lifeOf("llm-worker-rbee", cl.id))
+			}
 		case "none-online":
 			from := at.Add(-chaosLostWindow)
 			for _, h := range chaosHives {
