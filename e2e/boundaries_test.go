@@ -1,0 +1,141 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rbee-dev/rbee/api"
+	"github.com/stretchr/testify/require"
+)
+
+// Failure at the boundaries: a queen down for longer than a heartbeat's
+// TTL, a worker paused long enough to be given up, a spawn that fails with
+// jobs waiting on it, and a hive killed with queued work. In each, no job is
+// lost, none is stranded, and every reason is true.
+
+// A queen (and its embedded bus) down past the heartbeat TTL comes back
+// without failing the job of a worker that lived through it: the restarted
+// queen judges liveness only once workers had a heartbeat's time to beat
+// again, and the keeper's answer equals a run with no outage.
+func TestQueenDownPastTheHeartbeatTTLKeepsLiveJobsStreaming(t *testing.T) {
+	t.Parallel()
+	requireLongGreedy(t)
+	c := newCluster(t).withDaemons()
+	c.readyHive(map[string]string{"large": "large"})
+	k := c.start(append([]string{"-q"}, longInfer()...)...)
+	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
+	c.killQueen()
+	// Down for longer than the entries' 3 s TTL, so they expire while the
+	// bus is away: what the restarted queen reads says "lost" of every
+	// worker and hive.
+	time.Sleep(6 * time.Second)
+	c.startQueen()
+	require.Equal(t, 0, k.wait(t, 120*time.Second), k.stderr.String())
+
+	r := c.mustRbee("--json", "jobs", "list", "--state", "completed")
+	var j api.Job
+	require.NoError(t, json.Unmarshal([]byte(strings.Split(r.stdout, "\n")[0]), &j), r.stdout)
+	var res api.InferResult
+	require.NoError(t, json.Unmarshal(j.Result, &res))
+	require.Equal(t, longTokens, res.CompletionTokens)
+	require.Equal(t, res.Text+"\n", k.stdout.String(), "the keeper's answer equals the worker's")
+	require.Empty(t, j.Error)
+	require.Equal(t, 1, j.Attempts, "the job ran once, on the worker that lived")
+}
+
+// A worker paused (SIGSTOP) long enough to be declared lost loses its job,
+// with a reason that says what is known; resumed (SIGCONT), it can change
+// nothing: the record stays failed and a follower replaying the job sees
+// the same end.
+func TestPausedWorkerGivenUpCannotChangeTheOutcome(t *testing.T) {
+	t.Parallel()
+	requireLongGreedy(t)
+	c := newCluster(t).withDaemons()
+	ws := c.readyWorkers("large", 1)
+	k := c.start(longInfer()...)
+	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
+	id := jobIDFrom(t, k.stderr.String())
+	require.NoError(t, syscall.Kill(ws[0].PID, syscall.SIGSTOP))
+	resumed := false
+	resume := func() {
+		if !resumed {
+			resumed = true
+			_ = syscall.Kill(ws[0].PID, syscall.SIGCONT)
+		}
+	}
+	t.Cleanup(resume)
+
+	require.Equal(t, 1, k.wait(t, 30*time.Second), k.stderr.String())
+	lost := fmt.Sprintf("worker %s on hive local was lost: no heartbeat since", ws[0].ID)
+	require.Contains(t, k.stderr.String(), lost)
+	require.NotContains(t, k.stderr.String(), "died", "the worker was alive all along")
+	before := c.job(id)
+	require.Equal(t, api.JobFailed, before.State)
+
+	resume()
+	// The worker wakes, is told its job is over, beats again and serves.
+	eventually(t, 30*time.Second, func() bool {
+		ws := c.workers()
+		return len(ws) == 1 && ws[0].ID == before.Worker && ws[0].SlotsBusy == 0
+	}, "the resumed worker did not come back idle")
+	after := c.job(id)
+	require.Equal(t, api.JobFailed, after.State)
+	require.Equal(t, before.Error, after.Error)
+	require.Equal(t, before.Revision, after.Revision, "the resumed worker wrote nothing to the record")
+	replay := c.rbee("jobs", "attach", id)
+	require.Equal(t, 1, replay.code, replay.stderr)
+	require.Contains(t, replay.stderr, lost)
+	require.Equal(t, k.stdout.String(), replay.stdout, "a late follower sees the same tokens and the same end")
+}
+
+// A spawn that fails fails every job waiting on it, with the spawn's
+// reason, at once: not the first one and the rest at their deadline.
+func TestFailedSpawnFailsEveryWaiterAtOnce(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons().setEnv("RBEE_HIVE_ARGS=--worker-bin=/bin/false")
+	c.readyHive(map[string]string{"tiny": "tiny"})
+	var ids []string
+	for i := range 3 {
+		r := c.mustRbee("infer", "--detach", "-m", "tiny", fmt.Sprintf("hello %d", i))
+		ids = append(ids, strings.TrimSpace(r.stdout))
+	}
+	var ends []time.Time
+	for _, id := range ids {
+		eventually(t, 30*time.Second, func() bool { return c.job(id).State.Terminal() }, "job %s still waits", id)
+		j := c.job(id)
+		require.Equal(t, api.JobFailed, j.State, id)
+		require.Contains(t, j.Error, "no worker could be started for tiny", id)
+		require.Contains(t, j.Error, "failed to load model tiny", "%s: the spawn's own reason", id)
+		ends = append(ends, *j.FinishedAt)
+	}
+	for _, e := range ends {
+		require.WithinDuration(t, ends[0], e, time.Second, "every waiter fails together")
+	}
+}
+
+// A hive killed with a job running and one queued: the queued job is
+// re-placed or failed naming the cause within seconds, never left queued.
+func TestKilledHiveLeavesNoQueuedJobStranded(t *testing.T) {
+	t.Parallel()
+	requireLongGreedy(t)
+	c := newCluster(t).withDaemons()
+	c.readyWorkers("large", 1)
+	running := c.start(longInfer()...)
+	eventually(t, 90*time.Second, func() bool { return running.stdout.String() != "" }, "no token arrived")
+	queued := strings.TrimSpace(c.mustRbee("infer", "--detach", "-m", "large", "--max-tokens", "5", "a later question").stdout)
+	require.Equal(t, api.JobQueued, c.job(queued).State)
+
+	require.NoError(t, syscall.Kill(c.hiveView("local").Status.PID, syscall.SIGKILL))
+	killed := time.Now()
+	eventually(t, 30*time.Second, func() bool { return c.job(queued).State.Terminal() }, "the queued job was stranded")
+	j := c.job(queued)
+	require.Equal(t, api.JobFailed, j.State)
+	require.Less(t, j.FinishedAt.Sub(killed), 15*time.Second)
+	require.Contains(t, j.Error, "large")
+	require.True(t, strings.Contains(j.Error, "hive local") || strings.Contains(j.Error, "no online hive has it"), "the reason names what is missing: %s", j.Error)
+	running.wait(t, 60*time.Second)
+}
