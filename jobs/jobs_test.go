@@ -162,3 +162,47 @@ func TestListFiltersByStateAndMissingJob(t *testing.T) {
 	_, err = s.Get(ctx, "a.b")
 	require.ErrorIs(t, err, subjects.ErrInvalidID)
 }
+
+// Every attempt at a job is fenced: a request of an old attempt cannot take
+// the job again, and a worker given up (paused, cut off) can neither finish
+// nor retry a job that moved on without it.
+func TestAttemptsAreFenced(t *testing.T) {
+	s, _ := openStore(t)
+	ctx := context.Background()
+	job, err := s.Create(ctx, api.Job{ID: jobs.NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	w1 := jobs.Attempt{Number: 1, Worker: "w1"}
+	w2 := jobs.Attempt{Number: 2, Worker: "w2"}
+
+	_, err = s.Take(ctx, job.ID, w2, "h1")
+	require.ErrorIs(t, err, jobs.ErrStale, "attempt 2 before attempt 1")
+	taken, err := s.Take(ctx, job.ID, w1, "h1")
+	require.NoError(t, err)
+	require.Equal(t, 1, taken.Attempts)
+	require.Equal(t, "w1", taken.Worker)
+
+	// The queen gives w1 up and retries the job.
+	retried, err := s.Retry(ctx, job.ID, w1)
+	require.NoError(t, err)
+	require.Equal(t, api.JobQueued, retried.State)
+	require.Empty(t, retried.Worker)
+
+	// w1's request, redelivered, is stale; w1 waking up cannot fail the
+	// waiting retry (queued → failed is a legal transition).
+	_, err = s.Take(ctx, job.ID, w1, "h1")
+	require.ErrorIs(t, err, jobs.ErrStale)
+	_, err = s.Finish(ctx, job.ID, w1, api.JobFailed, nil)
+	require.ErrorIs(t, err, jobs.ErrStale)
+
+	_, err = s.Take(ctx, job.ID, w2, "h2")
+	require.NoError(t, err)
+	_, err = s.Finish(ctx, job.ID, w1, api.JobCompleted, nil)
+	require.ErrorIs(t, err, jobs.ErrStale, "a stale worker cannot finish the new attempt")
+	_, err = s.Retry(ctx, job.ID, w1)
+	require.ErrorIs(t, err, jobs.ErrStale, "nor retry it")
+	done, err := s.Finish(ctx, job.ID, w2, api.JobCompleted, nil)
+	require.NoError(t, err)
+	require.Equal(t, api.JobCompleted, done.State)
+	_, err = s.Finish(ctx, job.ID, w2, api.JobFailed, nil)
+	require.ErrorIs(t, err, jobs.ErrTerminal)
+}
