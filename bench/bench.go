@@ -20,7 +20,7 @@ import (
 
 // Options say which benchmarks run and how big.
 type Options struct {
-	// Only lists the benchmarks to run (1-6); empty runs all.
+	// Only lists the benchmarks to run (1-7); empty runs all.
 	Only map[int]bool
 	// Quick shrinks every size, for a smoke run.
 	Quick bool
@@ -125,6 +125,7 @@ var benchmarks = []benchmark{
 	{4, "Failure detection", benchFailure},
 	{5, "Scale of one queen", benchScale},
 	{6, "Footprint", benchFootprint},
+	{7, "Recovery at the boundaries", benchRecovery},
 }
 
 // Run runs the selected benchmarks, prints each table when it finishes and
@@ -293,6 +294,7 @@ var expected = map[int][]string{
 	3: {"10,000 jobs submitted at once all complete, none lost or run twice"},
 	4: {"killed hive and killed worker seen lost: p99 ≤ 3 heartbeat intervals + 1 s"},
 	5: {"10,000 entries at 1 Hz: queen < 0.5 core, detection within 3 intervals + 1 s"},
+	7: {"a queen restart fails no job whose worker lives", "a failed spawn fails every waiter within 1 s"},
 }
 
 func (e *env) expectTargets(id int, err error) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -23,7 +24,9 @@ type cluster struct {
 	natsURL string
 	gateway string
 	queen   *process
-	b       *bus.Bus
+	// queenArgs start the queen again on the same data and port.
+	queenArgs []string
+	b         *bus.Bus
 	hives   map[string]*process
 }
 
@@ -84,6 +87,7 @@ func (e *env) startQueen(ctx context.Context, spec queenSpec) (*cluster, time.Du
 		args = append(args, "--gateway", "off")
 	}
 	args = append(args, spec.Args...)
+	c.queenArgs = args
 	p, err := e.procs.start("queen-rbee", bin, args, nil, filepath.Join(c.home, "queen.log"))
 	if err != nil {
 		return nil, 0, err
@@ -95,6 +99,27 @@ func (e *env) startQueen(ctx context.Context, spec queenSpec) (*cluster, time.Du
 		return nil, 0, fmt.Errorf("queen did not answer: %w; %s", err, logTail(p))
 	}
 	return c, ready, nil
+}
+
+// restartQueen kills the queen (and so its embedded bus) with SIGKILL and
+// starts it again on the same data directory and port, returning when the
+// new one was exec'd.
+func (c *cluster) restartQueen(ctx context.Context) (time.Time, error) {
+	c.queen.kill(syscall.SIGKILL)
+	<-c.queen.Done()
+	bin, err := c.e.binary("queen-rbee")
+	if err != nil {
+		return time.Time{}, err
+	}
+	p, err := c.e.procs.start("queen-rbee", bin, c.queenArgs, nil, filepath.Join(c.home, "queen.log"))
+	if err != nil {
+		return time.Time{}, err
+	}
+	c.queen = p
+	if _, err := c.waitQueen(ctx, 20*time.Second); err != nil {
+		return p.Started, fmt.Errorf("restarted queen did not answer: %w; %s", err, logTail(p))
+	}
+	return p.Started, nil
 }
 
 func (c *cluster) waitQueen(ctx context.Context, within time.Duration) (time.Duration, error) {
