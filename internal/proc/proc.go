@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -163,8 +164,10 @@ func waitGone(ctx context.Context, pid int, d time.Duration) bool {
 	return !Alive(pid)
 }
 
-// Tail returns the last n lines of a file, for error messages that must
-// show why a process failed.
+// Tail returns the last n lines of a file as plain text, for error messages
+// that must show why a process failed. Terminal escape sequences are removed:
+// a log written by an older build, or by a library that colours its output,
+// must not put raw ESC bytes into an error a person reads or a JSON field.
 func Tail(path string, n int) string {
 	f, err := os.Open(path)
 	if err != nil {
@@ -176,12 +179,17 @@ func Tail(path string, n int) string {
 		_, _ = f.Seek(st.Size()-max, io.SeekStart)
 	}
 	data, _ := io.ReadAll(f)
+	data = ansiEscape.ReplaceAll(data, nil)
 	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
 }
+
+// ansiEscape matches CSI sequences (colours, cursor moves: ESC [ params
+// final) and any other lone ESC.
+var ansiEscape = regexp.MustCompile(`\x1b(\[[0-?]*[ -/]*[@-~])?`)
 
 // KillMarked SIGKILLs every process but this one whose command line or
 // environment mentions marker (a temporary directory unique to a test or a
