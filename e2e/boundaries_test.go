@@ -26,7 +26,7 @@ func TestQueenDownPastTheHeartbeatTTLKeepsLiveJobsStreaming(t *testing.T) {
 	requireLongGreedy(t)
 	c := newCluster(t).withDaemons()
 	c.readyHive(map[string]string{"large": "large"})
-	k := c.start(append([]string{"-q"}, longInfer()...)...)
+	k := c.start(longInfer()...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
 	c.killQueen()
 	// Down for longer than the entries' 3 s TTL, so they expire while the
@@ -34,11 +34,15 @@ func TestQueenDownPastTheHeartbeatTTLKeepsLiveJobsStreaming(t *testing.T) {
 	// worker and hive.
 	time.Sleep(6 * time.Second)
 	c.startQueen()
+	// At once, before the hive has beaten again: a new job is taken, not
+	// refused with "no hive is online".
+	r0 := c.rbee("infer", "--detach", "-m", "large", "--max-tokens", "3", "right after the restart")
+	require.Equal(t, 0, r0.code, r0.stderr)
 	require.Equal(t, 0, k.wait(t, 120*time.Second), k.stderr.String())
 
-	r := c.mustRbee("--json", "jobs", "list", "--state", "completed")
-	var j api.Job
-	require.NoError(t, json.Unmarshal([]byte(strings.Split(r.stdout, "\n")[0]), &j), r.stdout)
+	after := strings.TrimSpace(r0.stdout)
+	eventually(t, 60*time.Second, func() bool { return c.job(after).State == api.JobCompleted }, "the job submitted right after the restart did not complete")
+	j := c.job(jobIDFrom(t, k.stderr.String()))
 	var res api.InferResult
 	require.NoError(t, json.Unmarshal(j.Result, &res))
 	require.Equal(t, longTokens, res.CompletionTokens)

@@ -25,7 +25,7 @@ const maxAttempts = 2
 
 // admitInfer checks an infer request before a job exists, so the errors a
 // user can cause come back at once with a fitting code.
-func (q *Queen) admitInfer(_ context.Context, raw json.RawMessage) error {
+func (q *Queen) admitInfer(ctx context.Context, raw json.RawMessage) error {
 	args, err := decodeArgs[api.InferArgs](raw)
 	if err != nil {
 		return err
@@ -34,11 +34,18 @@ func (q *Queen) admitInfer(_ context.Context, raw json.RawMessage) error {
 		return err
 	}
 	key, _ := subjects.ModelKey(args.Model)
-	snap := q.registry.Snapshot()
+	// Right after a start or a reconnect, hives may not have beaten yet:
+	// wait for the grace rather than refuse a hive that lives.
+	wctx, cancel := context.WithTimeout(ctx, q.cfg.LivenessGrace+time.Second)
+	defer cancel()
+	pins := sched.Pins{Hive: args.Hive, Device: args.Device}
+	snap := q.registry.WaitSettled(wctx, func(s *Snapshot) bool {
+		return s.online() > 0 && (args.Hive == "" || s.HiveState(args.Hive) == api.HiveOnline) &&
+			(len(s.Serving(key, pins)) > 0 || len(s.Candidates(key, pins)) > 0)
+	})
 	if snap.online() == 0 {
 		return api.Errorf(api.CodeUnavailable, "no hive is online; start one with `rbee hive start NAME` (add it first with `rbee hive add NAME`)")
 	}
-	pins := sched.Pins{Hive: args.Hive, Device: args.Device}
 	if args.Hive != "" && snap.HiveState(args.Hive) != api.HiveOnline {
 		return api.Errorf(api.CodeUnavailable, "hive %s is not online; start it with `rbee hive start %s`", args.Hive, args.Hive)
 	}

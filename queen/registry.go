@@ -154,6 +154,15 @@ func (r *Registry) BusBack() {
 // Settled reports whether liveness is being judged (no grace runs).
 func (r *Registry) Settled() bool { return r.settled.Load() }
 
+// WaitSettled returns the first snapshot for which cond holds, or the first
+// one once the view is settled, whichever comes first: a decision that a
+// thing is missing (no hive online, a hive not running) must not be taken
+// from a view the liveness grace still holds back. Bounded by ctx.
+func (r *Registry) WaitSettled(ctx context.Context, cond func(*Snapshot) bool) *Snapshot {
+	s, _ := r.Wait(ctx, func(s *Snapshot) bool { return r.Settled() || cond(s) })
+	return s
+}
+
 // Snapshot returns the current view.
 func (r *Registry) Snapshot() *Snapshot { return r.snap.Load() }
 
@@ -289,6 +298,8 @@ func (r *Registry) settle(ctx context.Context) {
 	clear(r.expiredHives)
 	clear(r.expiredWorkers)
 	r.settled.Store(true)
+	// Wake those waiting for a settled view (WaitSettled).
+	r.flush()
 	if r.OnSettled != nil {
 		r.OnSettled()
 	}
