@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -104,6 +105,9 @@ func (c *Catalog) Add(ctx context.Context, req AddRequest, progress func(Progres
 			ErrChecksum, id, req.Source, sum, want)
 	}
 	info, err := inspect(partial, c.opts.contextForEstimate)
+	if errors.Is(err, errTruncated) {
+		return api.Model{}, fmt.Errorf("catalog: %w: %s: %w", ErrNotGGUF, req.Source, err) // says what to do
+	}
 	if err != nil {
 		return api.Model{}, fmt.Errorf("catalog: %w: %s: %w; check that the source is a .gguf model file", ErrNotGGUF, req.Source, err)
 	}

@@ -3,7 +3,9 @@
 //
 // Only what the project needs is implemented: metadata of the scalar types,
 // strings, and arrays of strings, float32 and int32; tensors of type F32 and
-// F16. Reading GGUF is left to github.com/gpustack/gguf-parser-go.
+// F16. Reading GGUF is left to github.com/gpustack/gguf-parser-go, except
+// for ReadLayout, which reads only the header, to tell a truncated file from
+// a malformed one.
 package gguf
 
 import (
