@@ -30,20 +30,18 @@ func App() *cli.App {
 		&cli.DurationFlag{Name: FlagReconnectTimeout, Value: DefaultReconnectTimeout, EnvVars: []string{"RBEE_RECONNECT_TIMEOUT"},
 			Usage: "while following a job (infer, jobs attach), give up with exit 3 when the bus is gone this long (0 = never)"},
 	)
-	return &cli.App{
+	app := &cli.App{
 		Name:                 "rbee",
 		Usage:                "run LLMs across every machine you own",
 		Version:              version.Version,
 		Flags:                flags,
 		EnableBashCompletion: true,
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
-			return cli.Exit("usage: "+err.Error(), ExitUsage)
-		},
+		OnUsageError:         onUsageError,
 		Before: func(c *cli.Context) error {
 			if c.Duration(FlagReconnectTimeout) < 0 {
 				return usage("--%s must not be negative (0 waits for the bus forever)", FlagReconnectTimeout)
 			}
-			return nil
+			return checkFlagValues(c, c.App.Flags)
 		},
 		Commands: []*cli.Command{
 			queenCommand(),
@@ -53,13 +51,15 @@ func App() *cli.App {
 			inferCommand(),
 			modelCommand(),
 			workerCommand(),
-			{Name: "trace", Usage: "live narration of the whole cluster", ArgsUsage: "[FILTER]", Action: traceAction},
+			traceCommand(),
 		},
 		CommandNotFound: func(c *cli.Context, name string) {
-			fmt.Fprintf(os.Stderr, "rbee: unknown command %q; see `rbee --help`\n", name)
+			fmt.Fprintf(os.Stderr, "rbee: unknown command %q; see `%s --help`\n", name, commandName(c))
 			os.Exit(ExitUsage)
 		},
 	}
+	prepareCommands(app.Commands)
+	return app
 }
 
 // Main runs the app and returns the process exit status.
@@ -163,6 +163,22 @@ func show(c *cli.Context, v any, human func(io.Writer)) {
 // --json, else through human.
 func ask[Resp any](c *cli.Context, endpoint string, req any, human func(io.Writer, Resp)) error {
 	return withSession(c, true, func(ctx context.Context, s *Session) error {
+		var r Resp
+		if err := call(ctx, s, endpoint, req, &r); err != nil {
+			return err
+		}
+		show(c, r, func(w io.Writer) { human(w, r) })
+		return nil
+	})
+}
+
+// askLive is ask for a report on hives and workers: from a queen started
+// for this command, only once it can know who is alive (awaitLiveness).
+func askLive[Resp any](c *cli.Context, endpoint string, req any, human func(io.Writer, Resp)) error {
+	return withSession(c, true, func(ctx context.Context, s *Session) error {
+		if err := awaitLiveness(ctx, s); err != nil {
+			return err
+		}
 		var r Resp
 		if err := call(ctx, s, endpoint, req, &r); err != nil {
 			return err
@@ -284,13 +300,22 @@ func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint
 	mu.Unlock()
 	p.Done()
 	if ctx.Err() != nil {
+		// The caller's deadline (infer --timeout) ends the follow like
+		// Ctrl-C, but its error is the whole report: no "interrupted".
+		cause := context.Cause(ctx)
+		timedOut := errors.Is(cause, errTimedOut)
 		if cancelOnInterrupt {
 			cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			_ = s.Bus.Call(cctx, s.Bus.Space.Queen(api.EpJobCancel), api.JobRequest{ID: jobID}, nil)
-			p.Message("[rbee] interrupted: job %s cancelled", jobID)
-		} else {
+			if !timedOut {
+				p.Message("[rbee] interrupted: job %s cancelled", jobID)
+			}
+		} else if !timedOut {
 			p.Message("[rbee] detached from job %s; re-attach with `rbee jobs attach %s`", jobID, jobID)
+		}
+		if timedOut {
+			return nil, cause
 		}
 		return nil, errInterrupted
 	}
@@ -332,7 +357,7 @@ func decodeResult[T any](final *api.StateChange) (T, bool) {
 
 func needArgs(c *cli.Context, n int, what string) error {
 	if c.NArg() != n {
-		return usage("%s needs %s", c.Command.FullName(), what)
+		return usage("%s needs %s", commandName(c), what)
 	}
 	return nil
 }

@@ -94,7 +94,7 @@ func queenStatus(c *cli.Context) error {
 // --- status ---
 
 func statusAction(c *cli.Context) error {
-	return ask(c, api.EpStatus, nil, func(w io.Writer, st api.Status) { printStatus(w, st) })
+	return askLive(c, api.EpStatus, nil, func(w io.Writer, st api.Status) { printStatus(w, st) })
 }
 
 func printStatus(out io.Writer, st api.Status) {
@@ -103,7 +103,7 @@ func printStatus(out io.Writer, st api.Status) {
 	fmt.Fprintln(w, "HIVE\tSTATE\tADDRESS\tDEVICES\tRAM FREE\tWORKERS")
 	for _, h := range st.Hives {
 		devices, ram, workers := "-", "-", "-"
-		if h.Status != nil {
+		if seen(h) && h.State == api.HiveOnline {
 			devices = deviceSummary(h.Status.Capabilities)
 			ram = humanBytes(h.Status.RAMFree)
 			workers = fmt.Sprint(len(h.Status.Workers))
@@ -196,19 +196,16 @@ func hiveCommand() *cli.Command {
 			}},
 			{Name: "list", Usage: "list hives and whether they are online", Action: func(c *cli.Context) error {
 				return withSession(c, true, func(ctx context.Context, s *Session) error {
+					if err := awaitLiveness(ctx, s); err != nil {
+						return err
+					}
 					var r api.HiveListReply
 					if err := call(ctx, s, api.EpHiveList, nil, &r); err != nil {
 						return err
 					}
+					now := time.Now()
 					return listing(c, r.Hives, "NAME\tSTATE\tADDRESS\tDEVICES\tLAST SEEN", func(h api.HiveView) string {
-						devices, seen := "-", "-"
-						if h.Status != nil {
-							devices = deviceSummary(h.Status.Capabilities)
-						}
-						if h.LastSeen != nil {
-							seen = time.Since(*h.LastSeen).Round(time.Second).String() + " ago"
-						}
-						return strings.Join([]string{h.Name, h.State, h.Address, devices, seen}, "\t")
+						return hiveRow(h, now)
 					})
 				})
 			}},
@@ -245,12 +242,8 @@ func hiveGet(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return ask(c, api.EpHiveGet, api.HiveRequest{Name: n}, func(w io.Writer, v api.HiveView) {
-		fmt.Fprintf(w, "hive %s: %s (%s)\n", v.Name, v.State, v.Address)
-		if v.Status != nil {
-			printCapabilities(w, v.Name, v.Status.Capabilities)
-			fmt.Fprintf(w, "  version %s, pid %d, workers %d, models %d\n", v.Status.Version, v.Status.PID, len(v.Status.Workers), len(v.Status.Models))
-		}
+	return askLive(c, api.EpHiveGet, api.HiveRequest{Name: n}, func(w io.Writer, v api.HiveView) {
+		printHiveView(w, v, time.Now())
 	})
 }
 
@@ -312,10 +305,7 @@ func jobsCommand() *cli.Command {
 				if err != nil {
 					return err
 				}
-				return ask(c, api.EpJobGet, api.JobRequest{ID: id}, func(w io.Writer, j api.Job) {
-					b, _ := json.MarshalIndent(j, "", "  ")
-					fmt.Fprintln(w, string(b))
-				})
+				return ask(c, api.EpJobGet, api.JobRequest{ID: id}, printJob)
 			}},
 			{Name: "attach", Usage: "follow a job's narration and tokens from the start (or --from SEQ)", ArgsUsage: "ID",
 				Flags: []cli.Flag{&cli.Uint64Flag{Name: "from", Usage: "resume at this stream sequence"}},
@@ -354,6 +344,17 @@ func jobsCommand() *cli.Command {
 }
 
 // --- trace ---
+
+func traceCommand() *cli.Command {
+	return &cli.Command{
+		Name: "trace", Usage: "live narration of the whole cluster", ArgsUsage: "[FILTER]",
+		Description: "Shows every narration line on the bus as it happens, until Ctrl-C.\n\n" +
+			"FILTER, if given, keeps only the lines that contain it (case-sensitive) in their\n" +
+			"subject, component, actor id, hive id, worker id or text: a job id\n" +
+			"(rbee trace job-123), a hive (rbee trace gpu1), a worker, or a word (rbee trace lost).",
+		Action: traceAction,
+	}
+}
 
 func traceAction(c *cli.Context) error {
 	if c.NArg() > 1 {

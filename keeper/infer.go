@@ -3,6 +3,7 @@ package keeper
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -13,6 +14,10 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 )
+
+// errTimedOut is the cause of a context that a command's own deadline
+// (--timeout) ended; follow reports it instead of an interruption.
+var errTimedOut = errors.New("timed out")
 
 func inferCommand() *cli.Command {
 	return &cli.Command{
@@ -33,7 +38,7 @@ func inferCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "stop", Usage: "stop sequence (repeatable)"},
 			&cli.StringFlag{Name: "system", Usage: "system prompt (uses the model's chat template)"},
 			&cli.DurationFlag{Name: "timeout", Usage: "cancel the job if it takes longer (0 = the queen's job timeout)"},
-			&cli.BoolFlag{Name: "detach", Usage: "print the job id and return; follow with `rbee jobs attach ID`"},
+			&cli.BoolFlag{Name: "detach", Usage: "print the job id and return; follow with 'rbee jobs attach ID'"},
 			&cli.BoolFlag{Name: "pull", Usage: "download the model when no hive has it (-m takes a source then)"},
 		},
 		Action: inferAction,
@@ -77,7 +82,12 @@ func inferAction(c *cli.Context) error {
 	if args.Sampling.MaxTokens < 1 {
 		return usage("--max-tokens must be at least 1")
 	}
-	raw, _ := json.Marshal(args)
+	raw, err := json.Marshal(args)
+	if err != nil {
+		// Flag values are checked before this; a value JSON cannot carry
+		// must not become an empty request.
+		return usage("the request cannot be encoded: %v", err)
+	}
 	timeout := c.Duration("timeout")
 	return withSession(c, true, func(ctx context.Context, s *Session) error {
 		// The keeper's own deadline: past it, the job is cancelled like on
@@ -85,7 +95,7 @@ func inferAction(c *cli.Context) error {
 		fctx := ctx
 		if timeout > 0 {
 			var cancel context.CancelFunc
-			fctx, cancel = context.WithTimeout(ctx, timeout)
+			fctx, cancel = context.WithTimeoutCause(ctx, timeout, fmt.Errorf("%w after %s (--timeout); the job was cancelled", errTimedOut, timeout))
 			defer cancel()
 		}
 		// The queen's deadline backs the keeper's up, a little later, in
@@ -95,9 +105,6 @@ func inferAction(c *cli.Context) error {
 			queenTimeout = timeout + 5*time.Second
 		}
 		final, err := submitAndFollow(c, s, fctx, api.Operation{Kind: api.OpInfer, Args: raw}, queenTimeout, c.Bool("detach"))
-		if err == errInterrupted && ctx.Err() == nil && fctx.Err() != nil {
-			return fmt.Errorf("timed out after %s (--timeout); the job was cancelled", timeout)
-		}
 		if err != nil {
 			return err
 		}

@@ -77,7 +77,7 @@ func modelCommand() *cli.Command {
 						return err
 					}
 					name := c.Args().First()
-					if err := subjects.ValidateModelID(name); err != nil {
+					if err := validModelArgs(c, name); err != nil {
 						return err
 					}
 					return withSession(c, true, func(ctx context.Context, s *Session) error {
@@ -93,10 +93,22 @@ func modelCommand() *cli.Command {
 				}},
 			{Name: "list", Usage: "list models on one or all online hives", Flags: []cli.Flag{&cli.StringFlag{Name: "hive", Usage: "only this hive"}},
 				Action: func(c *cli.Context) error {
-					return withSession(c, true, func(ctx context.Context, s *Session) error {
-						var lists []api.ModelListReply
-						if err := call(ctx, s, api.EpModelList, api.HiveRequest{Name: c.String("hive")}, &lists); err != nil {
+					hive := c.String("hive")
+					if hive != "" {
+						if err := validID(subjects.KindHive, hive); err != nil {
 							return err
+						}
+					}
+					return withSession(c, true, func(ctx context.Context, s *Session) error {
+						if err := awaitLiveness(ctx, s); err != nil {
+							return err
+						}
+						var lists []api.ModelListReply
+						if err := call(ctx, s, api.EpModelList, api.HiveRequest{Name: hive}, &lists); err != nil {
+							return err
+						}
+						if hive != "" && len(lists) == 0 {
+							return hiveNotListing(ctx, s, hive)
 						}
 						if c.Bool("json") {
 							p := printer(c)
@@ -121,15 +133,15 @@ func modelCommand() *cli.Command {
 				if err := needArgs(c, 1, "a MODEL"); err != nil {
 					return err
 				}
+				if err := validModelArgs(c, c.Args().First()); err != nil {
+					return err
+				}
 				return withSession(c, true, func(ctx context.Context, s *Session) error {
 					var m api.Model
 					if err := hiveCall(ctx, s, c.String("hive"), api.HiveEpModelGet, api.ModelRequest{Model: c.Args().First()}, &m, 10*time.Second); err != nil {
 						return err
 					}
-					show(c, m, func(w io.Writer) {
-						b, _ := json.MarshalIndent(m, "", "  ")
-						fmt.Fprintln(w, string(b))
-					})
+					show(c, m, func(w io.Writer) { printModel(w, c.String("hive"), m) })
 					return nil
 				})
 			}},
@@ -137,6 +149,9 @@ func modelCommand() *cli.Command {
 				Flags: []cli.Flag{hiveFlag(), &cli.BoolFlag{Name: "force", Usage: "stop workers using it first"}},
 				Action: func(c *cli.Context) error {
 					if err := needArgs(c, 1, "a MODEL"); err != nil {
+						return err
+					}
+					if err := validModelArgs(c, c.Args().First()); err != nil {
 						return err
 					}
 					return withSession(c, true, func(ctx context.Context, s *Session) error {
@@ -153,6 +168,46 @@ func modelCommand() *cli.Command {
 	}
 }
 
+// validModelArgs checks a model id and the --hive it is meant for, as
+// ids, before anything is sent.
+func validModelArgs(c *cli.Context, model string) error {
+	if err := validID(subjects.KindHive, c.String("hive")); err != nil {
+		return err
+	}
+	return subjects.ValidateModelID(model)
+}
+
+// hiveNotListing explains why a hive named in `model list --hive` gave no
+// catalog: it is unknown, or not running.
+func hiveNotListing(ctx context.Context, s *Session, hive string) error {
+	var v api.HiveView
+	if err := call(ctx, s, api.EpHiveGet, api.HiveRequest{Name: hive}, &v); err != nil {
+		if api.CodeOf(err) == api.CodeNotFound {
+			return api.Fail(api.ReasonNotFound, "", "hive %s is unknown: it is not in the inventory and not running (see `rbee hive list`)", hive)
+		}
+		return err
+	}
+	return fmt.Errorf("hive %s is %s; its models are listed while it runs (`rbee hive start %s`)", hive, v.State, hive)
+}
+
+// findWorker looks a worker up in the queen's list (once the queen can know
+// who is alive).
+func findWorker(ctx context.Context, s *Session, id string) (api.WorkerStatus, error) {
+	if err := awaitLiveness(ctx, s); err != nil {
+		return api.WorkerStatus{}, err
+	}
+	var r api.WorkerListReply
+	if err := call(ctx, s, api.EpWorkerList, api.HiveRequest{}, &r); err != nil {
+		return api.WorkerStatus{}, err
+	}
+	for _, w := range r.Workers {
+		if w.ID == id {
+			return w, nil
+		}
+	}
+	return api.WorkerStatus{}, api.Fail(api.ReasonNotFound, "", "worker %s is unknown: no worker of that id is running (see `rbee worker list`)", id)
+}
+
 func workerCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "worker",
@@ -165,8 +220,14 @@ func workerCommand() *cli.Command {
 				&cli.IntFlag{Name: "slots", Usage: "requests served at once", Value: 1},
 				&cli.IntFlag{Name: "ctx", Usage: "context size", Value: 2048},
 			}, Action: func(c *cli.Context) error {
-				if err := validID(subjects.KindHive, c.String("hive")); err != nil {
+				if err := validModelArgs(c, c.String("model")); err != nil {
 					return err
+				}
+				if c.Int("slots") < 1 {
+					return usage("--slots must be at least 1")
+				}
+				if c.Int("ctx") < 1 {
+					return usage("--ctx must be at least 1")
 				}
 				raw, _ := json.Marshal(api.WorkerSpawnArgs{Hive: c.String("hive"), Model: c.String("model"), Device: c.String("device"), Slots: c.Int("slots"), Ctx: c.Int("ctx")})
 				return withSession(c, true, func(ctx context.Context, s *Session) error {
@@ -184,6 +245,9 @@ func workerCommand() *cli.Command {
 			}},
 			{Name: "list", Usage: "list workers", Flags: []cli.Flag{&cli.StringFlag{Name: "hive", Usage: "only this hive"}}, Action: func(c *cli.Context) error {
 				return withSession(c, true, func(ctx context.Context, s *Session) error {
+					if err := awaitLiveness(ctx, s); err != nil {
+						return err
+					}
 					var r api.WorkerListReply
 					if err := call(ctx, s, api.EpWorkerList, api.HiveRequest{Name: c.String("hive")}, &r); err != nil {
 						return err
@@ -199,20 +263,12 @@ func workerCommand() *cli.Command {
 					return err
 				}
 				return withSession(c, true, func(ctx context.Context, s *Session) error {
-					var r api.WorkerListReply
-					if err := call(ctx, s, api.EpWorkerList, api.HiveRequest{}, &r); err != nil {
+					w, err := findWorker(ctx, s, id)
+					if err != nil {
 						return err
 					}
-					for _, w := range r.Workers {
-						if w.ID == id {
-							show(c, w, func(out io.Writer) {
-								b, _ := json.MarshalIndent(w, "", "  ")
-								fmt.Fprintln(out, string(b))
-							})
-							return nil
-						}
-					}
-					return api.Errorf(api.CodeNotFound, "worker %s is not running", id)
+					show(c, w, func(out io.Writer) { printWorker(out, w, time.Now()) })
+					return nil
 				})
 			}},
 			{Name: "stop", Usage: "drain a worker, then SIGTERM, then SIGKILL", ArgsUsage: "ID",
@@ -224,6 +280,10 @@ func workerCommand() *cli.Command {
 					}
 					raw, _ := json.Marshal(api.WorkerStopArgs{Worker: id, Grace: api.Duration(c.Duration("grace"))})
 					return withSession(c, true, func(ctx context.Context, s *Session) error {
+						// Refused here, not as a failed job: a typo makes no job.
+						if _, err := findWorker(ctx, s, id); err != nil {
+							return err
+						}
 						final, err := submitAndFollow(c, s, ctx, api.Operation{Kind: api.OpWorkerStop, Args: raw}, 0, false)
 						if err != nil {
 							return err
