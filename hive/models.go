@@ -152,7 +152,7 @@ func (h *hive) modelAdd(ctx context.Context, args api.ModelAddArgs) (api.Model, 
 		// Progress belongs to the person following the job; without one
 		// it would only flood the cluster subject.
 		progress = func(p catalog.Progress) {
-			h.narrator.With(ctx, args.JobID, "download", file, progressFields(p), "%s", progressSentence(file, p))
+			h.narrator.With(ctx, args.JobID, "download", file, progressFields(p), "%s", p.Sentence(file))
 		}
 	}
 	m, err := h.catalog.Add(ctx, catalog.AddRequest{Source: args.Source, Name: args.Name, SHA256: args.SHA256}, progress)
@@ -188,21 +188,8 @@ func progressFields(p catalog.Progress) map[string]any {
 	return map[string]any{
 		"bytes": p.Bytes, "total": p.Total, "percent": round1(p.Percent),
 		"rate": int64(p.BytesPerSec), "eta": p.ETA.Round(time.Second).String(),
+		"resumed": p.Resumed,
 	}
-}
-
-// progressSentence says where a download stands:
-// "downloading tiny.gguf: 45% of 1.2 GiB at 80.0 MiB/s, 10s left".
-func progressSentence(file string, p catalog.Progress) string {
-	rate := catalog.HumanBytes(uint64(p.BytesPerSec)) + "/s"
-	if p.Total <= 0 {
-		return fmt.Sprintf("downloading %s: %s at %s", file, catalog.HumanBytes(uint64(p.Bytes)), rate)
-	}
-	s := fmt.Sprintf("downloading %s: %.0f%% of %s at %s", file, p.Percent, catalog.HumanBytes(uint64(p.Total)), rate)
-	if p.Bytes < p.Total {
-		s += fmt.Sprintf(", %s left", p.ETA.Round(time.Second))
-	}
-	return s
 }
 
 func round1(f float64) float64 { return float64(int64(f*10+0.5)) / 10 }
