@@ -235,8 +235,11 @@ func (q *Queen) runHiveStop(ctx context.Context, job api.Job) (any, error) {
 		return nil, err
 	}
 	name := entry.Name
-	rec, known := q.registry.Snapshot().Hives[name]
-	if !known || rec.State != api.HiveOnline {
+	rec, online := q.awaitHiveVerdict(ctx, name)
+	if !online {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
 		q.say(ctx, job.ID, "stop", name, "hive %s is not running; nothing to stop", name)
 		return map[string]string{"stopped": "not running"}, nil
 	}
@@ -265,6 +268,32 @@ func (q *Queen) runHiveStop(ctx context.Context, job api.Job) (any, error) {
 		}
 	}
 	return nil, fmt.Errorf("hive %s did not stop", name)
+}
+
+// awaitHiveVerdict says whether a hive is running, from a registry that can
+// know: "not running" is decided only once liveness is judged (the
+// registry is settled), since a queen that just started, or whose bus just
+// came back, has not heard yet from hives that are alive and reconnecting.
+// A hive seen online is running at once. The wait is bounded by a little
+// more than the liveness grace.
+func (q *Queen) awaitHiveVerdict(ctx context.Context, name string) (HiveRecord, bool) {
+	online := func(s *Snapshot) bool { return s.Hives[name].State == api.HiveOnline }
+	wctx, cancel := context.WithTimeout(ctx, q.cfg.LivenessGrace+2*time.Second)
+	defer cancel()
+	for {
+		snap := q.registry.Snapshot()
+		if online(snap) {
+			return snap.Hives[name], true
+		}
+		if q.registry.Settled() || wctx.Err() != nil {
+			return HiveRecord{}, false
+		}
+		// Settling publishes no snapshot of its own, so the wait on the
+		// next snapshot is short and Settled is asked again.
+		pctx, pcancel := context.WithTimeout(wctx, 100*time.Millisecond)
+		_, _ = q.registry.Wait(pctx, online)
+		pcancel()
+	}
 }
 
 // waitHiveGone waits until the hive's entry leaves or, after a signal, its
