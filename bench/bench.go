@@ -128,6 +128,10 @@ var benchmarks = []benchmark{
 	{7, "Recovery at the boundaries", benchRecovery},
 }
 
+// handWritten starts the part of the report that is written by hand and
+// kept across runs.
+const handWritten = "<!-- Below: written by hand, kept by the bench. -->"
+
 // Run runs the selected benchmarks, prints each table when it finishes and
 // writes the report. Every process and temp directory it made is gone when
 // it returns, also when ctx is cancelled.
@@ -206,6 +210,14 @@ func Run(ctx context.Context, opts Options) error {
 		}
 		if err := os.MkdirAll(filepath.Dir(opts.Out), 0o755); err != nil {
 			return err
+		}
+		// Runs that are not the bench's own (the chaos test's long run,
+		// an A/B against an older tree) are recorded by hand below the
+		// marker; a new report keeps them.
+		if old, err := os.ReadFile(opts.Out); err == nil {
+			if i := strings.Index(string(old), handWritten); i >= 0 {
+				b.WriteString(string(old[i:]))
+			}
 		}
 		if err := os.WriteFile(opts.Out, []byte(b.String()), 0o644); err != nil {
 			return err
