@@ -1,50 +1,6 @@
 package api
 
-import (
-	"errors"
-	"fmt"
-	"strconv"
-	"time"
-)
-
-// Error is an error answered by a service endpoint: an HTTP-like code and a
-// message for the person. Clients branch on Code; the keeper maps it to an
-// exit status.
-type Error struct {
-	Code    int    `json:"code"`
-	Message string `json:"message"`
-}
-
-func (e *Error) Error() string { return e.Message }
-
-// Error codes used on the bus, borrowed from HTTP because every reader
-// already knows them.
-const (
-	CodeBadRequest  = 400
-	CodeNotFound    = 404
-	CodeConflict    = 409
-	CodeQueueFull   = 429
-	CodeInternal    = 500
-	CodeUnavailable = 503
-	CodeTimeout     = 504
-)
-
-// Errorf builds an *Error.
-func Errorf(code int, format string, args ...any) *Error {
-	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
-}
-
-// CodeOf returns the code of an *Error in err's chain, or 0.
-func CodeOf(err error) int {
-	var e *Error
-	if errors.As(err, &e) {
-		return e.Code
-	}
-	return 0
-}
-
-// CodeString is the micro error code for a code.
-func CodeString(code int) string { return strconv.Itoa(code) }
+import "time"
 
 // --- queen endpoints ---
 

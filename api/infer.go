@@ -43,6 +43,15 @@ type InferArgs struct {
 	FirstTokenTimeout Duration `json:"first_token_timeout,omitempty"`
 }
 
+// PromptBytes is the size of the prompt, system text and messages together.
+func (a InferArgs) PromptBytes() int {
+	n := len(a.Prompt) + len(a.System)
+	for _, m := range a.Messages {
+		n += len(m.Content)
+	}
+	return n
+}
+
 // InferRequest is what the queen puts on a model's work queue. Workers of
 // that model pull it when a slot is free.
 type InferRequest struct {

@@ -44,7 +44,12 @@ type Job struct {
 	FinishedAt *time.Time `json:"finished_at,omitempty"`
 	// Deadline is when the queen fails the job if it is still not terminal.
 	Deadline *time.Time `json:"deadline,omitempty"`
-	Error    string     `json:"error,omitempty"`
+	// Error says why a failed or cancelled job ended, for the person;
+	// Reason says it for programs, and Param names the request parameter
+	// at fault, if any (see Error).
+	Error  string `json:"error,omitempty"`
+	Reason Reason `json:"reason,omitempty"`
+	Param  string `json:"param,omitempty"`
 	// Hive and Worker say where the job ran, once known.
 	Hive   string `json:"hive,omitempty"`
 	Worker string `json:"worker,omitempty"`
@@ -130,13 +135,17 @@ type Token struct {
 
 // StateChange is published on a job's state subject for every transition.
 type StateChange struct {
-	Time   time.Time `json:"time"`
-	From   JobState  `json:"from,omitempty"`
-	State  JobState  `json:"state"`
-	Actor  Actor     `json:"actor"`
-	Error  string    `json:"error,omitempty"`
-	Hive   string    `json:"hive,omitempty"`
-	Worker string    `json:"worker,omitempty"`
+	Time  time.Time `json:"time"`
+	From  JobState  `json:"from,omitempty"`
+	State JobState  `json:"state"`
+	Actor Actor     `json:"actor"`
+	Error string    `json:"error,omitempty"`
+	// Reason and Param are the record's (see Job): set on the terminal
+	// event of a failed or cancelled job.
+	Reason Reason `json:"reason,omitempty"`
+	Param  string `json:"param,omitempty"`
+	Hive   string `json:"hive,omitempty"`
+	Worker string `json:"worker,omitempty"`
 	// Attempt is the record's attempt number after the change: a running
 	// event names the attempt that started, a retry (running → queued)
 	// the attempt that was given up.

@@ -83,27 +83,37 @@ func Handler[Req, Resp any](e *Endpoints, name string, fn func(context.Context, 
 	})
 }
 
+// Headers that carry an *api.Error's reason and parameter next to micro's
+// own error description and code, so Call rebuilds the whole error.
+const (
+	ReasonHeader = "Rbee-Error-Reason"
+	ParamHeader  = "Rbee-Error-Param"
+)
+
 func respondErr(e *Endpoints, name string, r micro.Request, err error) {
-	code := api.CodeOf(err)
-	if code == 0 {
-		code = api.CodeInternal
-	}
-	if e.Log != nil && code >= 500 {
+	ae := api.AsError(err)
+	if e.Log != nil && ae.Code >= 500 {
 		e.Log(name, err)
+	}
+	h := micro.Headers{
+		micro.ErrorHeader:     {ae.Message},
+		micro.ErrorCodeHeader: {api.CodeString(ae.Code)},
+		ReasonHeader:          {string(ae.Reason)},
+	}
+	if ae.Param != "" {
+		h[ParamHeader] = []string{ae.Param}
 	}
 	// Not r.Error: it records the error in a field that micro's dispatcher
 	// reads once the handler returns, and Handler answers from a goroutine
 	// of its own after that, which is a data race. Respond with the same
 	// headers puts the same reply on the wire and records nothing.
-	_ = r.Respond(nil, micro.WithHeaders(micro.Headers{
-		micro.ErrorHeader:     {err.Error()},
-		micro.ErrorCodeHeader: {api.CodeString(code)},
-	}))
+	_ = r.Respond(nil, micro.WithHeaders(h))
 }
 
 // Call sends a JSON request to subject and decodes the JSON reply into out.
-// An error answer comes back as *api.Error with its code; nobody serving the
-// subject is ErrNoResponder.
+// An error answer comes back as *api.Error with its code, reason and
+// parameter (a responder that sends no reason gets its code's); nobody
+// serving the subject is ErrNoResponder.
 func (b *Bus) Call(ctx context.Context, subject string, req, out any) error {
 	var data []byte
 	if req != nil {
@@ -126,7 +136,9 @@ func (b *Bus) Call(ctx context.Context, subject string, req, out any) error {
 	}
 	if desc := msg.Header.Get(micro.ErrorHeader); desc != "" {
 		code, _ := strconv.Atoi(msg.Header.Get(micro.ErrorCodeHeader))
-		return &api.Error{Code: code, Message: desc}
+		e := &api.Error{Code: code, Reason: api.Reason(msg.Header.Get(ReasonHeader)), Param: msg.Header.Get(ParamHeader), Message: desc}
+		e.Reason = api.ReasonOf(e)
+		return e
 	}
 	if out == nil {
 		return nil

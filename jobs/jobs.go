@@ -319,7 +319,7 @@ func (s *Store) Update(ctx context.Context, id string, mutate func(*api.Job) err
 func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState) {
 	ev := api.StateChange{
 		Time: time.Now().UTC(), From: from, State: job.State, Actor: s.actor,
-		Error: job.Error, Hive: job.Hive, Worker: job.Worker, Attempt: job.Attempts,
+		Error: job.Error, Reason: job.Reason, Param: job.Param, Hive: job.Hive, Worker: job.Worker, Attempt: job.Attempts,
 	}
 	if job.State.Terminal() {
 		ev.Result = job.Result
