@@ -4,7 +4,6 @@ import (
 	"container/heap"
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
@@ -77,11 +76,11 @@ func (d *deadlineKeeper) run(ctx context.Context) {
 func (d *deadlineKeeper) expire(ctx context.Context, dl deadline) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	reason := fmt.Sprintf("timed out after %s", dl.timeout.Round(time.Millisecond))
-	_, err := d.q.cancelJob(ctx, dl.job, reason, api.JobFailed)
+	why := api.Fail(api.ReasonTimeout, "", "timed out after %s", dl.timeout.Round(time.Millisecond))
+	_, err := d.q.cancelJob(ctx, dl.job, why, api.JobFailed)
 	switch {
 	case err == nil:
-		d.q.narrator.Warn(ctx, dl.job, "timeout", dl.job, "job %s %s and was stopped", dl.job, reason)
+		d.q.narrator.Warn(ctx, dl.job, "timeout", dl.job, "job %s %s and was stopped", dl.job, why.Message)
 	case errors.Is(err, jobs.ErrTerminal), errors.Is(err, jobs.ErrNotFound):
 	default:
 		d.q.log.Warn().Err(err).Str("job", dl.job).Msg("failing a timed-out job")

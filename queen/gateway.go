@@ -108,32 +108,62 @@ func (g *gateway) routes() http.Handler {
 	// /healthz and /metrics stay open even with an API key: probes and
 	// scrapers rarely carry one, and neither reveals prompts or output.
 	// Everything under /v1/ (which runs models) requires the key.
-	mux.Handle("GET /healthz", g.count("healthz", http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	healthz := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("ok"))
-	})))
-	mux.Handle("GET /metrics", g.metrics.handler())
-	mux.Handle("GET /v1/models", g.count("models", g.authorized(http.HandlerFunc(g.listModels))))
-	mux.Handle("GET /v1/models/{model}", g.count("models", g.authorized(http.HandlerFunc(g.getModel))))
-	mux.Handle("POST /v1/chat/completions", g.count("chat_completions", g.authorized(http.HandlerFunc(g.chatCompletions))))
-	mux.Handle("POST /v1/completions", g.count("completions", g.authorized(http.HandlerFunc(g.completions))))
+	})
+	routes := []struct {
+		method, path, endpoint string
+		h                      http.Handler
+		open                   bool // served without the API key
+	}{
+		{http.MethodGet, "/healthz", "healthz", healthz, true},
+		{http.MethodGet, "/metrics", "metrics", g.metrics.handler(), true},
+		{http.MethodGet, "/v1/models", "models", http.HandlerFunc(g.listModels), false},
+		{http.MethodGet, "/v1/models/{model}", "models", http.HandlerFunc(g.getModel), false},
+		{http.MethodPost, "/v1/chat/completions", "chat_completions", http.HandlerFunc(g.chatCompletions), false},
+		{http.MethodPost, "/v1/completions", "completions", http.HandlerFunc(g.completions), false},
+	}
+	for _, rt := range routes {
+		h := rt.h
+		if !rt.open {
+			h = g.authorized(h)
+		}
+		if rt.endpoint != "metrics" { // the metrics handler counts itself
+			h = g.count(rt.endpoint, h)
+		}
+		mux.Handle(rt.method+" "+rt.path, h)
+		// Any other method on the path is a 405 that says which one
+		// works, in OpenAI's error shape (the mux's own is plain text,
+		// and the catch-all below would make it a 404).
+		allow := rt.method
+		if rt.method == http.MethodGet {
+			allow = "GET, HEAD"
+		}
+		mux.Handle(rt.path, g.count(rt.endpoint, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allow)
+			writeError(w, api.Fail(reasonMethodNotAllowed, "", "method %s is not allowed on %s; use %s", r.Method, r.URL.Path, rt.method))
+		})))
+	}
 	mux.Handle("/v1/", g.count("other", g.authorized(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "", fmt.Sprintf("invalid URL (%s %s): rbee serves /v1/models, /v1/chat/completions and /v1/completions", r.Method, r.URL.Path))
+		writeError(w, api.Fail(api.ReasonNotFound, "", "invalid URL (%s %s): rbee serves /v1/models, /v1/chat/completions and /v1/completions", r.Method, r.URL.Path))
 	}))))
 	return mux
 }
 
-// authorized enforces the API key when one is configured.
+// authorized enforces the API key when one is configured. The scheme is
+// matched without regard to case, as RFC 9110 says: "bearer KEY" is as good
+// as "Bearer KEY".
 func (g *gateway) authorized(next http.Handler) http.Handler {
 	key := g.q.cfg.APIKey
 	if key == "" {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(key)) != 1 {
+		scheme, got, _ := strings.Cut(strings.TrimSpace(r.Header.Get("Authorization")), " ")
+		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(key)) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="rbee"`)
-			writeError(w, http.StatusUnauthorized, "", "missing or wrong API key; send it as `Authorization: Bearer KEY` (the key the queen was started with: --api-key or RBEE_API_KEY)")
+			writeError(w, api.Fail(reasonUnauthorized, "", "missing or wrong API key; send it as `Authorization: Bearer KEY` (the key the queen was started with: --api-key or RBEE_API_KEY)"))
 			return
 		}
 		next.ServeHTTP(w, r)
@@ -188,57 +218,79 @@ type openAIErrorBody struct {
 	Code    *string `json:"code"`
 }
 
-// errorBody builds the error OpenAI clients expect for an HTTP status.
-// The type and code strings follow OpenAI's where it has one for the case.
-func errorBody(status int, param, msg string) openAIError {
-	typ, code := "server_error", ""
-	switch status {
-	case http.StatusBadRequest:
-		typ = "invalid_request_error"
-	case http.StatusUnauthorized:
-		typ, code = "invalid_request_error", "invalid_api_key"
-	case http.StatusNotFound:
-		typ = "invalid_request_error"
-		if param == "model" {
-			code = "model_not_found"
-		}
-	case http.StatusRequestEntityTooLarge:
-		typ, code = "invalid_request_error", "request_too_large"
-	case http.StatusTooManyRequests:
-		typ, code = "rate_limit_error", "queue_full"
-	case http.StatusServiceUnavailable:
-		typ, code = "server_error", "no_capacity"
-	case http.StatusGatewayTimeout:
-		typ, code = "timeout_error", "timeout"
+// Reasons only the gateway gives: they concern HTTP, not a job.
+const (
+	reasonUnauthorized     api.Reason = "unauthorized"
+	reasonMethodNotAllowed api.Reason = "method_not_allowed"
+	// reasonUnsupportedParam: an OpenAI parameter rbee does not honour.
+	reasonUnsupportedParam api.Reason = "unsupported_param"
+)
+
+// httpError is how an error of one reason is answered over HTTP: a status,
+// and OpenAI's error type and code ("" answers a null code).
+type httpError struct {
+	status    int
+	typ, code string
+}
+
+// httpErrors is the one table from reason to HTTP answer. The statuses
+// steer OpenAI clients, which retry 408, 409, 429 and 5xx by themselves:
+// what the client got wrong is a 4xx they do not retry; what may work on a
+// second try (a lost worker, no capacity yet) is retried.
+var httpErrors = map[api.Reason]httpError{
+	api.ReasonInvalidRequest:  {http.StatusBadRequest, "invalid_request_error", ""},
+	api.ReasonInvalidParam:    {http.StatusBadRequest, "invalid_request_error", ""},
+	reasonUnsupportedParam:    {http.StatusBadRequest, "invalid_request_error", "unsupported_parameter"},
+	api.ReasonPromptTooLong:   {http.StatusBadRequest, "invalid_request_error", "context_length_exceeded"},
+	reasonUnauthorized:        {http.StatusUnauthorized, "invalid_request_error", "invalid_api_key"},
+	api.ReasonNotFound:        {http.StatusNotFound, "invalid_request_error", ""},
+	reasonMethodNotAllowed:    {http.StatusMethodNotAllowed, "invalid_request_error", ""},
+	api.ReasonConflict:        {http.StatusConflict, "invalid_request_error", ""},
+	api.ReasonCancelled:       {http.StatusConflict, "server_error", "cancelled"},
+	api.ReasonPayloadTooLarge: {http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large"},
+	api.ReasonQueueFull:       {http.StatusTooManyRequests, "rate_limit_error", "queue_full"},
+	api.ReasonInternal:        {http.StatusInternalServerError, "server_error", ""},
+	api.ReasonWorkerLost:      {http.StatusBadGateway, "server_error", "worker_lost"},
+	api.ReasonNoCapacity:      {http.StatusServiceUnavailable, "server_error", "no_capacity"},
+	api.ReasonUnavailable:     {http.StatusServiceUnavailable, "server_error", "unavailable"},
+	api.ReasonTimeout:         {http.StatusGatewayTimeout, "timeout_error", "timeout"},
+}
+
+// httpErrorOf is the table's row for e (internal for a reason it lacks).
+func httpErrorOf(e *api.Error) httpError {
+	h, ok := httpErrors[e.Reason]
+	if !ok {
+		h = httpErrors[api.ReasonInternal]
 	}
-	body := openAIError{Error: openAIErrorBody{Message: msg, Type: typ}}
-	if param != "" {
-		body.Error.Param = &param
+	if e.Reason == api.ReasonNotFound && e.Param == "model" {
+		h.code = "model_not_found"
 	}
-	if code != "" {
-		body.Error.Code = &code
+	return h
+}
+
+// errorBody builds the error OpenAI clients expect for e.
+func errorBody(e *api.Error) openAIError {
+	h := httpErrorOf(e)
+	body := openAIError{Error: openAIErrorBody{Message: e.Message, Type: h.typ}}
+	if e.Param != "" {
+		body.Error.Param = &e.Param
+	}
+	if h.code != "" {
+		body.Error.Code = &h.code
 	}
 	return body
 }
 
-func writeError(w http.ResponseWriter, status int, param, msg string) {
-	writeJSON(w, status, errorBody(status, param, msg))
+// writeError answers err with its reason's status and OpenAI's error body.
+func writeError(w http.ResponseWriter, err error) {
+	e := api.AsError(err)
+	writeJSON(w, httpErrorOf(e).status, errorBody(e))
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)
-}
-
-// statusOf maps an error from submitting a job to an HTTP status: the
-// queen's codes are HTTP codes already; anything without one is a 500.
-func statusOf(err error) int {
-	switch code := api.CodeOf(err); code {
-	case api.CodeBadRequest, api.CodeNotFound, api.CodeQueueFull, api.CodeUnavailable, api.CodeTimeout:
-		return code
-	}
-	return http.StatusInternalServerError
 }
 
 // --- models ---
@@ -315,5 +367,5 @@ func (g *gateway) getModel(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	writeError(w, http.StatusNotFound, "model", fmt.Sprintf("model %s is not on any online hive and no worker serves it", id))
+	writeError(w, api.Fail(api.ReasonNotFound, "model", "model %s is not on any online hive and no worker serves it", id))
 }

@@ -1,6 +1,7 @@
 package queen
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,9 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"slices"
+	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -17,16 +21,19 @@ import (
 
 // --- requests ---
 
-// commonFields are the request fields chat and completions share. Fields
-// rbee does not implement (logprobs, penalties, user, tools...) are
-// ignored, as OpenAI-compatible servers commonly do, except n > 1, which
-// would change the answer's shape.
+// commonFields are the request fields chat and completions share. top_k,
+// min_p and repeat_penalty are llama.cpp's extensions, as its own server
+// takes them. Any other field is checked against the parameter lists below
+// before it can be silently ignored.
 type commonFields struct {
 	Model               string         `json:"model"`
 	MaxTokens           *int           `json:"max_tokens"`
 	MaxCompletionTokens *int           `json:"max_completion_tokens"`
 	Temperature         *float32       `json:"temperature"`
 	TopP                *float32       `json:"top_p"`
+	TopK                *int           `json:"top_k"`
+	MinP                *float32       `json:"min_p"`
+	RepeatPenalty       *float32       `json:"repeat_penalty"`
 	Stop                stopList       `json:"stop"`
 	Seed                *int64         `json:"seed"`
 	N                   *int           `json:"n"`
@@ -53,6 +60,91 @@ type chatMessageIn struct {
 	Content json.RawMessage `json:"content"`
 }
 
+// Request parameters by what the gateway does with them. A parameter in
+// none of these lists is refused with a 400 naming it, so a client never
+// believes rbee honoured what it ignored; a null value counts as absent.
+var (
+	// commonParams are honoured on both endpoints (the fields above).
+	commonParams = []string{"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "stop", "seed", "n", "stream", "stream_options"}
+	chatParams   = []string{"messages"}
+	textParams   = []string{"prompt"}
+	// ignoredParams change nothing in the answer a model gives: accepted
+	// and ignored (the README lists them).
+	ignoredParams = []string{"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "parallel_tool_calls"}
+	// unsupportedParams are OpenAI features rbee does not have, with what
+	// to do instead. Their "off" value is accepted: false, 0, "", [], {},
+	// or the value listed in offValues.
+	unsupportedParams = map[string]string{
+		"tools":              "tool calling is not supported; leave tools out",
+		"tool_choice":        "tool calling is not supported; leave tool_choice out",
+		"functions":          "function calling is not supported; leave functions out",
+		"function_call":      "function calling is not supported; leave function_call out",
+		"response_format":    `structured output is not supported; leave response_format out or send {"type":"text"}`,
+		"logprobs":           "log probabilities are not returned; leave logprobs out",
+		"top_logprobs":       "log probabilities are not returned; leave top_logprobs out",
+		"logit_bias":         "logit_bias is not supported",
+		"echo":               "echo is not supported; the answer holds the completion only",
+		"suffix":             "insertion (suffix) is not supported",
+		"best_of":            "rbee answers one choice per request; leave best_of out",
+		"presence_penalty":   "presence_penalty is not supported; use repeat_penalty (llama.cpp's) instead",
+		"frequency_penalty":  "frequency_penalty is not supported; use repeat_penalty (llama.cpp's) instead",
+		"modalities":         "rbee answers text only",
+		"audio":              "rbee answers text only",
+		"prediction":         "predicted outputs are not supported",
+		"reasoning_effort":   "reasoning_effort is not supported",
+		"web_search_options": "web search is not supported",
+	}
+	offValues = map[string][]string{
+		"best_of":         {"1"},
+		"tool_choice":     {`"none"`},
+		"response_format": {`{"type":"text"}`},
+		"modalities":      {`["text"]`},
+	}
+)
+
+// checkParams refuses the parameters of body the endpoint does not honour
+// or knowingly ignore, naming the first (in sorted order, so the answer is
+// the same every time).
+func checkParams(body map[string]json.RawMessage, endpoint []string) error {
+	names := make([]string, 0, len(body))
+	for k := range body {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		if slices.Contains(commonParams, name) || slices.Contains(endpoint, name) || slices.Contains(ignoredParams, name) {
+			continue
+		}
+		if isOff(name, body[name]) {
+			continue
+		}
+		if hint, ok := unsupportedParams[name]; ok {
+			return api.Fail(reasonUnsupportedParam, name, "parameter %s is not supported by rbee: %s", name, hint)
+		}
+		return api.Fail(reasonUnsupportedParam, name, "unknown parameter %s; rbee takes %s (and ignores %s)", name,
+			strings.Join(append(append([]string{}, commonParams...), endpoint...), ", "), strings.Join(ignoredParams, ", "))
+	}
+	return nil
+}
+
+// isOff reports whether a parameter's value asks for nothing: null, false,
+// zero, an empty string, array or object, or its listed default.
+func isOff(name string, raw json.RawMessage) bool {
+	var b bytes.Buffer
+	if json.Compact(&b, raw) != nil {
+		return false
+	}
+	v := b.String()
+	switch v {
+	case "null", "false", `""`, "[]", "{}":
+		return true
+	}
+	if f, err := strconv.ParseFloat(v, 64); err == nil && f == 0 {
+		return true
+	}
+	return slices.Contains(offValues[name], v)
+}
+
 // stopList is OpenAI's stop: a string or an array of strings.
 type stopList []string
 
@@ -70,36 +162,35 @@ func (s *stopList) UnmarshalJSON(b []byte) error {
 	}
 	var many []string
 	if err := json.Unmarshal(b, &many); err != nil {
-		return errors.New("stop must be a string or an array of strings")
+		return api.InvalidParam("stop", "it must be a string or an array of strings")
 	}
 	*s = many
 	return nil
 }
 
-// badParam is a request the gateway refuses before it becomes a job.
-type badParam struct {
-	param, msg string
-}
-
-func (e *badParam) Error() string { return e.msg }
-
-func badf(param, format string, args ...any) *badParam {
-	return &badParam{param: param, msg: fmt.Sprintf(format, args...)}
-}
-
 // inferArgs maps the shared fields onto the job's arguments. Range checks
-// are left to the queen's admission, which answers them with code 400 for
-// every client alike.
+// are the queen's admission (api.Sampling.Problem), the same for every
+// client; only what OpenAI's wire format adds is checked here.
 func (f commonFields) inferArgs() (api.InferArgs, error) {
 	a := api.InferArgs{Model: f.Model}
 	if f.N != nil && *f.N != 1 {
-		return a, badf("n", "n = %d is not supported; rbee answers one choice per request", *f.N)
+		return a, api.Fail(reasonUnsupportedParam, "n", "n = %d is not supported; rbee answers one choice per request", *f.N)
 	}
-	switch {
-	case f.MaxCompletionTokens != nil:
-		a.Sampling.MaxTokens = *f.MaxCompletionTokens
-	case f.MaxTokens != nil:
-		a.Sampling.MaxTokens = *f.MaxTokens
+	// An explicit 0 is refused rather than read as "the default": leave
+	// the field out for that (the CLI's --max-tokens also starts at 1).
+	for _, mt := range []struct {
+		name string
+		v    *int
+	}{{"max_completion_tokens", f.MaxCompletionTokens}, {"max_tokens", f.MaxTokens}} {
+		if mt.v == nil {
+			continue
+		}
+		if *mt.v < 1 {
+			return a, api.InvalidParam(mt.name, "must be at least 1, got %d; leave it out for the worker's default", *mt.v)
+		}
+		if a.Sampling.MaxTokens == 0 {
+			a.Sampling.MaxTokens = *mt.v
+		}
 	}
 	// OpenAI's default temperature is 1; rbee's zero value means greedy.
 	a.Sampling.Temperature = 1
@@ -109,9 +200,18 @@ func (f commonFields) inferArgs() (api.InferArgs, error) {
 	if f.TopP != nil {
 		a.Sampling.TopP = *f.TopP
 	}
+	if f.TopK != nil {
+		a.Sampling.TopK = *f.TopK
+	}
+	if f.MinP != nil {
+		a.Sampling.MinP = *f.MinP
+	}
+	if f.RepeatPenalty != nil {
+		a.Sampling.RepeatPenalty = *f.RepeatPenalty
+	}
 	if f.Seed != nil {
 		if *f.Seed < 0 || *f.Seed > math.MaxUint32 {
-			return a, badf("seed", "seed %d is outside 0…%d", *f.Seed, uint32(math.MaxUint32))
+			return a, api.InvalidParam("seed", "%d is outside 0…%d", *f.Seed, uint32(math.MaxUint32))
 		}
 		s := uint32(*f.Seed)
 		a.Sampling.Seed = &s
@@ -124,13 +224,21 @@ func (f commonFields) includeUsage() bool {
 	return f.Stream && f.StreamOptions != nil && f.StreamOptions.IncludeUsage
 }
 
+// maxTokensParam is the name the request gave its token limit.
+func (f commonFields) maxTokensParam() string {
+	if f.MaxCompletionTokens != nil {
+		return "max_completion_tokens"
+	}
+	return "max_tokens"
+}
+
 func (r chatRequest) inferArgs() (api.InferArgs, error) {
 	a, err := r.commonFields.inferArgs()
 	if err != nil {
 		return a, err
 	}
 	if len(r.Messages) == 0 {
-		return a, badf("messages", "messages is empty; send at least one message")
+		return a, api.InvalidParam("messages", "it is empty; send at least one message")
 	}
 	for i, m := range r.Messages {
 		role := m.Role
@@ -139,11 +247,11 @@ func (r chatRequest) inferArgs() (api.InferArgs, error) {
 		case "developer":
 			role = "system" // OpenAI's newer name for the system role
 		default:
-			return a, badf(fmt.Sprintf("messages[%d].role", i), "role %q is not supported; use system, user or assistant", m.Role)
+			return a, api.InvalidParam(fmt.Sprintf("messages[%d].role", i), "role %q is not supported; use system, user or assistant", m.Role)
 		}
 		text, err := messageText(m.Content)
 		if err != nil {
-			return a, badf(fmt.Sprintf("messages[%d].content", i), "%v", err)
+			return a, api.InvalidParam(fmt.Sprintf("messages[%d].content", i), "%v", err)
 		}
 		a.Messages = append(a.Messages, api.ChatMessage{Role: role, Content: text})
 	}
@@ -182,37 +290,60 @@ func (r completionRequest) inferArgs() (api.InferArgs, error) {
 		return a, err
 	}
 	if len(r.Prompt) == 0 || string(r.Prompt) == "null" {
-		return a, badf("prompt", "prompt is missing")
+		return a, api.InvalidParam("prompt", "it is missing")
 	}
 	if err := json.Unmarshal(r.Prompt, &a.Prompt); err == nil {
 		return a, nil
 	}
 	var many []string
 	if err := json.Unmarshal(r.Prompt, &many); err != nil {
-		return a, badf("prompt", "prompt must be a string or an array of one string (token arrays are not supported)")
+		return a, api.InvalidParam("prompt", "it must be a string or an array of one string (token arrays are not supported)")
 	}
 	if len(many) != 1 {
-		return a, badf("prompt", "prompt has %d strings; rbee answers one prompt per request", len(many))
+		return a, api.InvalidParam("prompt", "it has %d strings; rbee answers one prompt per request", len(many))
 	}
 	a.Prompt = many[0]
 	return a, nil
 }
 
-// decodeRequest reads a JSON body into v, answering 400 (or 413) itself
-// when it cannot.
-func decodeRequest(w http.ResponseWriter, r *http.Request, v any) bool {
-	body := http.MaxBytesReader(w, r.Body, maxRequestBody)
-	err := json.NewDecoder(body).Decode(v)
-	// Read to the end, so the server notices at once when the client
-	// goes away (it watches the connection only after the body).
-	_, _ = io.Copy(io.Discard, body)
+// decodeRequest reads a JSON body into v and checks its parameters against
+// the endpoint's list, answering 400 (or 413) itself when it cannot: the
+// body must be one JSON object and nothing after it.
+func decodeRequest(w http.ResponseWriter, r *http.Request, v any, endpoint []string) bool {
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRequestBody))
 	var tooBig *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooBig):
-		writeError(w, http.StatusRequestEntityTooLarge, "", fmt.Sprintf("request body is larger than %d bytes", tooBig.Limit))
+		writeError(w, api.Fail(api.ReasonPayloadTooLarge, "", "request body is larger than %d bytes", tooBig.Limit))
 		return false
 	case err != nil:
-		writeError(w, http.StatusBadRequest, "", "malformed JSON body: "+err.Error())
+		writeError(w, api.Fail(api.ReasonInvalidRequest, "", "reading the request body: %v", err))
+		return false
+	}
+	malformed := func(err error) bool {
+		// A field of the wrong shape says which parameter it is.
+		var e *api.Error
+		if errors.As(err, &e) {
+			writeError(w, e)
+			return false
+		}
+		writeError(w, api.Fail(api.ReasonInvalidRequest, "", "malformed JSON body: %v", err))
+		return false
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(v); err != nil {
+		return malformed(err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		writeError(w, api.Fail(api.ReasonInvalidRequest, "", "malformed JSON body: data after the JSON object at byte %d; send one object", dec.InputOffset()))
+		return false
+	}
+	var params map[string]json.RawMessage
+	if err := json.Unmarshal(data, &params); err != nil {
+		return malformed(err)
+	}
+	if err := checkParams(params, endpoint); err != nil {
+		writeError(w, err)
 		return false
 	}
 	return true
@@ -220,37 +351,28 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, v any) bool {
 
 func (g *gateway) chatCompletions(w http.ResponseWriter, r *http.Request) {
 	var req chatRequest
-	if !decodeRequest(w, r, &req) {
+	if !decodeRequest(w, r, &req, chatParams) {
 		return
 	}
 	args, err := req.inferArgs()
 	if err != nil {
-		answerBadParam(w, err)
+		writeError(w, err)
 		return
 	}
-	g.complete(w, r, chatEndpoint, args, req.Stream, req.includeUsage())
+	g.complete(w, r, chatEndpoint, req.commonFields, args)
 }
 
 func (g *gateway) completions(w http.ResponseWriter, r *http.Request) {
 	var req completionRequest
-	if !decodeRequest(w, r, &req) {
+	if !decodeRequest(w, r, &req, textParams) {
 		return
 	}
 	args, err := req.inferArgs()
 	if err != nil {
-		answerBadParam(w, err)
+		writeError(w, err)
 		return
 	}
-	g.complete(w, r, completionEndpoint, args, req.Stream, req.includeUsage())
-}
-
-func answerBadParam(w http.ResponseWriter, err error) {
-	var bp *badParam
-	if errors.As(err, &bp) {
-		writeError(w, http.StatusBadRequest, bp.param, bp.msg)
-		return
-	}
-	writeError(w, http.StatusBadRequest, "", err.Error())
+	g.complete(w, r, completionEndpoint, req.commonFields, args)
 }
 
 // --- running a completion ---
@@ -270,33 +392,34 @@ const (
 // A stream's headers go out with its first token, not before, so a job
 // that fails before generating (queue timeout, no worker) still gets a
 // proper HTTP status instead of an error inside a 200 stream.
-func (g *gateway) complete(w http.ResponseWriter, r *http.Request, kind endpointKind, args api.InferArgs, stream, includeUsage bool) {
+func (g *gateway) complete(w http.ResponseWriter, r *http.Request, kind endpointKind, f commonFields, args api.InferArgs) {
 	if g.ctx.Err() != nil {
-		writeError(w, http.StatusServiceUnavailable, "", "the queen is shutting down")
+		writeError(w, api.Fail(api.ReasonUnavailable, "", "the queen is shutting down"))
 		return
+	}
+	c := &completionRun{
+		w: w, kind: kind, model: args.Model, maxTokensParam: f.maxTokensParam(),
+		created: time.Now().Unix(), stream: f.Stream, includeUsage: f.includeUsage(),
 	}
 	raw, err := json.Marshal(args)
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, "", err.Error())
+		c.fail(api.Fail(api.ReasonInvalidRequest, "", "the request cannot be encoded: %v", err))
 		return
 	}
 	sctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
 	reply, err := g.q.submit(sctx, api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}})
 	cancel()
 	if err != nil {
-		status := statusOf(err)
-		if status == http.StatusInternalServerError {
+		e := api.AsError(err)
+		if e.Reason == api.ReasonInternal {
 			g.q.log.Error().Err(err).Msg("gateway: submitting an inference")
 		}
-		writeError(w, status, paramOf(kind, status, err.Error()), err.Error())
+		c.fail(e)
 		return
 	}
 	// The job id lets a person trace the request: `rbee jobs get ID`.
 	w.Header().Set("X-Rbee-Job", reply.JobID)
-	c := &completionRun{
-		w: w, kind: kind, jobID: reply.JobID, model: args.Model,
-		created: time.Now().Unix(), stream: stream, includeUsage: includeUsage,
-	}
+	c.jobID = reply.JobID
 	if kind == chatEndpoint {
 		c.id = "chatcmpl-" + reply.JobID
 	} else {
@@ -308,56 +431,28 @@ func (g *gateway) complete(w http.ResponseWriter, r *http.Request, kind endpoint
 		return
 	}
 	clientGone := c.writeErr != nil || r.Context().Err() != nil
-	reason := "client disconnected"
+	why := api.Fail(api.ReasonCancelled, "", "client disconnected")
 	switch {
 	case g.ctx.Err() != nil:
-		reason = "the queen shut down its gateway during the request"
+		why = api.Fail(api.ReasonUnavailable, "", "the queen shut down its gateway during the request")
 	case !clientGone:
-		reason = fmt.Sprintf("the gateway lost the job's events: %v", err)
+		why = api.Fail(api.ReasonInternal, "", "the gateway lost the job's events: %v", err)
 		g.q.log.Error().Err(err).Str("job", reply.JobID).Msg("gateway: following a job")
 	}
-	g.cancelJob(reply.JobID, reason)
+	g.cancelJob(reply.JobID, why)
 	if clientGone && g.ctx.Err() == nil {
 		return // nobody left to answer
 	}
-	status := http.StatusInternalServerError
-	if g.ctx.Err() != nil {
-		status = http.StatusServiceUnavailable
-	}
-	c.fail(status, fmt.Sprintf("job %s cancelled: %s", reply.JobID, reason))
+	c.fail(api.Fail(why.Reason, "", "job %s cancelled: %s", reply.JobID, why.Message))
 }
 
-func (g *gateway) cancelJob(id, reason string) {
+func (g *gateway) cancelJob(id string, why *api.Error) {
 	// The request's context is over; the cancel must still reach the bus.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := g.q.cancelJob(ctx, id, reason, api.JobCancelled); err != nil && !errors.Is(err, jobs.ErrTerminal) {
+	if _, err := g.q.cancelJob(ctx, id, why, api.JobCancelled); err != nil && !errors.Is(err, jobs.ErrTerminal) {
 		g.q.log.Warn().Err(err).Str("job", id).Msg("gateway: cancelling an abandoned job")
 	}
-}
-
-// paramOf names the request field an admission error is about; the queen
-// words a bad field as "invalid FIELD: why".
-func paramOf(kind endpointKind, status int, msg string) string {
-	switch status {
-	case http.StatusNotFound:
-		return "model" // the one thing an inference can name that may not exist
-	case http.StatusBadRequest:
-	default:
-		return ""
-	}
-	rest, ok := strings.CutPrefix(msg, "invalid ")
-	if !ok {
-		return ""
-	}
-	field, _, ok := strings.Cut(rest, ":")
-	if !ok || strings.ContainsRune(field, ' ') {
-		return ""
-	}
-	if field == "prompt" && kind == chatEndpoint {
-		return "messages"
-	}
-	return field
 }
 
 // completionRun is one request's view of its job while it is followed.
@@ -371,6 +466,8 @@ type completionRun struct {
 	created      int64
 	stream       bool
 	includeUsage bool
+	// maxTokensParam is the name the request gave its token limit.
+	maxTokensParam string
 
 	started  bool // stream headers (and the chat role chunk) sent
 	text     strings.Builder
@@ -405,15 +502,14 @@ func (c *completionRun) onEvent(ev api.Event) error {
 func (c *completionRun) finish() {
 	switch c.end.State {
 	case api.JobCompleted:
-	case api.JobFailed:
-		status := http.StatusInternalServerError
-		if strings.Contains(c.end.Error, "timed out after") {
-			status = http.StatusGatewayTimeout
+	case api.JobFailed, api.JobCancelled:
+		e := c.end.Err()
+		verb := "failed"
+		if c.end.State == api.JobCancelled {
+			verb = "was cancelled"
 		}
-		c.fail(status, fmt.Sprintf("job %s failed: %s", c.jobID, c.end.Error))
-		return
-	default:
-		c.fail(http.StatusInternalServerError, fmt.Sprintf("job %s was cancelled: %s", c.jobID, c.end.Error))
+		e.Message = fmt.Sprintf("job %s %s: %s", c.jobID, verb, e.Message)
+		c.fail(e)
 		return
 	}
 	var res api.InferResult
@@ -456,14 +552,22 @@ func (c *completionRun) finish() {
 	})
 }
 
-// fail answers an error: with its status while nothing was sent yet, as an
-// error event inside the stream once it has started.
-func (c *completionRun) fail(status int, msg string) {
+// fail answers an error: with its reason's status while nothing was sent
+// yet, as an error event inside the stream once it has started. The
+// parameter is named as this request named it.
+func (c *completionRun) fail(e *api.Error) {
+	out := *e
+	switch {
+	case out.Param == "prompt" && c.kind == chatEndpoint:
+		out.Param = "messages" // a chat's prompt is its messages
+	case out.Param == "max_tokens":
+		out.Param = c.maxTokensParam
+	}
 	if !c.started {
-		writeError(c.w, status, "", msg)
+		writeError(c.w, &out)
 		return
 	}
-	data, _ := json.Marshal(errorBody(status, "", msg))
+	data, _ := json.Marshal(errorBody(&out))
 	_ = c.sendRaw(string(data))
 }
 

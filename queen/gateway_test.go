@@ -517,11 +517,11 @@ func TestGatewayErrors(t *testing.T) {
 		{"malformed JSON", "/v1/chat/completions", `{"model":`, 400, "invalid_request_error", "", ""},
 		{"temperature out of range", "/v1/chat/completions", `{"model":"tiny","temperature":5,"messages":[{"role":"user","content":"hi"}]}`, 400, "invalid_request_error", "", "temperature"},
 		{"no messages", "/v1/chat/completions", `{"model":"tiny","messages":[]}`, 400, "invalid_request_error", "", "messages"},
-		{"n above 1", "/v1/chat/completions", `{"model":"tiny","n":2,"messages":[{"role":"user","content":"hi"}]}`, 400, "invalid_request_error", "", "n"},
+		{"n above 1", "/v1/chat/completions", `{"model":"tiny","n":2,"messages":[{"role":"user","content":"hi"}]}`, 400, "invalid_request_error", "unsupported_parameter", "n"},
 		{"tool role", "/v1/chat/completions", `{"model":"tiny","messages":[{"role":"tool","content":"x"}]}`, 400, "invalid_request_error", "", "messages[0].role"},
 		{"two prompts", "/v1/completions", `{"model":"tiny","prompt":["a","b"]}`, 400, "invalid_request_error", "", "prompt"},
 		{"missing prompt", "/v1/completions", `{"model":"tiny"}`, 400, "invalid_request_error", "", "prompt"},
-		{"bad stop", "/v1/completions", `{"model":"tiny","prompt":"a","stop":7}`, 400, "invalid_request_error", "", ""},
+		{"bad stop", "/v1/completions", `{"model":"tiny","prompt":"a","stop":7}`, 400, "invalid_request_error", "", "stop"},
 		{"unknown endpoint", "/v1/embeddings", `{}`, 404, "invalid_request_error", "", ""},
 	}
 	for _, tc := range cases {

@@ -33,6 +33,9 @@ func (q *Queen) admitInfer(ctx context.Context, raw json.RawMessage) error {
 	if err := validateInfer(args); err != nil {
 		return err
 	}
+	if err := q.checkPayload(args); err != nil {
+		return err
+	}
 	key, _ := subjects.ModelKey(args.Model)
 	// Right after a start or a reconnect, hives may not have beaten yet:
 	// wait for the grace rather than refuse a hive that lives.
@@ -44,60 +47,81 @@ func (q *Queen) admitInfer(ctx context.Context, raw json.RawMessage) error {
 			(len(s.Serving(key, pins)) > 0 || len(s.Candidates(key, pins)) > 0)
 	})
 	if snap.online() == 0 {
-		return api.Errorf(api.CodeUnavailable, "no hive is online; start one with `rbee hive start NAME` (add it first with `rbee hive add NAME`)")
+		return api.Fail(api.ReasonNoCapacity, "", "no hive is online; start one with `rbee hive start NAME` (add it first with `rbee hive add NAME`)")
 	}
 	if args.Hive != "" && snap.HiveState(args.Hive) != api.HiveOnline {
-		return api.Errorf(api.CodeUnavailable, "hive %s is not online; start it with `rbee hive start %s`", args.Hive, args.Hive)
+		return api.Fail(api.ReasonNoCapacity, "hive", "hive %s is not online; start it with `rbee hive start %s`", args.Hive, args.Hive)
 	}
 	if len(snap.Serving(key, pins)) == 0 && len(snap.Candidates(key, pins)) == 0 {
 		if !args.Pull {
-			return api.Errorf(api.CodeNotFound, "model %s is not on any online hive; download it with `rbee model download --hive HIVE SOURCE --name %s` (SOURCE: an https:// URL, hf:org/repo/file.gguf or file:///path), or pass --pull with -m SOURCE; for the offline demo model: `rbee model synth --hive HIVE %s`", args.Model, args.Model, args.Model)
+			return api.Fail(api.ReasonNotFound, "model", "model %s is not on any online hive; download it with `rbee model download --hive HIVE SOURCE --name %s` (SOURCE: an https:// URL, hf:org/repo/file.gguf or file:///path), or pass --pull with -m SOURCE; for the offline demo model: `rbee model synth --hive HIVE %s`", args.Model, args.Model, args.Model)
 		}
 		if args.Source == "" {
-			return api.Errorf(api.CodeBadRequest, "invalid model: --pull needs -m to be a source (https://…, hf:org/repo/file.gguf or file:///path) to download %s from", args.Model)
+			return api.InvalidParam("model", "--pull needs -m to be a source (https://…, hf:org/repo/file.gguf or file:///path) to download %s from", args.Model)
 		}
 	}
 	if depth := q.sched.Depth(args.Model); depth >= q.cfg.MaxQueue {
-		return api.Errorf(api.CodeQueueFull, "queue full: %d requests already wait for model %s (limit %d); try again later", depth, args.Model, q.cfg.MaxQueue)
+		return api.Fail(api.ReasonQueueFull, "", "queue full: %d requests already wait for model %s (limit %d); try again later", depth, args.Model, q.cfg.MaxQueue)
 	}
 	return nil
 }
 
+// validateInfer checks what can be checked before the model is known:
+// names, the prompt, and the sampling and length rules the engine applies
+// again (api.Sampling.Problem). Every refusal is an *api.Error naming its
+// parameter.
 func validateInfer(a api.InferArgs) error {
-	bad := func(field, format string, args ...any) error {
-		return api.Errorf(api.CodeBadRequest, "invalid %s: %s", field, fmt.Sprintf(format, args...))
-	}
 	if err := subjects.ValidateModelID(a.Model); err != nil {
-		return api.Errorf(api.CodeBadRequest, "invalid model: %v", err)
+		return api.InvalidParam("model", "%v", err)
 	}
-	if strings.TrimSpace(a.Prompt) == "" && len(a.Messages) == 0 {
-		return bad("prompt", "it is empty")
+	if err := a.ValidatePrompt(); err != nil {
+		return err
 	}
-	p := a.Sampling
-	switch {
-	case p.MaxTokens < 0:
-		return bad("max_tokens", "%d is below 1", p.MaxTokens)
-	case p.Temperature < 0 || p.Temperature > 2:
-		return bad("temperature", "%g is outside 0…2", p.Temperature)
-	case p.TopP < 0 || p.TopP > 1:
-		return bad("top_p", "%g is outside 0…1", p.TopP)
-	case p.TopK < 0:
-		return bad("top_k", "%d is below 0", p.TopK)
-	case p.MinP < 0 || p.MinP > 1:
-		return bad("min_p", "%g is outside 0…1", p.MinP)
-	case p.RepeatPenalty < 0:
-		return bad("repeat_penalty", "%g is below 0", p.RepeatPenalty)
+	// The context a worker runs the model with is not known here: the
+	// worker checks max_tokens and the prompt's length against it.
+	if err := a.Sampling.Validate(0); err != nil {
+		return err
 	}
 	if a.Hive != "" {
 		if err := subjects.ValidateID(subjects.KindHive, a.Hive); err != nil {
-			return api.Errorf(api.CodeBadRequest, "invalid hive: %v", err)
+			return api.InvalidParam("hive", "%v", err)
 		}
 	}
 	if a.Device != "" && a.Device != "cpu" && !strings.HasPrefix(a.Device, "cuda:") {
-		return bad("device", "%q; use cpu or cuda:N", a.Device)
+		return api.InvalidParam("device", "%q; use cpu or cuda:N", a.Device)
 	}
 	return nil
 }
+
+// payloadHeaders is room for the headers of a work-queue message (its
+// message id) next to its data within the bus's max payload.
+const payloadHeaders = 1 << 10
+
+// checkPayload refuses a request whose messages would not fit on the bus:
+// the largest is the work-queue message, which carries the whole request.
+// Without this the request fails half-way, as a raw "maximum payload
+// exceeded" after the job was made.
+func (q *Queen) checkPayload(a api.InferArgs) error {
+	limit := q.bus.NC.MaxPayload()
+	if limit <= 0 {
+		return nil // not connected yet: the publish will say so
+	}
+	if a.FirstTokenTimeout == 0 {
+		a.FirstTokenTimeout = api.Duration(q.cfg.FirstTokenTimeout)
+	}
+	data, err := json.Marshal(api.InferRequest{JobID: jobs.NewID(), Args: a, Attempt: maxAttempts, EnqueuedAt: time.Now().UTC()})
+	if err != nil {
+		return api.Fail(api.ReasonInvalidRequest, "", "the request cannot be encoded: %v", err)
+	}
+	if size := int64(len(data)) + payloadHeaders; size > limit {
+		return api.Fail(api.ReasonPayloadTooLarge, "prompt",
+			"the request is %s with its prompt, and the bus carries at most %s per message (its max_payload); send a prompt of less than about %s, or raise max_payload on the bus",
+			mib(size), mib(limit), mib(max(limit-(size-int64(a.PromptBytes())), 0)))
+	}
+	return nil
+}
+
+func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
 // Excerpt bounds: a record shows this much of a prompt, so a record (and a
 // page of them) stays small whatever was submitted.
@@ -163,7 +187,7 @@ func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
 		return api.Job{}, err
 	}
 	if err := q.enqueue(ctx, job.ID, args, 1); err != nil {
-		q.failJob(ctx, job.ID, err.Error())
+		q.failJobWith(ctx, job.ID, api.Fail(api.ReasonUnavailable, "", "%v", err))
 		return api.Job{}, err
 	}
 	return job, nil
@@ -216,11 +240,17 @@ func (q *Queen) request(ctx context.Context, id string) (api.InferArgs, error) {
 	return args, nil
 }
 
-// failJob fails a job that has not ended, with reason.
+// failJob fails a job that has not ended, with reason, as an internal
+// failure; failJobWith says why for programs too.
 func (q *Queen) failJob(ctx context.Context, id, reason string) {
+	q.failJobWith(ctx, id, api.Fail(api.ReasonInternal, "", "%s", reason))
+}
+
+// failJobWith fails a job that has not ended, with why.
+func (q *Queen) failJobWith(ctx context.Context, id string, why *api.Error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	if _, err := q.cancelJob(ctx, id, reason, api.JobFailed); err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
+	if _, err := q.cancelJob(ctx, id, why, api.JobFailed); err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
 		q.log.Warn().Err(err).Str("job", id).Msg("failing job")
 	}
 }
@@ -233,6 +263,7 @@ func (q *Queen) failJob(ctx context.Context, id, reason string) {
 func (q *Queen) recoverJob(ctx context.Context, j sched.Job, why string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
+	lost := api.Fail(api.ReasonWorkerLost, "", "%s", why)
 	a := jobs.Attempt{Number: j.Attempt, Worker: j.Worker}
 	// Tell a worker that is only paused or cut off to stop, should it
 	// wake up: its attempt is over either way.
@@ -244,7 +275,7 @@ func (q *Queen) recoverJob(ctx context.Context, j sched.Job, why string) {
 			// Followers drop the old attempt's tokens stored from here
 			// on; one stored between the check and the fence was seen.
 			if q.tokenSent(ctx, j.ID) {
-				_, _ = q.jobs.Transition(ctx, j.ID, api.JobFailed, func(job *api.Job) { job.Error = why })
+				_, _ = q.jobs.Transition(ctx, j.ID, api.JobFailed, func(job *api.Job) { job.SetError(lost) })
 				return
 			}
 			q.narrator.Warn(ctx, j.ID, "retry", j.Worker, "%s before sending a token; retrying the job on another worker (attempt %d)", why, j.Attempt+1)
@@ -253,14 +284,14 @@ func (q *Queen) recoverJob(ctx context.Context, j sched.Job, why string) {
 				err = q.enqueue(ctx, j.ID, args, j.Attempt+1)
 			}
 			if err != nil {
-				q.failJob(ctx, j.ID, fmt.Sprintf("%s; the retry could not be queued: %v", why, err))
+				q.failJobWith(ctx, j.ID, api.Fail(api.ReasonWorkerLost, "", "%s; the retry could not be queued: %v", why, err))
 			}
 			return
 		case errors.Is(err, jobs.ErrStale), errors.Is(err, jobs.ErrTerminal), errors.Is(err, jobs.ErrNotFound):
 			return // the job moved on without this attempt
 		}
 	}
-	_, err := q.jobs.Finish(ctx, j.ID, a, api.JobFailed, func(job *api.Job) { job.Error = why })
+	_, err := q.jobs.Finish(ctx, j.ID, a, api.JobFailed, func(job *api.Job) { job.SetError(lost) })
 	if err != nil && !errors.Is(err, jobs.ErrStale) && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
 		q.log.Warn().Err(err).Str("job", j.ID).Msg("failing a job whose worker is gone")
 	}
@@ -381,7 +412,11 @@ func (q *Queen) newScheduler() *sched.Scheduler {
 		sched.Effects{
 			Spawn:   q.spawnFor,
 			Recover: q.recoverJob,
-			Fail:    q.failJob,
+			// The scheduler fails a waiting job only when no worker can be
+			// had for it: no hive with the model, or no spawn succeeded.
+			Fail: func(ctx context.Context, id, reason string) {
+				q.failJobWith(ctx, id, api.Fail(api.ReasonNoCapacity, "", "%s", reason))
+			},
 			Narrate: func(job, action, target, text string) {
 				if job != "" {
 					q.narrator.Post(job, action, target, nil, "%s", text)

@@ -56,7 +56,7 @@ func decodeArgs[T any](raw json.RawMessage) (T, error) {
 	dec := json.NewDecoder(strings.NewReader(string(raw)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&v); err != nil {
-		return v, api.Errorf(api.CodeBadRequest, "malformed arguments: %v", err)
+		return v, api.Fail(api.ReasonInvalidRequest, "", "malformed arguments: %v", err)
 	}
 	return v, nil
 }
@@ -70,7 +70,7 @@ func (q *Queen) submit(ctx context.Context, req api.SubmitRequest) (api.SubmitRe
 			kinds = append(kinds, k)
 		}
 		sort.Strings(kinds)
-		return api.SubmitReply{}, api.Errorf(api.CodeBadRequest, "unknown operation %q; known operations: %s", req.Op.Kind, strings.Join(kinds, ", "))
+		return api.SubmitReply{}, api.Fail(api.ReasonInvalidRequest, "op.kind", "unknown operation %q; known operations: %s", req.Op.Kind, strings.Join(kinds, ", "))
 	}
 	if err := op.admit(ctx, req.Op.Args); err != nil {
 		return api.SubmitReply{}, err
@@ -129,11 +129,13 @@ func (q *Queen) startLocal(job api.Job, run func(context.Context, api.Job) (any,
 				// recorded why.
 				return
 			}
-			msg := err.Error()
+			// An operation's error keeps the reason it was born with
+			// (a hive's answer, a bad argument); anything else is internal.
+			why := api.AsError(err)
 			if q.runCtx.Err() != nil {
-				msg = "queen shut down during the operation: " + msg
+				why = api.Fail(api.ReasonUnavailable, "", "queen shut down during the operation: %s", why.Message)
 			}
-			_, _ = q.jobs.Transition(fctx, job.ID, api.JobFailed, func(j *api.Job) { j.Error = msg })
+			_, _ = q.jobs.Transition(fctx, job.ID, api.JobFailed, func(j *api.Job) { j.SetError(why) })
 			return
 		}
 		var raw json.RawMessage
@@ -176,22 +178,22 @@ func jobErr(err error) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, subjects.ErrInvalidID):
-		return api.Errorf(api.CodeBadRequest, "%v", err)
+		return api.Fail(api.ReasonInvalidParam, "id", "%v", err)
 	case errors.Is(err, jobs.ErrNotFound):
-		return api.Errorf(api.CodeNotFound, "%v", err)
+		return api.Fail(api.ReasonNotFound, "id", "%v", err)
 	case errors.Is(err, jobs.ErrTerminal):
-		return api.Errorf(api.CodeConflict, "%v", err)
+		return api.Fail(api.ReasonConflict, "", "%v", err)
 	}
 	return err
 }
 
 func (q *Queen) jobList(ctx context.Context, req api.JobListRequest) (api.JobListReply, error) {
 	if req.State != "" && !req.State.Valid() {
-		return api.JobListReply{}, api.Errorf(api.CodeBadRequest, "unknown state %q; use queued, running, completed, failed or cancelled", req.State)
+		return api.JobListReply{}, api.Fail(api.ReasonInvalidParam, "state", "unknown state %q; use queued, running, completed, failed or cancelled", req.State)
 	}
 	if req.Before != "" {
 		if err := subjects.ValidateID(subjects.KindJob, req.Before); err != nil {
-			return api.JobListReply{}, api.Errorf(api.CodeBadRequest, "list cursor: %v", err)
+			return api.JobListReply{}, api.Fail(api.ReasonInvalidParam, "before", "list cursor: %v", err)
 		}
 	}
 	// Half the bus's max payload leaves room for the reply's framing and for
@@ -203,10 +205,11 @@ func (q *Queen) jobList(ctx context.Context, req api.JobListRequest) (api.JobLis
 	return q.jobs.Page(ctx, req.State, req.Before, req.Limit, budget)
 }
 
-// cancelJob is the one path by which a job is cancelled, for the keeper,
-// the gateway (client gone) and the queen's own deadlines.
-func (q *Queen) cancelJob(ctx context.Context, id, reason string, state api.JobState) (api.Job, error) {
-	job, err := q.jobs.Transition(ctx, id, state, func(j *api.Job) { j.Error = reason })
+// cancelJob is the one path by which a job is cancelled or failed from
+// outside its worker, for the keeper, the gateway (client gone), the
+// scheduler and the queen's own deadlines; why is recorded with its reason.
+func (q *Queen) cancelJob(ctx context.Context, id string, why *api.Error, state api.JobState) (api.Job, error) {
+	job, err := q.jobs.Transition(ctx, id, state, func(j *api.Job) { j.SetError(why) })
 	if err != nil {
 		return job, err
 	}
@@ -221,12 +224,12 @@ func (q *Queen) signalCancel(id string) {
 }
 
 func (q *Queen) jobCancel(ctx context.Context, req api.JobRequest) (api.Job, error) {
-	job, err := q.cancelJob(ctx, req.ID, "cancelled by user", api.JobCancelled)
+	job, err := q.cancelJob(ctx, req.ID, api.Fail(api.ReasonCancelled, "", "cancelled by user"), api.JobCancelled)
 	if errors.Is(err, jobs.ErrTerminal) {
 		if job.State == api.JobCancelled {
 			return job, nil // cancelling twice is harmless
 		}
-		return job, api.Errorf(api.CodeConflict, "job %s already %s; it cannot be cancelled", req.ID, job.State)
+		return job, api.Fail(api.ReasonConflict, "", "job %s already %s; it cannot be cancelled", req.ID, job.State)
 	}
 	return job, jobErr(err)
 }
@@ -256,19 +259,19 @@ func (q *Queen) status(ctx context.Context, _ struct{}) (api.Status, error) {
 
 func (q *Queen) hiveAdd(ctx context.Context, req api.HiveAddRequest) (api.InventoryEntry, error) {
 	if err := subjects.ValidateID(subjects.KindHive, req.Name); err != nil {
-		return api.InventoryEntry{}, api.Errorf(api.CodeBadRequest, "%v", err)
+		return api.InventoryEntry{}, api.Fail(api.ReasonInvalidParam, "name", "%v", err)
 	}
 	entry := api.InventoryEntry{Name: req.Name, BinDir: req.BinDir, Prefix: req.Prefix, AddedAt: time.Now().UTC()}
 	if req.SSH != "" {
 		if _, err := remote.ParseTarget(req.SSH); err != nil {
-			return api.InventoryEntry{}, api.Errorf(api.CodeBadRequest, "ssh target %q: %v", req.SSH, err)
+			return api.InventoryEntry{}, api.Fail(api.ReasonInvalidParam, "ssh", "ssh target %q: %v", req.SSH, err)
 		}
 		entry.SSH = &api.SSHTarget{Spec: req.SSH, IdentityFile: req.IdentityFile}
 	}
 	data, _ := json.Marshal(entry)
 	if _, err := q.inventory.Create(ctx, req.Name, data); err != nil {
 		if errors.Is(err, jetstream.ErrKeyExists) {
-			return api.InventoryEntry{}, api.Errorf(api.CodeConflict, "hive %s already exists; remove it first to change it", req.Name)
+			return api.InventoryEntry{}, api.Fail(api.ReasonConflict, "name", "hive %s already exists; remove it first to change it", req.Name)
 		}
 		return api.InventoryEntry{}, err
 	}
@@ -277,11 +280,11 @@ func (q *Queen) hiveAdd(ctx context.Context, req api.HiveAddRequest) (api.Invent
 
 func (q *Queen) inventoryEntry(ctx context.Context, name string) (api.InventoryEntry, error) {
 	if err := subjects.ValidateID(subjects.KindHive, name); err != nil {
-		return api.InventoryEntry{}, api.Errorf(api.CodeBadRequest, "%v", err)
+		return api.InventoryEntry{}, api.Fail(api.ReasonInvalidParam, "name", "%v", err)
 	}
 	e, err := q.inventory.Get(ctx, name)
 	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
-		return api.InventoryEntry{}, api.Errorf(api.CodeNotFound, "hive %s is not in the inventory; add it with `rbee hive add %s`", name, name)
+		return api.InventoryEntry{}, api.Fail(api.ReasonNotFound, "name", "hive %s is not in the inventory; add it with `rbee hive add %s`", name, name)
 	}
 	if err != nil {
 		return api.InventoryEntry{}, err
@@ -299,7 +302,7 @@ func (q *Queen) hiveRemove(ctx context.Context, req api.HiveRequest) (api.Invent
 		return entry, err
 	}
 	if rec, ok := q.registry.Snapshot().Hives[req.Name]; ok && rec.State == api.HiveOnline {
-		return entry, api.Errorf(api.CodeConflict, "hive %s is running; stop it first with `rbee hive stop %s`", req.Name, req.Name)
+		return entry, api.Fail(api.ReasonConflict, "name", "hive %s is running; stop it first with `rbee hive stop %s`", req.Name, req.Name)
 	}
 	if err := q.inventory.Delete(ctx, req.Name); err != nil {
 		return entry, err
@@ -348,7 +351,7 @@ func (q *Queen) hiveList(ctx context.Context, _ struct{}) (api.HiveListReply, er
 
 func (q *Queen) hiveGet(ctx context.Context, req api.HiveRequest) (api.HiveView, error) {
 	if err := subjects.ValidateID(subjects.KindHive, req.Name); err != nil {
-		return api.HiveView{}, api.Errorf(api.CodeBadRequest, "%v", err)
+		return api.HiveView{}, api.Fail(api.ReasonInvalidParam, "name", "%v", err)
 	}
 	views, err := q.hiveViews(ctx)
 	if err != nil {
@@ -359,7 +362,7 @@ func (q *Queen) hiveGet(ctx context.Context, req api.HiveRequest) (api.HiveView,
 			return v, nil
 		}
 	}
-	return api.HiveView{}, api.Errorf(api.CodeNotFound, "hive %s is not in the inventory and not running; add it with `rbee hive add %s`", req.Name, req.Name)
+	return api.HiveView{}, api.Fail(api.ReasonNotFound, "name", "hive %s is not in the inventory and not running; add it with `rbee hive add %s`", req.Name, req.Name)
 }
 
 func (q *Queen) workerList(_ context.Context, req api.HiveRequest) (api.WorkerListReply, error) {

@@ -150,7 +150,7 @@ func (w *worker) reject(ctx context.Context, msg jetstream.Msg, id string, attem
 		return
 	}
 	_, err := w.store.Transition(ctx, id, api.JobFailed, func(j *api.Job) {
-		j.Error = bad.Error()
+		j.SetError(paramError(bad))
 		j.Worker, j.Hive = w.cfg.ID, w.cfg.Hive
 	})
 	if err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
@@ -174,7 +174,7 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 	id := job.ID
 	pub, err := w.bus.Tokens(id)
 	if err != nil { // the id was validated; kept for safety
-		w.finish(id, attempt, api.JobFailed, err.Error(), nil)
+		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonInternal, "", "%v", err), nil)
 		return
 	}
 	pub.ResendWithin = w.cfg.BusOutage
@@ -222,29 +222,42 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 	cause := context.Cause(ctx)
 	switch {
 	case errors.Is(genErr, errNoFirstToken) || (res.StopReason == engine.StopCancelled && errors.Is(cause, errNoFirstToken)):
-		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("no first token within %s from worker %s on hive %s", ftt, w.cfg.ID, w.cfg.Hive), nil)
+		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonTimeout, "", "no first token within %s from worker %s on hive %s", ftt, w.cfg.ID, w.cfg.Hive), nil)
 	case genErr != nil && errors.Is(genErr, engine.ErrInvalidRequest):
-		w.finish(id, attempt, api.JobFailed, genErr.Error(), nil)
+		w.finish(id, attempt, api.JobFailed, paramError(genErr), nil)
 	case genErr != nil:
-		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("generation failed on worker %s: %v", w.cfg.ID, genErr), nil)
+		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonInternal, "", "generation failed on worker %s: %v", w.cfg.ID, genErr), nil)
 	case flushErr != nil:
-		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("tokens of worker %s were not stored: %v", w.cfg.ID, flushErr), nil)
+		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonInternal, "", "tokens of worker %s were not stored: %v", w.cfg.ID, flushErr), nil)
 	case res.StopReason == engine.StopCancelled && errors.Is(cause, ErrStopped):
-		w.finish(id, attempt, api.JobFailed, fmt.Sprintf("worker %s on hive %s shut down before the job finished (after %d tokens)", w.cfg.ID, w.cfg.Hive, res.CompletionTokens), &result)
+		// For the job, its worker is gone: another may answer it.
+		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonWorkerLost, "", "worker %s on hive %s shut down before the job finished (after %d tokens)", w.cfg.ID, w.cfg.Hive, res.CompletionTokens), &result)
 	case res.StopReason == engine.StopCancelled:
-		w.finish(id, attempt, api.JobCancelled, "cancelled", &result)
+		w.finish(id, attempt, api.JobCancelled, api.Fail(api.ReasonCancelled, "", "cancelled"), &result)
 	default:
 		w.jobSpeed(result.TokensPerSecond)
-		w.finish(id, attempt, api.JobCompleted, "", &result)
+		w.finish(id, attempt, api.JobCompleted, nil, &result)
 	}
 }
 
-// finish moves the job to its terminal state for attempt. Someone else may
+// paramError is a rejected request's error as the job records it: a
+// *engine.ParamError keeps its field and becomes invalid_param (or
+// prompt_too_long); anything else is internal.
+func paramError(err error) *api.Error {
+	var pe *engine.ParamError
+	if errors.As(err, &pe) {
+		return pe.APIError()
+	}
+	return api.AsError(err)
+}
+
+// finish moves the job to its terminal state for attempt, with why (nil
+// for a completion). Someone else may
 // have ended it first (the queen cancels or times out a job before
 // signalling the worker); then their state stands. A worker given up while
 // it was paused or cut off finds its attempt stale and changes nothing, not
 // even the narration. A bus outage is ridden out for cfg.BusOutage.
-func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, reason string, result *api.InferResult) {
+func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *api.Error, result *api.InferResult) {
 	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.BusOutage+busTimeout)
 	defer cancel()
 	var raw json.RawMessage
@@ -265,11 +278,11 @@ func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, reason
 	case api.JobCancelled:
 		w.narrator.Say(ctx, id, "infer", w.cfg.Model, "worker %s stopped generating after %d tokens: cancelled", w.cfg.ID, result.CompletionTokens)
 	default:
-		w.narrator.Warn(ctx, id, "infer", w.cfg.Model, "%s", reason)
+		w.narrator.Warn(ctx, id, "infer", w.cfg.Model, "%s", why.Message)
 	}
 	_, err := retryOutage(ctx, func(ctx context.Context) (api.Job, error) {
 		return w.store.Finish(ctx, id, attempt, to, func(j *api.Job) {
-			j.Error = reason
+			j.SetError(why)
 			if raw != nil {
 				j.Result = raw
 			}
@@ -347,7 +360,11 @@ func (w *worker) prepare(a api.InferArgs) (engine.Request, int, error) {
 		return r, 0, err
 	}
 	if len(toks) >= ctxSize {
-		return r, len(toks), &engine.ParamError{Field: "prompt", Err: engine.ErrPromptTooLong,
+		field := "prompt"
+		if len(a.Messages) > 0 {
+			field = "messages" // a chat's prompt is its messages
+		}
+		return r, len(toks), &engine.ParamError{Field: field, Err: engine.ErrPromptTooLong,
 			Reason: fmt.Sprintf("%d tokens do not fit in the context of %d", len(toks), ctxSize)}
 	}
 	return r, len(toks), nil

@@ -97,10 +97,13 @@ type Effects struct {
 	Spawn func(ctx context.Context, o SpawnOrder) (worker string, err error)
 	// Recover gives up the job's attempt on a worker that is gone: it
 	// retries the job when no token was sent and attempts remain, and
-	// fails it with why otherwise. It must be fenced by the attempt, so a
-	// worker that finished the job meanwhile wins.
+	// fails it with why otherwise (reason worker_lost: why says how the
+	// worker was lost). It must be fenced by the attempt, so a worker that
+	// finished the job meanwhile wins.
 	Recover func(ctx context.Context, job Job, why string)
-	// Fail fails a waiting job with reason.
+	// Fail fails a waiting job that no worker can be had for (reason
+	// no_capacity: no hive has the model, or no spawn succeeded); reason
+	// says what is missing.
 	Fail func(ctx context.Context, job, reason string)
 	// Narrate tells a job's followers what was decided; it must not block.
 	Narrate func(job, action, target, text string)

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/rbee-dev/rbee/api"
 )
 
 // Sentinel errors. Functions wrap them with %w, so test with errors.Is.
@@ -196,33 +198,38 @@ func paramErr(field, format string, args ...any) error {
 }
 
 // Validate checks the parameters against a context of contextSize tokens and
-// returns a *ParamError naming the first bad field. Whether the prompt's
-// tokens fit in the context is checked by Generate, after tokenising.
+// returns a *ParamError naming the first bad field. The sampling and length
+// rules are the queen's admission rules (api.Sampling.Problem), checked
+// again here against the model's context. Whether the prompt's tokens fit
+// in the context is checked by Generate, after tokenising.
 func (r Request) Validate(contextSize int) error {
 	switch {
 	case r.Prompt == "":
 		return paramErr("prompt", "must not be empty")
 	case strings.IndexByte(r.Prompt, 0) >= 0:
 		return paramErr("prompt", "must not contain a NUL byte")
-	case r.MaxTokens < 1 || r.MaxTokens > contextSize:
+	case r.MaxTokens < 1:
+		// 0 is the caller's "default", resolved before a Request is made.
 		return paramErr("max_tokens", "must be between 1 and %d, got %d", contextSize, r.MaxTokens)
-	case !(r.Temperature >= 0 && r.Temperature <= 2):
-		return paramErr("temperature", "must be between 0 and 2, got %g", r.Temperature)
-	case !(r.TopP >= 0 && r.TopP <= 1):
-		return paramErr("top_p", "must be between 0 and 1, got %g", r.TopP)
-	case r.TopK < 0:
-		return paramErr("top_k", "must be >= 0, got %d", r.TopK)
-	case !(r.MinP >= 0 && r.MinP <= 1):
-		return paramErr("min_p", "must be between 0 and 1, got %g", r.MinP)
-	case !(r.RepeatPenalty >= 0) || r.RepeatPenalty > 1e6:
-		return paramErr("repeat_penalty", "must be >= 0, got %g", r.RepeatPenalty)
 	}
-	for i, s := range r.Stop {
-		if s == "" {
-			return paramErr("stop", "entry %d is empty", i)
-		}
+	s := api.Sampling{
+		MaxTokens: r.MaxTokens, Temperature: r.Temperature, TopP: r.TopP, TopK: r.TopK,
+		MinP: r.MinP, RepeatPenalty: r.RepeatPenalty, Stop: r.Stop,
+	}
+	if field, why := s.Problem(contextSize); field != "" {
+		return &ParamError{Field: field, Reason: why}
 	}
 	return nil
+}
+
+// APIError is e as the bus carries it: reason prompt_too_long for a prompt
+// that does not fit, invalid_param otherwise, with the field as the param.
+func (e *ParamError) APIError() *api.Error {
+	reason := api.ReasonInvalidParam
+	if errors.Is(e.Err, ErrPromptTooLong) {
+		reason = api.ReasonPromptTooLong
+	}
+	return api.Fail(reason, e.Field, "%s", e.Error())
 }
 
 // Complete generates req on a slot of its own and returns the whole text:
