@@ -143,3 +143,48 @@ func TestKilledHiveLeavesNoQueuedJobStranded(t *testing.T) {
 	require.True(t, strings.Contains(j.Error, "hive local") || strings.Contains(j.Error, "no online hive has it"), "the reason names what is missing: %s", j.Error)
 	running.wait(t, 60*time.Second)
 }
+
+// Jobs queued behind a worker that is stopped get a new worker, and start
+// in the order they were submitted: none is overtaken, not even by one
+// submitted after the stop.
+func TestQueuedJobsOfAStoppedWorkerStartInOrderOnANewOne(t *testing.T) {
+	t.Parallel()
+	requireLongGreedy(t)
+	c := newCluster(t).withDaemons()
+	ws := c.readyWorkers("large", 1)
+	running := c.start(longInfer()...)
+	eventually(t, 90*time.Second, func() bool { return running.stdout.String() != "" }, "no token arrived")
+	var ids []string
+	submit := func(i int) {
+		r := c.mustRbee("infer", "--detach", "-m", "large", "--temperature", "0", "--max-tokens", "20", fmt.Sprintf("question %d", i))
+		ids = append(ids, strings.TrimSpace(r.stdout))
+	}
+	for i := range 3 {
+		submit(i)
+	}
+	stop := c.start("worker", "stop", ws[0].ID, "--grace", "60s")
+	eventually(t, 30*time.Second, func() bool {
+		for _, w := range c.workers() {
+			if w.ID == ws[0].ID && w.State == api.WorkerDraining {
+				return true
+			}
+		}
+		return false
+	}, "the worker did not start draining")
+	submit(3)
+	for _, id := range ids {
+		eventually(t, 2*time.Minute, func() bool { return c.job(id).State.Terminal() }, "job %s never ended", id)
+	}
+	var started []time.Time
+	for _, id := range ids {
+		j := c.job(id)
+		require.Equal(t, api.JobCompleted, j.State, "%s: %s", id, j.Error)
+		require.NotEqual(t, ws[0].ID, j.Worker, "%s ran on the draining worker", id)
+		started = append(started, *j.StartedAt)
+	}
+	for i := 1; i < len(started); i++ {
+		require.True(t, started[i-1].Before(started[i]), "job %d started before job %d: %v", i, i-1, started)
+	}
+	require.Equal(t, 0, running.wait(t, time.Minute), running.stderr.String())
+	require.Equal(t, 0, stop.wait(t, time.Minute), stop.stderr.String())
+}
