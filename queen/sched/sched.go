@@ -158,6 +158,15 @@ type Scheduler struct {
 	dirty     bool
 }
 
+// States of a job between a decision and its record catching up: the
+// effect that moves the record on runs, and the job is neither placed nor
+// judged again from here until the record changes (or the view settles
+// anew, if the effect could not reach the bus).
+const (
+	stateRecovering api.JobState = "recovering"
+	stateFailing    api.JobState = "failing"
+)
+
 type spawn struct {
 	order SpawnOrder
 	// tried lists the hives that failed this round, with their reasons.
@@ -339,7 +348,7 @@ func (s *Scheduler) workerDown(w api.WorkerStatus, why string) {
 func (s *Scheduler) recover(j *Job, why string) {
 	// The effect moves the record on; until then the job is neither
 	// queued nor on a live worker, so it is not placed again from here.
-	j.State = "recovering"
+	j.State = stateRecovering
 	job := *j
 	s.effect(func(ctx context.Context) { s.fx.Recover(ctx, job, why) })
 }
@@ -367,14 +376,21 @@ func (s *Scheduler) setSettled(ok bool) {
 	if !ok {
 		return
 	}
-	// Whatever is missing from a settled view is gone.
+	// Whatever is missing from a settled view is gone. A job whose
+	// recovery or failure did not reach its record (the bus went away
+	// again meanwhile) is decided again.
 	v := s.view()
 	for _, j := range s.jobs {
-		if j.State != api.JobRunning {
-			continue
-		}
-		if _, live := v.Worker(j.Worker); !live {
-			s.recover(j, goneWhy(v, j))
+		switch j.State {
+		case api.JobRunning, stateRecovering:
+			if _, live := v.Worker(j.Worker); !live {
+				s.recover(j, goneWhy(v, j))
+			} else {
+				j.State = api.JobRunning
+			}
+		case stateFailing:
+			j.State = api.JobQueued
+			s.enqueue(j)
 		}
 	}
 	s.placeAll()
@@ -547,7 +563,7 @@ func hivesLeft(v View, j *Job, tried []string) bool {
 // placed again while the record catches up.
 func (s *Scheduler) failWaiting(j *Job, reason string) {
 	s.unqueue(j)
-	j.State = "failing"
+	j.State = stateFailing
 	id := j.ID
 	s.effect(func(ctx context.Context) { s.fx.Fail(ctx, id, reason) })
 }

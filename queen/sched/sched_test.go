@@ -412,3 +412,20 @@ func TestDrainingWorkerHandsItsQueueToANewOne(t *testing.T) {
 	require.Equal(t, []string{"spawn h1"}, w.await(1))
 	w.quiet()
 }
+
+// A recovery or a failure that did not reach the record (the bus went away
+// again) is decided anew when the view settles next: no job is left in
+// between.
+func TestUnfinishedDecisionsAreTakenAgainAfterASettle(t *testing.T) {
+	c := newCluster().hive("h1", "other")
+	w := newWorld(t, c)
+	s := start(t, c, w)
+	s.JobChanged(running("j1", "tiny", "w1", 1), false)
+	s.JobChanged(queued("j2", "tiny"), false)
+	require.ElementsMatch(t, []string{"recover j1", "fail j2"}, w.await(2))
+	// Neither record changed: the effects' writes were lost.
+	s.Settled(false)
+	s.Settled(true)
+	require.ElementsMatch(t, []string{"recover j1", "fail j2"}, w.await(2))
+	w.quiet()
+}
