@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -22,6 +23,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
+	"github.com/rbee-dev/rbee/worker/engine"
 	"github.com/rs/zerolog"
 	openai "github.com/sashabaranov/go-openai"
 	"github.com/stretchr/testify/require"
@@ -146,6 +148,11 @@ type fakeWorker struct {
 	delay        time.Duration
 	stopReason   string
 	promptTokens int
+	// ctxSize, when set, makes the fake check each request as the real
+	// worker does before it runs (engine.Request.Validate against the
+	// context, and the prompt's length, one token per byte here) and fail
+	// the job with the same reason and parameter.
+	ctxSize int
 
 	id, hive string
 	bus      *bus.Bus
@@ -221,6 +228,13 @@ func (w *fakeWorker) seen() []api.InferRequest {
 func (w *fakeWorker) run(req api.InferRequest) {
 	defer w.wg.Done()
 	ctx := w.ctx
+	if bad := w.check(req.Args); bad != nil {
+		_, _ = w.jobs.Transition(ctx, req.JobID, api.JobFailed, func(j *api.Job) {
+			j.SetError(bad.APIError())
+			j.Worker, j.Hive = w.id, w.hive
+		})
+		return
+	}
 	if _, err := w.jobs.Transition(ctx, req.JobID, api.JobRunning, func(j *api.Job) {
 		j.Worker, j.Hive, j.Attempts = w.id, w.hive, req.Attempt
 	}); err != nil {
@@ -277,6 +291,36 @@ func (w *fakeWorker) run(req api.InferRequest) {
 		TokensPerSecond:  float64(len(w.tokens)) / max(elapsed, time.Millisecond).Seconds(),
 	})
 	_, _ = w.jobs.Transition(ctx, req.JobID, api.JobCompleted, func(j *api.Job) { j.Result = res })
+}
+
+// check is the real worker's check of a request against its model, with
+// a prompt of one token per byte.
+func (w *fakeWorker) check(a api.InferArgs) *engine.ParamError {
+	if w.ctxSize == 0 {
+		return nil
+	}
+	prompt := a.Prompt
+	for _, m := range a.Messages {
+		prompt += m.Role + ": " + m.Content + "\n"
+	}
+	s := a.Sampling
+	r := engine.Request{Prompt: prompt, MaxTokens: s.MaxTokens, Temperature: s.Temperature, TopP: s.TopP,
+		TopK: s.TopK, MinP: s.MinP, RepeatPenalty: s.RepeatPenalty, Stop: s.Stop}
+	if r.MaxTokens == 0 {
+		r.MaxTokens = min(16, w.ctxSize)
+	}
+	var pe *engine.ParamError
+	if err := r.Validate(w.ctxSize); errors.As(err, &pe) {
+		return pe
+	}
+	if len(prompt) >= w.ctxSize {
+		field := "prompt"
+		if len(a.Messages) > 0 {
+			field = "messages"
+		}
+		return &engine.ParamError{Field: field, Err: engine.ErrPromptTooLong, Reason: fmt.Sprintf("%d tokens do not fit in the context of %d", len(prompt), w.ctxSize)}
+	}
+	return nil
 }
 
 // awaitTerminal follows a job's events until its terminal state.
@@ -488,6 +532,19 @@ func TestGatewayAPIKey(t *testing.T) {
 	status, _ := postJSON(t, q, "", "/v1/chat/completions", `{}`)
 	require.Equal(t, http.StatusUnauthorized, status)
 
+	// The scheme is case-insensitive (RFC 9110); the key is not, and
+	// another scheme is no key.
+	for header, want := range map[string]int{
+		"bearer s3cret": http.StatusOK, "BEARER s3cret": http.StatusOK, "Bearer  s3cret ": http.StatusOK,
+		"bearer S3CRET": http.StatusUnauthorized, "Basic s3cret": http.StatusUnauthorized, "s3cret": http.StatusUnauthorized,
+	} {
+		req, err := http.NewRequest(http.MethodGet, q.GatewayURL()+"/v1/models", nil)
+		require.NoError(t, err)
+		req.Header.Set("Authorization", header)
+		status, body := do(t, req)
+		require.Equal(t, want, status, "Authorization: %q: %s", header, body)
+	}
+
 	// Probes and scrapers need no key.
 	for _, path := range []string{"/healthz", "/metrics"} {
 		status, body := get(t, q, path)
@@ -530,6 +587,159 @@ func TestGatewayErrors(t *testing.T) {
 			requireOpenAIError(t, status, body, tc.status, tc.typ, tc.code, tc.param)
 		})
 	}
+}
+
+// TestGatewayBadInput is the gateway's table of bad input: each case gets
+// its status, OpenAI's error type, code and param, a message with the key
+// words, and leaves no job record and no stored request behind, unless
+// only the worker can tell (the context a worker runs the model with is
+// not known at admission): then exactly one job, failed with the reason,
+// and still a 400 with the param, which OpenAI clients do not retry (a 500
+// was retried twice: three failed jobs for one bad request).
+func TestGatewayBadInput(t *testing.T) {
+	q, _ := gatewayQueen(t, nil)
+	startFakeWorker(t, q, &fakeWorker{tokens: []string{"ok"}, ctxSize: 64})
+	const chat, text = "/v1/chat/completions", "/v1/completions"
+	hi := `"messages":[{"role":"user","content":"hi"}]`
+	long := strings.Repeat("word ", 40) // 200 bytes: more than the fake's 64-token context
+	nearMax := strings.Repeat("a", maxRequestBody-200)
+	cases := []struct {
+		name, method, path, body string
+		status                   int
+		typ, code, param         string
+		words                    []string
+		allow                    string     // the Allow header of a 405
+		reason                   api.Reason // set when only the worker can tell: the job's reason
+	}{
+		// Refused at admission: no job.
+		{name: "NUL byte in a message", path: chat, body: `{"model":"tiny","messages":[{"role":"user","content":"a\u0000b"}]}`,
+			status: 400, typ: "invalid_request_error", param: "messages[0].content", words: []string{"NUL"}},
+		{name: "NUL byte in a prompt", path: text, body: `{"model":"tiny","prompt":"a\u0000b"}`,
+			status: 400, typ: "invalid_request_error", param: "prompt", words: []string{"NUL"}},
+		{name: "empty stop entry", path: chat, body: `{"model":"tiny","stop":["\n",""],` + hi + `}`,
+			status: 400, typ: "invalid_request_error", param: "stop", words: []string{"entry 1", "empty"}},
+		{name: "max_tokens 0", path: chat, body: `{"model":"tiny","max_tokens":0,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", param: "max_tokens", words: []string{"at least 1", "leave it out"}},
+		{name: "max_completion_tokens negative", path: chat, body: `{"model":"tiny","max_completion_tokens":-5,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", param: "max_completion_tokens", words: []string{"at least 1"}},
+		{name: "temperature out of range", path: text, body: `{"model":"tiny","prompt":"a","temperature":2.5}`,
+			status: 400, typ: "invalid_request_error", param: "temperature", words: []string{"between 0 and 2", "2.5"}},
+		{name: "top_k negative", path: text, body: `{"model":"tiny","prompt":"a","top_k":-1}`,
+			status: 400, typ: "invalid_request_error", param: "top_k", words: []string{"-1"}},
+		{name: "repeat_penalty negative", path: text, body: `{"model":"tiny","prompt":"a","repeat_penalty":-1}`,
+			status: 400, typ: "invalid_request_error", param: "repeat_penalty", words: []string{"-1"}},
+		{name: "tools", path: chat, body: `{"model":"tiny","tools":[{"type":"function","function":{"name":"f"}}],` + hi + `}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "tools", words: []string{"tool calling"}},
+		{name: "response_format json", path: chat, body: `{"model":"tiny","response_format":{"type":"json_object"},` + hi + `}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "response_format", words: []string{"structured output"}},
+		{name: "logprobs", path: chat, body: `{"model":"tiny","logprobs":true,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "logprobs", words: []string{"log probabilities"}},
+		{name: "echo", path: text, body: `{"model":"tiny","prompt":"a","echo":true}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "echo", words: []string{"echo"}},
+		{name: "suffix", path: text, body: `{"model":"tiny","prompt":"a","suffix":"z"}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "suffix", words: []string{"suffix"}},
+		{name: "n above 1", path: chat, body: `{"model":"tiny","n":3,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "n", words: []string{"one choice"}},
+		{name: "presence_penalty", path: chat, body: `{"model":"tiny","presence_penalty":0.5,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "presence_penalty", words: []string{"repeat_penalty"}},
+		{name: "unknown parameter", path: chat, body: `{"model":"tiny","frobnicate":1,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", code: "unsupported_parameter", param: "frobnicate", words: []string{"unknown parameter", "user"}},
+		{name: "trailing bytes", path: chat, body: `{"model":"tiny",` + hi + `} {"again":1}`,
+			status: 400, typ: "invalid_request_error", words: []string{"after the JSON object"}},
+		{name: "trailing garbage", path: text, body: `{"model":"tiny","prompt":"a"}x`,
+			status: 400, typ: "invalid_request_error", words: []string{"after the JSON object"}},
+		{name: "body near the bus's max payload, chat", path: chat, body: `{"model":"tiny","messages":[{"role":"user","content":"` + nearMax + `"}]}`,
+			status: 413, typ: "invalid_request_error", code: "request_too_large", param: "messages", words: []string{"MiB", "max_payload"}},
+		{name: "body near the bus's max payload", path: text, body: `{"model":"tiny","prompt":"` + nearMax + `"}`,
+			status: 413, typ: "invalid_request_error", code: "request_too_large", param: "prompt", words: []string{"MiB", "max_payload"}},
+		{name: "body over the limit", path: text, body: `{"model":"tiny","prompt":"` + nearMax + strings.Repeat("a", 400) + `"}`,
+			status: 413, typ: "invalid_request_error", code: "request_too_large", words: []string{"larger than"}},
+		{name: "wrong method", method: http.MethodGet, path: chat,
+			status: 405, typ: "invalid_request_error", allow: "POST", words: []string{"GET", "POST"}},
+		{name: "wrong method on models", method: http.MethodPost, path: "/v1/models", body: `{}`,
+			status: 405, typ: "invalid_request_error", allow: "GET, HEAD", words: []string{"POST"}},
+		{name: "unknown model", path: chat, body: `{"model":"nope",` + hi + `}`,
+			status: 404, typ: "invalid_request_error", code: "model_not_found", param: "model", words: []string{"nope", "rbee model download"}},
+		// Only the worker knows its context: one job, failed with why.
+		{name: "max_tokens above the context", path: chat, body: `{"model":"tiny","max_tokens":100,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", param: "max_tokens", words: []string{"between 1 and 64", "100"}, reason: api.ReasonInvalidParam},
+		{name: "max_completion_tokens above the context", path: chat, body: `{"model":"tiny","max_completion_tokens":100,` + hi + `}`,
+			status: 400, typ: "invalid_request_error", param: "max_completion_tokens", words: []string{"between 1 and 64"}, reason: api.ReasonInvalidParam},
+		{name: "chat that does not fit the context", path: chat, body: `{"model":"tiny","messages":[{"role":"user","content":"` + long + `"}]}`,
+			status: 400, typ: "invalid_request_error", code: "context_length_exceeded", param: "messages", words: []string{"do not fit", "64"}, reason: api.ReasonPromptTooLong},
+		{name: "prompt that does not fit the context", path: text, body: `{"model":"tiny","prompt":"` + long + `"}`,
+			status: 400, typ: "invalid_request_error", code: "context_length_exceeded", param: "prompt", words: []string{"do not fit"}, reason: api.ReasonPromptTooLong},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			records, requests := stored(t, q)
+			method := tc.method
+			if method == "" {
+				method = http.MethodPost
+			}
+			req, err := http.NewRequest(method, q.GatewayURL()+tc.path, strings.NewReader(tc.body))
+			require.NoError(t, err)
+			req.Header.Set("Content-Type", "application/json")
+			resp, body := doResp(t, req)
+			requireOpenAIError(t, resp.StatusCode, body, tc.status, tc.typ, tc.code, tc.param)
+			var e openAIError
+			require.NoError(t, json.Unmarshal([]byte(body), &e))
+			for _, w := range tc.words {
+				require.Contains(t, e.Error.Message, w)
+			}
+			if tc.allow != "" {
+				require.Equal(t, tc.allow, resp.Header.Get("Allow"))
+			}
+			nowRecords, nowRequests := stored(t, q)
+			if tc.reason == "" {
+				require.Equal(t, records, nowRecords, "no job record for a request refused at admission")
+				require.Equal(t, requests, nowRequests, "no stored request for a request refused at admission")
+				require.Empty(t, resp.Header.Get("X-Rbee-Job"))
+				return
+			}
+			require.Equal(t, records+1, nowRecords, "one job, not one per retry")
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			job, err := q.jobs.Get(ctx, resp.Header.Get("X-Rbee-Job"))
+			require.NoError(t, err)
+			require.Equal(t, api.JobFailed, job.State)
+			require.Equal(t, tc.reason, job.Reason)
+			require.NotEmpty(t, job.Param)
+		})
+	}
+}
+
+// TestGatewayAcceptsWhatItIgnores: the parameters the README lists as
+// accepted and ignored, and the "off" values of unsupported ones, are no
+// reason to refuse a request.
+func TestGatewayAcceptsWhatItIgnores(t *testing.T) {
+	q, _ := gatewayQueen(t, nil)
+	startFakeWorker(t, q, &fakeWorker{tokens: []string{"ok"}})
+	for _, extra := range []string{
+		`"user":"u1","metadata":{"k":"v"},"store":true,"service_tier":"auto","safety_identifier":"s","prompt_cache_key":"p","parallel_tool_calls":true`,
+		`"n":1,"logprobs":false,"presence_penalty":0,"frequency_penalty":0,"tools":[],"tool_choice":"none","response_format":{"type":"text"},"logit_bias":{},"stream_options":null`,
+		`"top_k":40,"min_p":0.05,"repeat_penalty":1.1,"max_completion_tokens":4`,
+	} {
+		status, body := postJSON(t, q, "", "/v1/chat/completions", `{"model":"tiny","messages":[{"role":"user","content":"hi"}],`+extra+`}`)
+		require.Equal(t, http.StatusOK, status, "%s: %s", extra, body)
+	}
+	status, body := postJSON(t, q, "", "/v1/completions", `{"model":"tiny","prompt":"hi","echo":false,"suffix":"","best_of":1,"user":"u"}`+"\n")
+	require.Equal(t, http.StatusOK, status, body)
+}
+
+// stored counts the job records and stored requests: what a request
+// refused at admission must not add to.
+func stored(t *testing.T, q *Queen) (records, requests int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	all, err := q.jobs.List(ctx, "")
+	require.NoError(t, err)
+	st, err := q.bus.JS.Stream(ctx, q.bus.Space.RequestsStream())
+	require.NoError(t, err)
+	info, err := st.Info(ctx)
+	require.NoError(t, err)
+	return len(all), int(info.State.Msgs)
 }
 
 func TestGatewayQueueFull(t *testing.T) {
@@ -682,6 +892,14 @@ func get(t *testing.T, q *Queen, path string) (int, string) {
 
 func do(t *testing.T, req *http.Request) (int, string) {
 	t.Helper()
+	resp, body := doResp(t, req)
+	return resp.StatusCode, body
+}
+
+// doResp sends req and returns the response (its body read and closed)
+// and the body.
+func doResp(t *testing.T, req *http.Request) (*http.Response, string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	resp, err := http.DefaultClient.Do(req.WithContext(ctx))
@@ -689,7 +907,7 @@ func do(t *testing.T, req *http.Request) (int, string) {
 	defer resp.Body.Close()
 	data, err := io.ReadAll(bufio.NewReader(resp.Body))
 	require.NoError(t, err)
-	return resp.StatusCode, string(data)
+	return resp, string(data)
 }
 
 // requireOpenAIError checks an error answer is exactly OpenAI's shape.
@@ -731,4 +949,42 @@ func scrape(t *testing.T, q *Queen) map[string]*dto.MetricFamily {
 	families, err := parser.TextToMetricFamilies(strings.NewReader(body))
 	require.NoError(t, err)
 	return families
+}
+
+// TestHTTPErrorTable: every reason a component can give has its HTTP
+// answer, and each answer is the one OpenAI clients should act on (a 4xx
+// they do not retry for what the request got wrong).
+func TestHTTPErrorTable(t *testing.T) {
+	want := map[api.Reason]httpError{
+		api.ReasonInvalidRequest:  {400, "invalid_request_error", ""},
+		api.ReasonInvalidParam:    {400, "invalid_request_error", ""},
+		api.ReasonPromptTooLong:   {400, "invalid_request_error", "context_length_exceeded"},
+		api.ReasonPayloadTooLarge: {413, "invalid_request_error", "request_too_large"},
+		api.ReasonNotFound:        {404, "invalid_request_error", ""},
+		api.ReasonConflict:        {409, "invalid_request_error", ""},
+		api.ReasonCancelled:       {409, "server_error", "cancelled"},
+		api.ReasonQueueFull:       {429, "rate_limit_error", "queue_full"},
+		api.ReasonNoCapacity:      {503, "server_error", "no_capacity"},
+		api.ReasonUnavailable:     {503, "server_error", "unavailable"},
+		api.ReasonTimeout:         {504, "timeout_error", "timeout"},
+		api.ReasonWorkerLost:      {502, "server_error", "worker_lost"},
+		api.ReasonInternal:        {500, "server_error", ""},
+		reasonUnauthorized:        {401, "invalid_request_error", "invalid_api_key"},
+		reasonMethodNotAllowed:    {405, "invalid_request_error", ""},
+		reasonUnsupportedParam:    {400, "invalid_request_error", "unsupported_parameter"},
+	}
+	for _, r := range api.Reasons() {
+		_, ok := httpErrors[r]
+		require.True(t, ok, "reason %s has no HTTP answer", r)
+	}
+	require.Equal(t, want, httpErrors)
+	for r, h := range httpErrors {
+		// The status agrees with the bus code where the bus has one.
+		if api.CodeOfReason(r) != api.CodeInternal || r == api.ReasonInternal {
+			require.Equal(t, api.CodeOfReason(r), h.status, "reason %s", r)
+		}
+	}
+	require.Equal(t, "model_not_found", httpErrorOf(api.Fail(api.ReasonNotFound, "model", "x")).code)
+	require.Equal(t, http.StatusInternalServerError, httpErrorOf(api.AsError(errors.New("plain"))).status, "an error without a reason is a 500")
+	require.Equal(t, http.StatusInternalServerError, httpErrorOf(&api.Error{Reason: "from_a_newer_component"}).status)
 }
