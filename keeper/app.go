@@ -89,7 +89,11 @@ func exitCodeOf(err error) int {
 	case errors.Is(err, context.Canceled), errors.Is(err, errInterrupted):
 		return ExitInterrupted
 	}
-	if api.CodeOf(err) == api.CodeBadRequest {
+	// The reason an answer of the queen (or a failed job) carries: what
+	// the user asked for wrong is a usage error, anything else a failure.
+	// Never the message's words.
+	switch api.ReasonOf(err) {
+	case api.ReasonInvalidRequest, api.ReasonInvalidParam, api.ReasonPromptTooLong, api.ReasonPayloadTooLarge:
 		return ExitUsage
 	}
 	return ExitFailed

@@ -90,6 +90,15 @@ func inferAction(c *cli.Context) error {
 	}
 	timeout := c.Duration("timeout")
 	return withSession(c, true, func(ctx context.Context, s *Session) error {
+		// A request the bus cannot carry would fail as a raw "maximum
+		// payload exceeded": say how large a prompt may be instead. The
+		// margin is the rest of the submit request and its headers.
+		if limit := s.Bus.NC.MaxPayload(); limit > 0 && int64(len(raw))+1024 > limit {
+			mib := func(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+			return api.Fail(api.ReasonPayloadTooLarge, "prompt",
+				"the prompt is %s, more than the bus carries in one message (max_payload %s): a prompt must stay below about %s",
+				mib(int64(len(prompt)+len(args.System))), mib(limit), mib(max(limit-1024-(int64(len(raw))-int64(len(prompt)+len(args.System))), 0)))
+		}
 		// The keeper's own deadline: past it, the job is cancelled like on
 		// Ctrl-C, but reported as a timeout.
 		fctx := ctx
