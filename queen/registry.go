@@ -326,7 +326,13 @@ func (r *Registry) applyHive(ctx context.Context, e jetstream.KeyValueEntry) {
 			r.narrate(ctx, "hive-online", id, "hive %s is online (%s, %d CPU threads)", id, st.Capabilities.Hostname, st.Capabilities.CPU.Threads)
 		}
 	case jetstream.KeyValueDelete:
-		wasOnline := known && prev.State == api.HiveOnline
+		if !known {
+			// The goodbye of a hive this queen never saw: nothing is
+			// known of it but what the inventory says.
+			return
+		}
+		delete(r.expiredHives, id)
+		wasOnline := prev.State == api.HiveOnline
 		prev.State = api.HiveOffline
 		r.hives[id] = prev
 		r.changed()
