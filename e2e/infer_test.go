@@ -496,8 +496,10 @@ func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
 	r := c.mustRbee("infer", "-m", "large", "--max-tokens", "3", "hello")
 	clean("completed", jobIDFrom(t, r.stderr))
 
+	// Refused by the worker (the queen does not know the context), and a
+	// usage error all the same: exit 2.
 	r = c.rbee("infer", "-m", "large", "--max-tokens", "100000000", "hello")
-	require.Equal(t, 1, r.code, r.stderr)
+	require.Equal(t, 2, r.code, r.stderr)
 	require.Contains(t, r.stderr, "max_tokens")
 	clean("failed", jobIDFrom(t, r.stderr))
 

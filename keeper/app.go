@@ -345,9 +345,11 @@ func finish(final *api.StateChange) error {
 	case api.JobCompleted:
 		return nil
 	case api.JobCancelled:
-		return fmt.Errorf("job cancelled: %s", final.Error)
+		return fmt.Errorf("job cancelled: %w", final.Err())
 	default:
-		return fmt.Errorf("job failed: %s", final.Error)
+		// The reason travels with the error, so a job the worker refused
+		// for a bad parameter exits 2 like any other usage error.
+		return fmt.Errorf("job failed: %w", final.Err())
 	}
 }
 

@@ -93,3 +93,28 @@ func TestPromptLargerThanTheBusCarries(t *testing.T) {
 	_, err = submits.NextMsg(100 * time.Millisecond)
 	require.ErrorIs(t, err, nats.ErrTimeout, "nothing was submitted")
 }
+
+// A job's end keeps its reason, so the exit code follows it: a parameter
+// only the worker could refuse is a usage error, a lost worker a failure.
+func TestFinishedJobsExitByTheirReason(t *testing.T) {
+	cases := []struct {
+		end  api.StateChange
+		want int
+	}{
+		{api.StateChange{State: api.JobCompleted}, ExitOK},
+		{api.StateChange{State: api.JobFailed, Reason: api.ReasonInvalidParam, Param: "max_tokens", Error: "invalid max_tokens"}, ExitUsage},
+		{api.StateChange{State: api.JobFailed, Reason: api.ReasonPromptTooLong, Error: "too long"}, ExitUsage},
+		{api.StateChange{State: api.JobFailed, Reason: api.ReasonWorkerLost, Error: "worker w1 died"}, ExitFailed},
+		{api.StateChange{State: api.JobFailed, Error: "no reason given"}, ExitFailed},
+		{api.StateChange{State: api.JobCancelled, Reason: api.ReasonCancelled, Error: "cancelled by user"}, ExitFailed},
+	}
+	for _, c := range cases {
+		err := finish(&c.end)
+		if c.want == ExitOK {
+			require.NoError(t, err)
+			continue
+		}
+		require.Equal(t, c.want, exitCodeOf(err), "%+v", c.end)
+		require.Contains(t, err.Error(), c.end.Error)
+	}
+}
