@@ -14,6 +14,7 @@ import (
 
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
+	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/worker"
 	"github.com/urfave/cli/v2"
@@ -61,7 +62,7 @@ func run(c *cli.Context) error {
 	if c.NArg() > 0 {
 		return cli.Exit(fmt.Sprintf("unexpected arguments: %v", c.Args().Slice()), exitBadFlags)
 	}
-	log, closeLog, err := cliutil.Logger(c, "worker")
+	log, closeLog, err := logging.New(c.String(cliutil.FlagLogLevel), c.String(cliutil.FlagLogFile), "worker")
 	if err != nil {
 		return err
 	}

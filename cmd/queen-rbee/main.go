@@ -14,6 +14,7 @@ import (
 
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
+	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/queen"
 	"github.com/urfave/cli/v2"
@@ -55,7 +56,7 @@ func main() {
 }
 
 func run(c *cli.Context) error {
-	log, closeLog, err := cliutil.Logger(c, "queen")
+	log, closeLog, err := logging.New(c.String(cliutil.FlagLogLevel), c.String(cliutil.FlagLogFile), "queen")
 	if err != nil {
 		return err
 	}

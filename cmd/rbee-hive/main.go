@@ -27,6 +27,7 @@ import (
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/hive"
 	"github.com/rbee-dev/rbee/internal/cliutil"
+	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/urfave/cli/v2"
@@ -91,7 +92,7 @@ func run(c *cli.Context) error {
 	if err != nil {
 		return cli.Exit(fmt.Sprintf("%s: %v", EnvFakeRAMFree, err), exitBadFlags)
 	}
-	log, closeLog, err := cliutil.Logger(c, "hive")
+	log, closeLog, err := logging.New(c.String(cliutil.FlagLogLevel), c.String(cliutil.FlagLogFile), "hive")
 	if err != nil {
 		return cli.Exit(err.Error(), exitBadFlags)
 	}
