@@ -15,6 +15,7 @@ import (
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/gguf"
+	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/internal/testutil/inproc"
 	"github.com/rbee-dev/rbee/jobs"
@@ -46,7 +47,7 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	modelDir = dir
-	code := m.Run()
+	code := binaries.Main(m) // removes the programs process_test.go built
 	if refModel != nil {
 		_ = refModel.Close()
 	}

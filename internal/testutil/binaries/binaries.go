@@ -1,5 +1,17 @@
 // Package binaries builds the rbee programs once per test process, so tests
 // that cross process boundaries run the real binaries.
+//
+// The programs (about 200 MB) go into a temporary directory of this test
+// process alone, so test binaries of several packages running at once never
+// share or remove each other's programs. Main removes the directory when the
+// tests end; every package that calls Path or Dir must run its tests through
+// it:
+//
+//	func TestMain(m *testing.M) { os.Exit(binaries.Main(m)) }
+//
+// A test process that dies before Main returns (a -timeout panic, a kill)
+// leaves its directory behind; the next test process that builds removes it
+// (see sweep).
 package binaries
 
 import (
@@ -15,12 +27,41 @@ import (
 // Names of the programs under cmd/.
 var Names = []string{"rbee", "queen-rbee", "rbee-hive", "llm-worker-rbee"}
 
+// dirPattern names the temporary directories, for os.MkdirTemp and sweep.
+const dirPattern = "rbee-bin-"
+
 var (
-	mu     sync.Mutex
-	dir    string
-	built  = map[string]error{}
-	dirErr error
+	mu      sync.Mutex
+	managed bool // Main is running the tests
+	dir     string
+	release func() // unlocks and closes dir's owner lock
+	built   = map[string]error{}
+	dirErr  error
 )
+
+// Main runs m's tests and then removes the programs they built, returning
+// m.Run's exit code for os.Exit. Call it from TestMain.
+func Main(m *testing.M) int {
+	mu.Lock()
+	managed = true
+	mu.Unlock()
+	defer Cleanup()
+	return m.Run()
+}
+
+// Cleanup removes the programs built so far and their directory; a later
+// Path builds again. Main calls it; a TestMain that cannot use Main calls it
+// after m.Run.
+func Cleanup() {
+	mu.Lock()
+	defer mu.Unlock()
+	if dir != "" {
+		_ = os.RemoveAll(dir)
+		release()
+	}
+	dir, release, dirErr = "", nil, nil
+	built = map[string]error{}
+}
 
 // Dir builds every program into one directory and returns it. Programs are
 // built once per test binary, with -race when the test runs with it and
@@ -28,10 +69,11 @@ var (
 // build and run).
 func Dir(t testing.TB) string {
 	t.Helper()
+	var d string
 	for _, n := range Names {
-		Path(t, n)
+		d = filepath.Dir(Path(t, n))
 	}
-	return dir
+	return d
 }
 
 // Path builds one program (once) and returns its path.
@@ -39,8 +81,12 @@ func Path(t testing.TB, name string) string {
 	t.Helper()
 	mu.Lock()
 	defer mu.Unlock()
+	if !managed {
+		t.Fatalf("binaries: this package's tests must run through binaries.Main, which removes the built programs when they end; add\n\tfunc TestMain(m *testing.M) { os.Exit(binaries.Main(m)) }")
+	}
 	if dir == "" && dirErr == nil {
-		dir, dirErr = os.MkdirTemp("", "rbee-bin-")
+		sweep(os.TempDir())
+		dir, release, dirErr = makeOwnedDir(os.TempDir())
 	}
 	if dirErr != nil {
 		t.Fatalf("binaries: %v", dirErr)
