@@ -4,98 +4,46 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"sync"
-	"syscall"
+	"strconv"
 	"testing"
-	"time"
 )
 
-var (
-	installMu  sync.Mutex
-	installErr error
-	installed  bool
-)
+// EnvCI is the variable CI systems set (CI=true); with it, a missing sshd
+// fails the tests instead of skipping them, so CI can never silently not
+// run the SSH tests.
+const EnvCI = "CI"
 
-// ensureInstalled makes SSHDPath exist. Only root can install, and CI runs
-// as root, so there a missing sshd is installed rather than skipped: the
-// SSH tests must never silently not run in CI.
-func ensureInstalled(t testing.TB) {
+// requireInstalled skips t, saying what to install, when OpenSSH's server
+// or ssh-keygen is missing, and fails it instead under CI. A test never
+// installs anything itself: changing the system is for .ci/run or for the
+// person running the tests, who then sees it happen.
+func requireInstalled(t testing.TB) {
 	t.Helper()
-	installMu.Lock()
-	defer installMu.Unlock()
-	if installed {
-		return
+	switch fail, msg := missingVerdict(SSHDPath, exec.LookPath, os.Getenv(EnvCI)); {
+	case msg == "":
+	case fail:
+		t.Fatal(msg)
+	default:
+		t.Skip(msg)
 	}
-	if installErr != nil {
-		t.Fatalf("sshd: %v", installErr)
-	}
-	if _, err := os.Stat(SSHDPath); err == nil {
-		installed = true
-		return
-	}
-	if os.Geteuid() != 0 {
-		t.Skipf("sshd: %s is missing and we are not root, so cannot install it; run `apt-get install openssh-server` (or run the tests as root) to enable the real-sshd tests", SSHDPath)
-	}
-	if _, err := exec.LookPath("apt-get"); err != nil {
-		t.Skipf("sshd: %s is missing and there is no apt-get to install it with; install OpenSSH server to enable the real-sshd tests", SSHDPath)
-	}
-
-	// Test binaries of several packages run in parallel and may all get
-	// here; an flock serialises them (apt's own lock would just fail).
-	unlock, err := lockFile("/tmp/rbee-testutil-sshd-install.lock")
-	if err != nil {
-		installErr = err
-		t.Fatalf("sshd: %v", err)
-	}
-	defer unlock()
-	if _, err := os.Stat(SSHDPath); err == nil {
-		installed = true
-		return
-	}
-
-	start := time.Now()
-	t.Logf("sshd: %s missing; installing openssh-server with apt-get", SSHDPath)
-	out, err := aptGet("install", "-y", "--no-install-recommends", "openssh-server")
-	if err != nil {
-		// Usually stale or absent package lists (slim images ship none).
-		t.Logf("sshd: install failed (%v), running apt-get update and retrying", err)
-		if uout, uerr := aptGet("update"); uerr != nil {
-			installErr = fmt.Errorf("apt-get update: %v\n%s", uerr, uout)
-			t.Fatalf("sshd: %v", installErr)
-		}
-		out, err = aptGet("install", "-y", "--no-install-recommends", "openssh-server")
-	}
-	if err == nil {
-		_, err = os.Stat(SSHDPath)
-	}
-	if err != nil {
-		installErr = fmt.Errorf("install openssh-server: %v\n%s", err, out)
-		t.Fatalf("sshd: %v", installErr)
-	}
-	t.Logf("sshd: installed openssh-server in %s", time.Since(start).Round(time.Millisecond))
-	installed = true
 }
 
-func aptGet(args ...string) ([]byte, error) {
-	cmd := exec.Command("apt-get", append([]string{"-q", "-o", "DPkg::Lock::Timeout=300"}, args...)...)
-	// Never prompt. (Whether the package's postinst starts a system sshd is
-	// up to the image: containers normally have a policy-rc.d that forbids
-	// it, and without an init there is no runlevel to start it in.)
-	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
-	return cmd.CombinedOutput()
-}
-
-func lockFile(path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open install lock: %w", err)
+// missingVerdict decides what a test needing sshd does: nothing (msg
+// empty), skip with msg, or fail with msg (fail true) when ci, the value of
+// $CI, says this is CI ("true", "1": any true strconv.ParseBool value).
+func missingVerdict(sshdPath string, lookPath func(string) (string, error), ci string) (fail bool, msg string) {
+	var missing string
+	if _, err := os.Stat(sshdPath); err != nil {
+		missing = sshdPath
+	} else if _, err := lookPath("ssh-keygen"); err != nil {
+		missing = "ssh-keygen"
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+	if missing == "" {
+		return false, ""
 	}
-	return func() {
-		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		f.Close()
-	}, nil
+	const install = "install OpenSSH (Debian/Ubuntu: apt-get install openssh-server openssh-client; .ci/run does this)"
+	if isCI, err := strconv.ParseBool(ci); err == nil && isCI {
+		return true, fmt.Sprintf("sshd: %s is missing and %s=%s, so the SSH tests must run, not skip: %s", missing, EnvCI, ci, install)
+	}
+	return false, fmt.Sprintf("sshd: %s is missing, so this test, which needs a real OpenSSH server, is skipped; %s to run it (with %s=true it fails instead)", missing, install, EnvCI)
 }
