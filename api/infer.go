@@ -63,9 +63,10 @@ type InferRequest struct {
 	EnqueuedAt time.Time `json:"enqueued_at"`
 }
 
-// InferResult is the result of a completed infer job.
+// InferResult is the result of a completed infer job. It holds no copy of
+// the generated text: the job's token events are the text, and a follower
+// assembles it (bus.Follow gives each token once, in order).
 type InferResult struct {
-	Text             string   `json:"text,omitempty"`
 	StopReason       string   `json:"stop_reason"`
 	PromptTokens     int      `json:"prompt_tokens"`
 	CompletionTokens int      `json:"completion_tokens"`

@@ -797,10 +797,7 @@ func (ch *chaos) check() {
 		} else if got := st.text(); got != want {
 			golden.fail("job %s (%q, %d tokens) stream: %s", j.ID, args.Prompt, args.Sampling.MaxTokens, diff(want, got))
 		}
-		var res api.InferResult
-		if json.Unmarshal(j.Result, &res) == nil && res.Text != "" && res.Text != want {
-			golden.fail("job %s record's result: %s", j.ID, diff(want, res.Text))
-		}
+		// The record holds no copy of the text: the stream is the text.
 	}
 
 	for _, s := range subs {

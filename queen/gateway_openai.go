@@ -533,12 +533,9 @@ func (c *completionRun) finish() {
 		_ = c.sendRaw("[DONE]")
 		return
 	}
-	// The worker's final text is authoritative (it may have held back a
-	// stop sequence); the streamed tokens are the fallback.
-	text := res.Text
-	if text == "" {
-		text = c.text.String()
-	}
+	// The tokens are the text: a stop sequence the worker held back was
+	// never in them.
+	text := c.text.String()
 	if c.kind == chatEndpoint {
 		writeJSON(c.w, http.StatusOK, chatCompletion{
 			ID: c.id, Object: "chat.completion", Created: c.created, Model: c.model, Usage: u,

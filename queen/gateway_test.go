@@ -285,7 +285,7 @@ func (w *fakeWorker) run(req api.InferRequest) {
 	}
 	elapsed := time.Since(start)
 	res, _ := json.Marshal(api.InferResult{
-		Text: text.String(), StopReason: w.stopReason, Worker: w.id, Hive: w.hive, Attempt: req.Attempt,
+		StopReason: w.stopReason, Worker: w.id, Hive: w.hive, Attempt: req.Attempt,
 		PromptTokens: w.promptTokens, CompletionTokens: len(w.tokens), Duration: api.Duration(elapsed),
 		TimeToFirstToken: api.Duration(max(ttft, time.Millisecond)),
 		TokensPerSecond:  float64(len(w.tokens)) / max(elapsed, time.Millisecond).Seconds(),

@@ -189,7 +189,6 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		})
 		defer t.Stop()
 	}
-	var text strings.Builder
 	res, genErr := slot.Generate(ctx, ereq, func(t engine.Token) error {
 		// The timer cancels a generation stuck before its first token;
 		// a first token that comes late anyway is refused here too.
@@ -201,7 +200,6 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		if err := pub.Publish(api.Token{Index: t.Index, ID: t.ID, Text: t.Text, Attempt: attempt.Number}); err != nil {
 			return err
 		}
-		text.WriteString(t.Text)
 		w.tokenServed()
 		return nil
 	})
@@ -214,7 +212,7 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 	freeSlot()
 
 	result := api.InferResult{
-		Text: text.String(), StopReason: string(res.StopReason),
+		StopReason: string(res.StopReason),
 		PromptTokens: res.PromptTokens, CompletionTokens: res.CompletionTokens,
 		TimeToFirstToken: api.Duration(res.TimeToFirstToken), Duration: api.Duration(res.Duration),
 		TokensPerSecond: tokensPerSecond(res), Worker: w.cfg.ID, Hive: w.cfg.Hive, Attempt: attempt.Number,

@@ -252,7 +252,7 @@ func TestServesARequestAndStreamsItsTokens(t *testing.T) {
 	assert.Equal(t, 1, job.Attempts)
 	var res api.InferResult
 	require.NoError(t, json.Unmarshal(job.Result, &res))
-	assert.Equal(t, want, res.Text)
+	assert.NotContains(t, string(job.Result), want, "the record keeps no copy of the text the stream holds")
 	assert.Equal(t, string(engine.StopMaxTokens), res.StopReason)
 	assert.Equal(t, 32, res.CompletionTokens)
 	assert.Greater(t, res.PromptTokens, 1)
