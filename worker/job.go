@@ -212,7 +212,7 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 	freeSlot()
 
 	result := api.InferResult{
-		StopReason: string(res.StopReason),
+		StopReason:   string(res.StopReason),
 		PromptTokens: res.PromptTokens, CompletionTokens: res.CompletionTokens,
 		TimeToFirstToken: api.Duration(res.TimeToFirstToken), Duration: api.Duration(res.Duration),
 		TokensPerSecond: tokensPerSecond(res), Worker: w.cfg.ID, Hive: w.cfg.Hive, Attempt: attempt.Number,
