@@ -178,7 +178,11 @@ func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
 		return api.Job{}, err
 	}
 	full, _ := json.Marshal(args)
-	if _, err := q.bus.JS.Publish(ctx, subject, full); err != nil {
+	// The request is stored while the record is written (one round trip
+	// on the submit path, not two); both are acknowledged before the
+	// request is queued.
+	stored, err := q.bus.JS.PublishAsync(subject, full)
+	if err != nil {
 		return api.Job{}, fmt.Errorf("store the request of job %s: %w", job.ID, err)
 	}
 	job.Op.Args, job.Prompt = excerpt(job.Op.Args, args)
@@ -186,7 +190,16 @@ func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
 	if err != nil {
 		return api.Job{}, err
 	}
-	if err := q.enqueue(ctx, job.ID, args, 1); err != nil {
+	select {
+	case <-stored.Ok():
+	case err = <-stored.Err():
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err == nil {
+		err = q.enqueue(ctx, job.ID, args, 1)
+	}
+	if err != nil {
 		q.failJobWith(ctx, job.ID, api.Fail(api.ReasonUnavailable, "", "%v", err))
 		return api.Job{}, err
 	}
