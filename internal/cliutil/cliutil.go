@@ -3,13 +3,10 @@
 package cliutil
 
 import (
-	"io"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/rbee-dev/rbee/bus"
-	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 )
 
@@ -59,29 +56,6 @@ func CredentialEnv(cr bus.Credentials) []string {
 		env = append(env, "RBEE_NATS_USER="+cr.User, "RBEE_NATS_PASSWORD="+cr.Password)
 	}
 	return env
-}
-
-// Logger builds a daemon's zerolog logger: JSON lines to the log file, or
-// human-readable lines on stderr.
-func Logger(c *cli.Context, component string) (zerolog.Logger, func(), error) {
-	level, err := zerolog.ParseLevel(c.String(FlagLogLevel))
-	if err != nil || level == zerolog.NoLevel {
-		level = zerolog.InfoLevel
-	}
-	var w io.Writer = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly}
-	closeFn := func() {}
-	if path := c.String(FlagLogFile); path != "" {
-		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-			return zerolog.Nop(), closeFn, err
-		}
-		f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-		if err != nil {
-			return zerolog.Nop(), closeFn, err
-		}
-		w = f
-		closeFn = func() { _ = f.Close() }
-	}
-	return zerolog.New(w).Level(level).With().Timestamp().Str("component", component).Logger(), closeFn, nil
 }
 
 // Home is rbee's data directory: $RBEE_HOME, else $XDG_DATA_HOME/rbee, else
