@@ -120,17 +120,44 @@ type Narration struct {
 	Fields   map[string]any `json:"fields,omitempty"`
 }
 
-// Token is one generated piece of text.
+// Token is one generated piece of text, or a chunk of consecutive ones.
+//
+// A publisher faster than the bus sends the tokens that accumulated while
+// its previous message was in flight as one message: Index, ID and Text are
+// then the first token's, and More (texts) and MoreIDs (ids) hold the tokens
+// at Index+1, Index+2, ... A lone token has neither, so its message reads as
+// it did before chunks. Followers (bus.Follow) never see a chunk: they get
+// one event per token, each with its own Index, ID and Text.
 type Token struct {
 	// Index counts tokens of this job from 0; followers use it to check
 	// order and completeness.
 	Index int    `json:"i"`
 	ID    int32  `json:"id"`
 	Text  string `json:"t"`
+	// More and MoreIDs carry the rest of a chunk, in index order; a
+	// missing id reads as 0.
+	More    []string `json:"more,omitempty"`
+	MoreIDs []int32  `json:"more_ids,omitempty"`
 	// Attempt is the job attempt that generated the token (0: unknown,
 	// never stale). A follower drops tokens of an attempt the job's state
 	// events have moved past.
 	Attempt int `json:"a,omitempty"`
+}
+
+// Len is the number of tokens t carries: 1, plus the rest of a chunk.
+func (t Token) Len() int { return 1 + len(t.More) }
+
+// At returns the k-th token t carries (0 is the first, k < Len()) as a
+// lone token.
+func (t Token) At(k int) Token {
+	if k == 0 {
+		return Token{Index: t.Index, ID: t.ID, Text: t.Text, Attempt: t.Attempt}
+	}
+	one := Token{Index: t.Index + k, Text: t.More[k-1], Attempt: t.Attempt}
+	if k-1 < len(t.MoreIDs) {
+		one.ID = t.MoreIDs[k-1]
+	}
+	return one
 }
 
 // StateChange is published on a job's state subject for every transition.

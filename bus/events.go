@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -50,26 +51,64 @@ func (b *Bus) PostEvent(job string, kind subjects.EventKind, v any) error {
 	return b.NC.Publish(subject, data)
 }
 
-// TokenPublisher streams a job's tokens without waiting for each
-// acknowledgement, which would cap a stream at one round trip per token.
-// Flush waits for all of them before the job's final state is published, so
-// no follower sees the end before the last token.
+// TokenPublisher streams a job's tokens in as few messages as the bus
+// needs. A token is sent at once when no message of the job is in flight;
+// tokens that come while one is wait, and go out together as one chunk
+// (see api.Token) as soon as it is acknowledged. There is no timer: a model
+// slower than a round trip still sends every token alone, the moment it
+// comes, and a fast one sends fewer, larger messages, so the bus costs per
+// round trip, not per token. Flush waits until every token is stored, so
+// the job's final state, published after it, reaches no follower before
+// the last token.
 //
-// A token whose acknowledgement is lost to a reconnect (the server or the
+// A message whose acknowledgement is lost to a reconnect (the server or the
 // queen that embeds it restarted) is sent again. If the first copy was
-// stored after all, the stream holds it twice, and a resent token may land
-// after later ones: Follow orders tokens by index and drops copies, so every
-// follower still sees each token once, in order. (A message id would let
-// the stream drop the copy itself, but its dedupe index costs the server a
-// third of its token throughput.)
+// stored after all, the stream holds its tokens twice, and a resent message
+// may land after later ones: Follow orders tokens by index and drops
+// copies, so every follower still sees each token once, in order. (A
+// message id would let the stream drop the copy itself, but its dedupe
+// index costs the server a third of its throughput.)
+//
+// Publish and Flush are called from one goroutine (the generation's). While
+// a message is in flight a goroutine of the publisher waits for its
+// acknowledgement; it ends when nothing is left to send, and at the latest
+// when Flush or Close returns.
 type TokenPublisher struct {
 	bus     *Bus
 	subject string
-	futures []jetstream.PubAckFuture
-	// ResendWithin bounds how long a lost token is retried while the
+	// ResendWithin bounds how long a lost message is retried while the
 	// connection recovers.
 	ResendWithin time.Duration
+
+	// stop ends the waits of a drain that Close (or a Flush whose context
+	// ended) gives up on.
+	stop   context.Context
+	cancel context.CancelFunc
+
+	mu sync.Mutex
+	// room is signalled when pending is taken or the drain ends, for a
+	// Publish waiting on a full buffer.
+	room *sync.Cond
+	// sending is true while a drain goroutine owns the stream: Publish
+	// then only buffers; done is closed when that drain ends.
+	sending bool
+	done    chan struct{}
+	// pending waits for the message in flight; spare is the drain's
+	// previous buffer, reused.
+	pending, spare []api.Token
+	// err is why a token could not be stored; every later call returns it.
+	err error
 }
+
+// Limits of one chunk and of what may wait for the bus. A chunk stays far
+// below any max_payload; the wait is bounded so a stalled bus holds back the
+// generation instead of its memory, and so a resent chunk lands fewer
+// tokens behind its place than a follower holds for a gap (maxHeldTokens).
+const (
+	maxChunkTokens   = 1024
+	maxChunkBytes    = 32 << 10
+	maxPendingTokens = 4096
+)
 
 // Tokens returns a publisher for job's token subject.
 func (b *Bus) Tokens(job string) (*TokenPublisher, error) {
@@ -77,79 +116,197 @@ func (b *Bus) Tokens(job string) (*TokenPublisher, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &TokenPublisher{bus: b, subject: subject, ResendWithin: 25 * time.Second}, nil
+	p := &TokenPublisher{bus: b, subject: subject, ResendWithin: 25 * time.Second}
+	p.stop, p.cancel = context.WithCancel(context.Background())
+	p.room = sync.NewCond(&p.mu)
+	return p, nil
 }
 
-// Publish sends one token.
+// Publish sends one token, or buffers it while a message is in flight; it
+// blocks only while maxPendingTokens wait. An error means a token (this or
+// an earlier one) could not be stored: the stream is broken.
 func (p *TokenPublisher) Publish(t api.Token) error {
-	data, err := json.Marshal(t)
-	if err != nil {
+	p.mu.Lock()
+	for p.sending && p.err == nil && len(p.pending) >= maxPendingTokens {
+		p.room.Wait()
+	}
+	if p.err != nil {
+		err := p.err
+		p.mu.Unlock()
 		return err
 	}
-	msg := &nats.Msg{Subject: p.subject, Data: data}
-	f, err := p.bus.JS.PublishMsgAsync(msg)
-	if errors.Is(err, jetstream.ErrTooManyStalledMsgs) || retryable(err) {
-		// Too many unacknowledged tokens, as while the connection is
-		// down: wait for those, then store this one before going on.
-		if err := p.Flush(context.Background()); err != nil {
-			return err
-		}
-		return p.resend(context.Background(), msg, err)
+	if p.sending {
+		p.pending = append(p.pending, t)
+		p.mu.Unlock()
+		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("publish token %d: %w", t.Index, err)
-	}
-	p.futures = append(p.futures, f)
-	// Settle acknowledged futures now and then so a long generation does
-	// not hold one future per token.
-	if len(p.futures) >= 256 {
-		return p.settle(context.Background(), false)
-	}
+	// Nothing in flight: this token goes out now, from this goroutine,
+	// and a drain waits for its acknowledgement.
+	p.sending = true
+	p.done = make(chan struct{})
+	p.mu.Unlock()
+	fl := p.send([]api.Token{t})
+	go p.drain(fl)
 	return nil
 }
 
-// Flush waits until every token published so far is stored.
-func (p *TokenPublisher) Flush(ctx context.Context) error { return p.settle(ctx, true) }
-
-func (p *TokenPublisher) settle(ctx context.Context, all bool) error {
-	kept := p.futures[:0]
-	for _, f := range p.futures {
-		if !all {
-			select {
-			case <-f.Ok():
-				continue
-			case err := <-f.Err():
-				if err := p.resend(ctx, f.Msg(), err); err != nil {
-					return err
-				}
-				continue
-			default:
-				kept = append(kept, f)
-				continue
-			}
-		}
+// Flush waits until every token published so far is stored. If ctx ends
+// first the publisher gives up (as Close) and returns ctx's error.
+func (p *TokenPublisher) Flush(ctx context.Context) error {
+	p.mu.Lock()
+	sending, done := p.sending, p.done
+	p.mu.Unlock()
+	if sending {
 		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			if err := p.resend(ctx, f.Msg(), err); err != nil {
-				return err
-			}
+		case <-done:
 		case <-ctx.Done():
+			p.Close()
 			return ctx.Err()
 		}
 	}
-	if all {
-		kept = kept[:0]
-	}
-	p.futures = kept
-	return nil
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
 }
 
-// resend stores a token whose first publish failed with cause, retrying
+// Close stops the publisher without waiting for the bus: tokens not yet
+// acknowledged may be lost, and later calls fail. It returns once the
+// publisher's goroutine has ended.
+func (p *TokenPublisher) Close() {
+	p.cancel()
+	p.mu.Lock()
+	sending, done := p.sending, p.done
+	if p.err == nil {
+		p.err = errPublisherClosed
+	}
+	p.mu.Unlock()
+	if sending {
+		<-done
+	}
+}
+
+var errPublisherClosed = errors.New("token publisher closed")
+
+// flight is one message sent: its future, or why it could not even be sent.
+type flight struct {
+	f   jetstream.PubAckFuture
+	msg *nats.Msg
+	err error
+}
+
+// send encodes toks as one message and publishes it without waiting.
+func (p *TokenPublisher) send(toks []api.Token) flight {
+	data, err := json.Marshal(chunk(toks))
+	if err != nil {
+		return flight{err: fmt.Errorf("encode token %d: %w", toks[0].Index, err)}
+	}
+	msg := &nats.Msg{Subject: p.subject, Data: data}
+	f, err := p.bus.JS.PublishMsgAsync(msg)
+	if err != nil {
+		return flight{msg: msg, err: err}
+	}
+	return flight{f: f, msg: msg}
+}
+
+// chunk makes one api.Token of consecutive tokens of one attempt.
+func chunk(toks []api.Token) api.Token {
+	c := toks[0]
+	c.More, c.MoreIDs = nil, nil
+	if len(toks) > 1 {
+		c.More = make([]string, len(toks)-1)
+		c.MoreIDs = make([]int32, len(toks)-1)
+		for k, t := range toks[1:] {
+			c.More[k], c.MoreIDs[k] = t.Text, t.ID
+		}
+	}
+	return c
+}
+
+// drain owns the stream while messages are in flight: it waits for their
+// acknowledgements (resending what a reconnect lost), then sends what
+// accumulated meanwhile, until nothing is left.
+func (p *TokenPublisher) drain(first flight) {
+	flights := []flight{first}
+	for {
+		for _, fl := range flights {
+			if err := p.settle(fl); err != nil {
+				p.mu.Lock()
+				if p.err == nil {
+					p.err = err
+				}
+				p.pending = nil
+				p.sending = false
+				close(p.done)
+				p.room.Broadcast()
+				p.mu.Unlock()
+				return
+			}
+		}
+		p.mu.Lock()
+		if len(p.pending) == 0 {
+			p.sending = false
+			close(p.done)
+			p.room.Broadcast()
+			p.mu.Unlock()
+			return
+		}
+		batch := p.pending
+		p.pending, p.spare = p.spare[:0], nil
+		p.room.Broadcast()
+		p.mu.Unlock()
+		flights = flights[:0]
+		for rest := batch; len(rest) > 0; {
+			n := chunkLen(rest)
+			flights = append(flights, p.send(rest[:n]))
+			rest = rest[n:]
+		}
+		// The tokens are encoded: their buffer serves the next batch.
+		clear(batch)
+		p.mu.Lock()
+		p.spare = batch[:0]
+		p.mu.Unlock()
+	}
+}
+
+// chunkLen is how many of toks go in the next chunk: consecutive indices of
+// one attempt, within the chunk limits (at least one token).
+func chunkLen(toks []api.Token) int {
+	bytes := len(toks[0].Text)
+	n := 1
+	for n < len(toks) && n < maxChunkTokens {
+		t := toks[n]
+		bytes += len(t.Text) + 8 // its text, id and separators
+		if bytes > maxChunkBytes || t.Index != toks[0].Index+n || t.Attempt != toks[0].Attempt {
+			break
+		}
+		n++
+	}
+	return n
+}
+
+// settle waits until fl is stored, resending it if a reconnect lost it.
+func (p *TokenPublisher) settle(fl flight) error {
+	if fl.f == nil {
+		if fl.msg == nil {
+			return fl.err
+		}
+		return p.resend(p.stop, fl.msg, fl.err)
+	}
+	select {
+	case <-fl.f.Ok():
+		return nil
+	case err := <-fl.f.Err():
+		return p.resend(p.stop, fl.f.Msg(), err)
+	case <-p.stop.Done():
+		return errPublisherClosed
+	}
+}
+
+// resend stores a message whose first publish failed with cause, retrying
 // while the connection recovers.
 func (p *TokenPublisher) resend(ctx context.Context, msg *nats.Msg, cause error) error {
-	if msg == nil || !retryable(cause) {
-		return fmt.Errorf("token not stored: %w", cause)
+	if msg == nil || !retryable(cause) && !errors.Is(cause, jetstream.ErrTooManyStalledMsgs) {
+		return fmt.Errorf("tokens not stored: %w", cause)
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.ResendWithin)
 	defer cancel()
@@ -161,11 +318,11 @@ func (p *TokenPublisher) resend(ctx context.Context, msg *nats.Msg, cause error)
 			return nil
 		}
 		if !retryable(err) && !errors.Is(err, context.DeadlineExceeded) {
-			return fmt.Errorf("token not stored: %w", err)
+			return fmt.Errorf("tokens not stored: %w", err)
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("token not stored within %s of a reconnect: %w", p.ResendWithin, cause)
+			return fmt.Errorf("tokens not stored within %s of a reconnect: %w", p.ResendWithin, cause)
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -186,11 +343,14 @@ var ErrFollowEnded = errors.New("stop following")
 // Follow delivers the stored events of job in order, starting at stream
 // sequence from (0 means from the job's first event), then live ones as they
 // arrive, and returns nil after the job's terminal state event. Tokens come
-// in index order, each once, even where a publisher resent one after a
-// reconnect and it was stored behind later ones. No idle
+// one per event (a stored chunk is split), in index order, each once, even
+// where a publisher resent one after a reconnect and it was stored behind
+// later ones. No idle
 // timeout applies: a job that is quiet for an hour is still followed. It
 // returns when ctx ends, when fn returns an error (ErrFollowEnded stops
-// without one), or after the terminal event.
+// without one, once the rest of the stored message's tokens are delivered,
+// so that resuming at the last event's Seq+1 misses nothing), or after the
+// terminal event.
 func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.Event) error) error {
 	if done, err := b.followEnded(ctx, job, from, fn); done || err != nil {
 		return err
@@ -229,6 +389,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 	order := tokenOrder{resumed: from > 0}
+	var split []api.Event
 	for {
 		msg, err := it.Next()
 		if err != nil {
@@ -242,18 +403,46 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 			b.Log.Warn().Err(err).Str("subject", msg.Subject()).Msg("skipping undecodable job event")
 			continue
 		}
-		for _, ev := range order.admit(ev) {
-			if err := fn(ev); err != nil {
-				if errors.Is(err, ErrFollowEnded) {
+		// Every event a stored message makes due is delivered, even
+		// after fn asked to stop: the tokens of a chunk share its Seq,
+		// so a follower that resumes after the Seq of the last event it
+		// saw misses nothing only if it saw the whole chunk.
+		ended := false
+		split = splitChunk(ev, split[:0])
+		for _, one := range split {
+			for _, ev := range order.admit(one) {
+				if err := fn(ev); err != nil {
+					if !errors.Is(err, ErrFollowEnded) {
+						return err
+					}
+					ended = true
+				}
+				if ev.Terminal() {
 					return nil
 				}
-				return err
-			}
-			if ev.Terminal() {
-				return nil
 			}
 		}
+		if ended {
+			return nil
+		}
 	}
+}
+
+// splitChunk appends to out one event per token of ev, each with the Seq
+// of the message that carried it; an event without a chunk is appended as
+// it is.
+func splitChunk(ev api.Event, out []api.Event) []api.Event {
+	if ev.Token == nil || len(ev.Token.More) == 0 {
+		return append(out, ev)
+	}
+	toks := make([]api.Token, ev.Token.Len())
+	for k := range toks {
+		toks[k] = ev.Token.At(k)
+		one := ev
+		one.Token = &toks[k]
+		out = append(out, one)
+	}
+	return out
 }
 
 // tokenOrder puts a job's tokens in index order. A token ahead of the next
@@ -359,7 +548,9 @@ func (o *tokenOrder) admit(ev api.Event) []api.Event {
 	return o.out
 }
 
-// DecodeEvent turns a stored job event message into an api.Event.
+// DecodeEvent turns a stored job event message into an api.Event. A token
+// chunk stays one event: its Token's Len and At give the tokens it carries
+// (Follow hands them out one per event).
 func DecodeEvent(space subjects.Space, msg jetstream.Msg) (api.Event, error) {
 	var ev api.Event
 	if md, err := msg.Metadata(); err == nil {
