@@ -62,8 +62,8 @@ func benchStream(ctx context.Context, e *env) (*Table, error) {
 		defer conns[i].NC.Close()
 	}
 	t := &Table{
-		Intro: "One publisher streams a job's tokens with `bus.Tokens` (async JetStream publish, as the worker does) while followers attached with `bus.Follow` (an ordered consumer each, as `rbee infer` and the gateway do) receive them, each on its own TCP connection to an embedded nats-server with the real `RBEE_JOBS` stream (file storage). " +
-			"Rate = tokens a follower received / time from the first publish to its last token. Followers attach before the first token. " + fmt.Sprintf("%d round(s) per row; medians over rounds and followers.", rounds),
+		Intro: "One publisher streams a job's tokens with `bus.Tokens` (as the worker does: a token goes out at once when nothing is in flight, the tokens that came meanwhile as one chunk message when the ack comes) while followers attached with `bus.Follow` (an ordered consumer each, as `rbee infer` and the gateway do) receive them, each on its own TCP connection to an embedded nats-server with the real `RBEE_JOBS` stream (file storage). " +
+			"Rate = tokens a follower received (tokens, not messages: `bus.Follow` hands out one event per token of a chunk) / time from the first publish to its last token. Followers attach before the first token. " + fmt.Sprintf("%d round(s) per row; medians over rounds and followers.", rounds),
 		Header: []string{"followers", "tokens per job", "publisher acked tokens/s", "per-follower tokens/s p50", "slowest follower tokens/s", "delivered events/s (all followers)", "lost", "duplicates"},
 	}
 	var oneFollower float64
@@ -103,8 +103,9 @@ func benchStream(ctx context.Context, e *env) (*Table, error) {
 	}
 	t.Notes = append(t.Notes,
 		"Loss and duplicates are checked per follower by token index: every index 0…N-1 exactly once, in order of arrival.",
-		"The publisher and the followers share the bench process and the machine's cores with the server, so with 100 followers the server's fan-out competes with 100 decoding clients.")
-	e.target(Target{Bench: 2, Claim: "≥ 100,000 token events/s to one follower", Holds: holds(oneFollower >= 100_000), Detail: num(oneFollower) + " tokens/s (p50)"})
+		"The publisher and the followers share the bench process and the machine's cores with the server, so with 100 followers the server's fan-out competes with 100 decoding clients.",
+		"The publisher publishes as fast as it can, so nearly every message is a chunk (up to 1,024 tokens); a model slower than one publish round trip still sends each token alone, as it comes.")
+	e.target(Target{Bench: 2, Claim: "≥ 500,000 tokens/s to one follower", Holds: holds(oneFollower >= 500_000), Detail: num(oneFollower) + " tokens/s (p50)"})
 	e.target(Target{Bench: 2, Claim: "no token lost or duplicated (1, 10, 100 followers)", Holds: holds(totalLost == 0 && totalDups == 0), Detail: fmt.Sprintf("%d lost, %d duplicated", totalLost, totalDups)})
 	return t, nil
 }
