@@ -369,3 +369,29 @@ func TestTokenPublisherRidesOutARestart(t *testing.T) {
 	got := follow(t, busfix.Connect(t, srv.ClientURL()), "restart", 0, nil)
 	got.requireExactly(t, 0, n)
 }
+
+// A bus that does not come back: Flush gives up when its context ends,
+// stopping the publisher, and later tokens are refused rather than lost.
+func TestTokenPublisherFlushGivesUpWithItsContext(t *testing.T) {
+	srv, err := bus.StartServer(bus.ServerConfig{DataDir: t.TempDir(), Listen: "127.0.0.1:-1", Log: zerolog.Nop()})
+	require.NoError(t, err)
+	t.Cleanup(srv.Shutdown)
+	b := busfix.Connect(t, srv.ClientURL())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	require.NoError(t, b.EnsureStreams(ctx, bus.DefaultRetention()))
+	tp, err := b.Tokens("gone")
+	require.NoError(t, err)
+	t.Cleanup(tp.Close)
+	require.NoError(t, tp.Publish(api.Token{Index: 0, Text: "a"}))
+	srv.Shutdown()
+	for i := 1; i < 100; i++ {
+		require.NoError(t, tp.Publish(api.Token{Index: i, Text: "b"}))
+	}
+	fctx, fcancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer fcancel()
+	start := time.Now()
+	require.ErrorIs(t, tp.Flush(fctx), context.DeadlineExceeded)
+	require.Less(t, time.Since(start), 3*time.Second)
+	require.Error(t, tp.Publish(api.Token{Index: 100, Text: "c"}))
+}

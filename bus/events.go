@@ -179,6 +179,7 @@ func (p *TokenPublisher) Close() {
 	if p.err == nil {
 		p.err = errPublisherClosed
 	}
+	p.room.Broadcast()
 	p.mu.Unlock()
 	if sending {
 		<-done
@@ -228,22 +229,19 @@ func chunk(toks []api.Token) api.Token {
 func (p *TokenPublisher) drain(first flight) {
 	flights := []flight{first}
 	for {
+		var err error
 		for _, fl := range flights {
-			if err := p.settle(fl); err != nil {
-				p.mu.Lock()
-				if p.err == nil {
-					p.err = err
-				}
-				p.pending = nil
-				p.sending = false
-				close(p.done)
-				p.room.Broadcast()
-				p.mu.Unlock()
-				return
+			if err = p.settle(fl); err != nil {
+				break
 			}
 		}
 		p.mu.Lock()
-		if len(p.pending) == 0 {
+		if err != nil && p.err == nil {
+			p.err = err
+		}
+		if len(p.pending) == 0 || p.err != nil {
+			// Done, or broken (closed): what waits is never sent.
+			p.pending = nil
 			p.sending = false
 			close(p.done)
 			p.room.Broadcast()
