@@ -27,7 +27,7 @@ type cluster struct {
 	// queenArgs start the queen again on the same data and port.
 	queenArgs []string
 	b         *bus.Bus
-	hives   map[string]*process
+	hives     map[string]*process
 }
 
 // connectBus dials url, retrying until within passes.
