@@ -363,14 +363,18 @@ func (s *jobStream) add(ev api.Event) {
 	case ev.State != nil:
 		s.states = append(s.states, *ev.State)
 	case ev.Token != nil:
-		if prev, dup := s.tokens[ev.Token.Index]; dup {
-			s.copies++
-			if prev != ev.Token.Text {
-				s.conflicts = append(s.conflicts, fmt.Sprintf("token %d: %q then %q", ev.Token.Index, prev, ev.Token.Text))
+		// A stored token event may be a chunk of several tokens.
+		for k := range ev.Token.Len() {
+			tk := ev.Token.At(k)
+			if prev, dup := s.tokens[tk.Index]; dup {
+				s.copies++
+				if prev != tk.Text {
+					s.conflicts = append(s.conflicts, fmt.Sprintf("token %d: %q then %q", tk.Index, prev, tk.Text))
+				}
+				continue
 			}
-			return
+			s.tokens[tk.Index] = tk.Text
 		}
-		s.tokens[ev.Token.Index] = ev.Token.Text
 	case ev.Narration != nil:
 		if strings.Contains(ev.Narration.Human, "retrying the job") {
 			s.retries = append(s.retries, *ev.Narration)
