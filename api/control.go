@@ -187,13 +187,17 @@ const (
 
 // WorkerStatus is a worker's heartbeat.
 type WorkerStatus struct {
-	ID           string    `json:"id"`
-	Hive         string    `json:"hive"`
-	Model        string    `json:"model"`
-	ModelKey     string    `json:"model_key"`
-	Device       string    `json:"device"`
-	SlotsTotal   int       `json:"slots_total"`
-	SlotsBusy    int       `json:"slots_busy"`
+	ID         string `json:"id"`
+	Hive       string `json:"hive"`
+	Model      string `json:"model"`
+	ModelKey   string `json:"model_key"`
+	Device     string `json:"device"`
+	SlotsTotal int    `json:"slots_total"`
+	SlotsBusy  int    `json:"slots_busy"`
+	// ContextSize is the context each slot runs a request in, in tokens
+	// (0 until the model is loaded): the queen refuses a max_tokens that
+	// fits no worker of the model before any job exists.
+	ContextSize  int       `json:"ctx_size,omitempty"`
 	MemoryUsed   uint64    `json:"memory_used"`
 	State        string    `json:"state"`
 	TokensServed uint64    `json:"tokens_served"`

@@ -207,3 +207,22 @@ func TestQueuedJobsOfAStoppedWorkerStartInOrderOnANewOne(t *testing.T) {
 	require.Equal(t, 0, running.wait(t, time.Minute), running.stderr.String())
 	require.Equal(t, 0, stop.wait(t, time.Minute), stop.stderr.String())
 }
+
+// A max_tokens that fits no serving worker's context is refused before it
+// becomes a job: the workers say their context in their heartbeat.
+func TestMaxTokensAboveTheWorkersContextMakesNoJob(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	ws := c.readyWorkers("tiny", 1)
+	require.Equal(t, 2048, ws[0].ContextSize, "the worker reports its context")
+	r := c.rbee("infer", "-m", "tiny", "--max-tokens", "100000", "hello")
+	require.Equal(t, 2, r.code, r.stderr)
+	require.Contains(t, r.stderr, "max_tokens")
+	require.Contains(t, r.stderr, "2048")
+	require.NotContains(t, r.stderr, "submitted", "no job was created")
+	for _, line := range strings.Split(strings.TrimSpace(c.mustRbee("--json", "jobs", "list").stdout), "\n") {
+		var j api.Job
+		require.NoError(t, json.Unmarshal([]byte(line), &j), line)
+		require.NotEqual(t, api.OpInfer, j.Op.Kind, "an infer job was created: %s", line)
+	}
+}

@@ -497,11 +497,11 @@ func TestNothingIsLeftBehindAfterAnyEnding(t *testing.T) {
 	r := c.mustRbee("infer", "-m", "large", "--max-tokens", "3", "hello")
 	clean("completed", jobIDFrom(t, r.stderr))
 
-	// Refused by the worker (the queen does not know the context), and a
-	// usage error all the same: exit 2.
-	r = c.rbee("infer", "-m", "large", "--max-tokens", "100000000", "hello")
+	// A prompt only the worker can measure: refused there, with reason
+	// prompt_too_long, a usage error all the same (exit 2).
+	r = c.rbee("infer", "-m", "large", strings.Repeat("x", 5000))
 	require.Equal(t, 2, r.code, r.stderr)
-	require.Contains(t, r.stderr, "max_tokens")
+	require.Contains(t, r.stderr, "do not fit")
 	clean("failed", jobIDFrom(t, r.stderr))
 
 	r = c.rbee(longInfer("--timeout", "2s")...)

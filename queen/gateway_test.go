@@ -117,7 +117,7 @@ func announceHive(t *testing.T, q *Queen, b *bus.Bus, id string, models ...strin
 
 // announceWorker writes a worker heartbeat entry for model, as
 // llm-worker-rbee does, and returns when the queen's registry sees it.
-func announceWorker(t *testing.T, q *Queen, b *bus.Bus, id, hive, modelID string) {
+func announceWorker(t *testing.T, q *Queen, b *bus.Bus, id, hive, modelID string, ctxSize int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -127,7 +127,7 @@ func announceWorker(t *testing.T, q *Queen, b *bus.Bus, id, hive, modelID string
 	require.NoError(t, err)
 	data, _ := json.Marshal(api.WorkerStatus{
 		ID: id, Hive: hive, Model: modelID, ModelKey: key, Device: "cpu",
-		SlotsTotal: 2, State: api.WorkerReady, StartedAt: time.Now().UTC(), BeatAt: time.Now().UTC(),
+		SlotsTotal: 2, State: api.WorkerReady, ContextSize: ctxSize, StartedAt: time.Now().UTC(), BeatAt: time.Now().UTC(),
 	})
 	_, err = kv.Put(ctx, id, data)
 	require.NoError(t, err)
@@ -182,7 +182,7 @@ func startFakeWorker(t *testing.T, q *Queen, w *fakeWorker) *fakeWorker {
 	w.jobs, err = jobs.Open(setup, w.bus, api.Actor{Component: "worker", ID: w.id}, 0)
 	require.NoError(t, err)
 	announceHive(t, q, w.bus, w.hive, "tiny")
-	announceWorker(t, q, w.bus, w.id, w.hive, "tiny")
+	announceWorker(t, q, w.bus, w.id, w.hive, "tiny", w.ctxSize)
 
 	subject, err := w.bus.Space.Infer("tiny")
 	require.NoError(t, err)
@@ -592,8 +592,8 @@ func TestGatewayErrors(t *testing.T) {
 // TestGatewayBadInput is the gateway's table of bad input: each case gets
 // its status, OpenAI's error type, code and param, a message with the key
 // words, and leaves no job record and no stored request behind, unless
-// only the worker can tell (the context a worker runs the model with is
-// not known at admission): then exactly one job, failed with the reason,
+// only the worker can tell (it alone counts a prompt's tokens): then
+// exactly one job, failed with the reason,
 // and still a 400 with the param, which OpenAI clients do not retry (a 500
 // was retried twice: three failed jobs for one bad request).
 func TestGatewayBadInput(t *testing.T) {
@@ -660,11 +660,14 @@ func TestGatewayBadInput(t *testing.T) {
 			status: 405, typ: "invalid_request_error", allow: "GET, HEAD", words: []string{"POST"}},
 		{name: "unknown model", path: chat, body: `{"model":"nope",` + hi + `}`,
 			status: 404, typ: "invalid_request_error", code: "model_not_found", param: "model", words: []string{"nope", "rbee model download"}},
-		// Only the worker knows its context: one job, failed with why.
+		// The serving worker's context is in its heartbeat: refused at
+		// admission, no job.
 		{name: "max_tokens above the context", path: chat, body: `{"model":"tiny","max_tokens":100,` + hi + `}`,
-			status: 400, typ: "invalid_request_error", param: "max_tokens", words: []string{"between 1 and 64", "100"}, reason: api.ReasonInvalidParam},
+			status: 400, typ: "invalid_request_error", param: "max_tokens", words: []string{"between 1 and 64", "100"}},
 		{name: "max_completion_tokens above the context", path: chat, body: `{"model":"tiny","max_completion_tokens":100,` + hi + `}`,
-			status: 400, typ: "invalid_request_error", param: "max_completion_tokens", words: []string{"between 1 and 64"}, reason: api.ReasonInvalidParam},
+			status: 400, typ: "invalid_request_error", param: "max_completion_tokens", words: []string{"between 1 and 64"}},
+		// Only the worker can count a prompt's tokens: one job, failed
+		// with why.
 		{name: "chat that does not fit the context", path: chat, body: `{"model":"tiny","messages":[{"role":"user","content":"` + long + `"}]}`,
 			status: 400, typ: "invalid_request_error", code: "context_length_exceeded", param: "messages", words: []string{"do not fit", "64"}, reason: api.ReasonPromptTooLong},
 		{name: "prompt that does not fit the context", path: text, body: `{"model":"tiny","prompt":"` + long + `"}`,
@@ -746,7 +749,7 @@ func TestGatewayQueueFull(t *testing.T) {
 	q, _ := gatewayQueen(t, func(c *Config) { c.MaxQueue = 1 })
 	b := busfix.Connect(t, q.BusURL())
 	announceHive(t, q, b, "h1", "tiny")
-	announceWorker(t, q, b, "w1", "h1", "tiny") // registered, but it never pulls
+	announceWorker(t, q, b, "w1", "h1", "tiny", 0) // registered, but it never pulls
 
 	first, cancelFirst := context.WithCancel(context.Background())
 	defer cancelFirst()
@@ -781,7 +784,7 @@ func TestGatewayJobTimeout(t *testing.T) {
 	q, _ := gatewayQueen(t, func(c *Config) { c.JobTimeout = time.Second })
 	b := busfix.Connect(t, q.BusURL())
 	announceHive(t, q, b, "h1", "tiny")
-	announceWorker(t, q, b, "w1", "h1", "tiny") // never pulls: the job times out queued
+	announceWorker(t, q, b, "w1", "h1", "tiny", 0) // never pulls: the job times out queued
 
 	status, body := postJSON(t, q, "", "/v1/completions", `{"model":"tiny","prompt":"hello"}`)
 	requireOpenAIError(t, status, body, http.StatusGatewayTimeout, "timeout_error", "timeout", "")

@@ -60,6 +60,13 @@ func (q *Queen) admitInfer(ctx context.Context, raw json.RawMessage) error {
 			return api.InvalidParam("model", "--pull needs -m to be a source (https://…, hf:org/repo/file.gguf or file:///path) to download %s from", args.Model)
 		}
 	}
+	// The workers' context is known once they serve: a max_tokens that
+	// fits none of them is refused here, before it becomes a job.
+	if ctxSize := snap.contextFor(key, pins); ctxSize > 0 {
+		if err := args.Sampling.Validate(ctxSize); err != nil {
+			return err
+		}
+	}
 	if depth := q.sched.Depth(args.Model); depth >= q.cfg.MaxQueue {
 		return api.Fail(api.ReasonQueueFull, "", "queue full: %d requests already wait for model %s (limit %d); try again later", depth, args.Model, q.cfg.MaxQueue)
 	}

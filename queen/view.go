@@ -28,6 +28,21 @@ func (s *Snapshot) Serving(key string, p sched.Pins) []api.WorkerStatus {
 	return out
 }
 
+// contextFor is the largest context among the workers that would serve a
+// job of key with pins: a max_tokens above it fits none of them. It is 0
+// when none serves yet, or one has not said (a spawn's worker gets its
+// context when it loads, so the worker itself checks then).
+func (s *Snapshot) contextFor(key string, p sched.Pins) int {
+	largest := 0
+	for _, w := range s.Serving(key, p) {
+		if w.ContextSize == 0 {
+			return 0
+		}
+		largest = max(largest, w.ContextSize)
+	}
+	return largest
+}
+
 // Candidates ranks the online hives holding a model key: enough free memory for
 // the model's estimate first, then fewest busy worker slots.
 func (s *Snapshot) Candidates(key string, p sched.Pins) []string {

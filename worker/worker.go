@@ -53,6 +53,7 @@ type worker struct {
 
 	mu           sync.Mutex
 	state        string
+	ctxSize      int
 	busy         int
 	tokensServed uint64
 	tokensPerSec float64
@@ -187,6 +188,9 @@ func (w *worker) load(ctx context.Context) ([]engine.Slot, error) {
 		return nil, err
 	}
 	w.model = m
+	w.mu.Lock()
+	w.ctxSize = m.ContextSize()
+	w.mu.Unlock()
 	var slots []engine.Slot
 	for range w.cfg.Slots {
 		s, err := m.NewSlot()
@@ -357,7 +361,7 @@ func (w *worker) status() api.WorkerStatus {
 	defer w.mu.Unlock()
 	return api.WorkerStatus{
 		ID: w.cfg.ID, Hive: w.cfg.Hive, Model: w.cfg.Model, ModelKey: w.key, Device: w.cfg.Device,
-		SlotsTotal: w.cfg.Slots, SlotsBusy: w.busy, MemoryUsed: w.memoryUsed(),
+		SlotsTotal: w.cfg.Slots, SlotsBusy: w.busy, ContextSize: w.ctxSize, MemoryUsed: w.memoryUsed(),
 		State: w.state, TokensServed: w.tokensServed, TokensPerSec: w.tokensPerSec,
 		PID: os.Getpid(), Version: version.Version, StartedAt: w.started, BeatAt: time.Now().UTC(),
 	}
