@@ -177,6 +177,19 @@ const (
 
 // --- workers ---
 
+// WorkerEpFit is the worker endpoint that measures a request against its
+// loaded model (the prompt's tokens, rendered with the chat template,
+// against the context) without running it: the queen asks it at admission
+// about a prompt long enough not to fit, so such a request never becomes a
+// job. It answers a FitReply, or the *Error the job would have failed with.
+const WorkerEpFit = "fit"
+
+// FitReply is a request's measure against a worker's model.
+type FitReply struct {
+	PromptTokens int `json:"prompt_tokens"`
+	ContextSize  int `json:"ctx_size"`
+}
+
 // Worker states.
 const (
 	WorkerLoading  = "loading"

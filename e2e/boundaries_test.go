@@ -35,6 +35,32 @@ func (c *cluster) streamText(id string) string {
 	return b.String()
 }
 
+// failedOnItsWorker submits, over the bus as any client may, a job that its
+// worker takes and fails: it asks for its first token within a nanosecond
+// (every check that can be made before a worker takes a job is made at
+// admission, so a bad parameter never gets this far). It returns the job
+// once failed.
+func (c *cluster) failedOnItsWorker(model string) api.Job {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	b := c.connect()
+	raw, _ := json.Marshal(api.InferArgs{Model: model, Prompt: "hello", FirstTokenTimeout: api.Duration(time.Nanosecond)})
+	var reply api.SubmitReply
+	require.NoError(c.t, b.Call(ctx, b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}}, &reply))
+	var end *api.StateChange
+	require.NoError(c.t, b.Follow(ctx, reply.JobID, 0, func(ev api.Event) error {
+		if ev.Terminal() {
+			end = ev.State
+		}
+		return nil
+	}))
+	require.Equal(c.t, api.JobFailed, end.State, end.Error)
+	require.Equal(c.t, api.ReasonTimeout, end.Reason, end.Error)
+	require.Contains(c.t, end.Error, "no first token within")
+	return c.job(reply.JobID)
+}
+
 // A queen (and its embedded bus) down past the heartbeat TTL comes back
 // without failing the job of a worker that lived through it: the restarted
 // queen judges liveness only once workers had a heartbeat's time to beat
@@ -208,18 +234,29 @@ func TestQueuedJobsOfAStoppedWorkerStartInOrderOnANewOne(t *testing.T) {
 	require.Equal(t, 0, stop.wait(t, time.Minute), stop.stderr.String())
 }
 
-// A max_tokens that fits no serving worker's context is refused before it
-// becomes a job: the workers say their context in their heartbeat.
-func TestMaxTokensAboveTheWorkersContextMakesNoJob(t *testing.T) {
+// A max_tokens that fits no serving worker's context, or a prompt too long
+// for it, is refused before it becomes a job: workers say their context in
+// their heartbeat, and a serving worker measures a long prompt.
+func TestRequestsThatDoNotFitTheWorkersContextMakeNoJob(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
 	ws := c.readyWorkers("tiny", 1)
 	require.Equal(t, 2048, ws[0].ContextSize, "the worker reports its context")
-	r := c.rbee("infer", "-m", "tiny", "--max-tokens", "100000", "hello")
-	require.Equal(t, 2, r.code, r.stderr)
-	require.Contains(t, r.stderr, "max_tokens")
-	require.Contains(t, r.stderr, "2048")
-	require.NotContains(t, r.stderr, "submitted", "no job was created")
+	for _, tc := range []struct {
+		args  []string
+		words []string
+	}{
+		{[]string{"--max-tokens", "100000", "hello"}, []string{"max_tokens", "2048"}},
+		{[]string{strings.Repeat("x", 5000)}, []string{"do not fit", "2048"}},
+		{[]string{"--system", strings.Repeat("zq", 3000), "hello"}, []string{"do not fit"}},
+	} {
+		r := c.rbee(append([]string{"infer", "-m", "tiny"}, tc.args...)...)
+		require.Equal(t, 2, r.code, r.stderr)
+		for _, w := range tc.words {
+			require.Contains(t, r.stderr, w)
+		}
+		require.NotContains(t, r.stderr, "submitted", "no job was created")
+	}
 	for _, line := range strings.Split(strings.TrimSpace(c.mustRbee("--json", "jobs", "list").stdout), "\n") {
 		var j api.Job
 		require.NoError(t, json.Unmarshal([]byte(line), &j), line)

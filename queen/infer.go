@@ -61,10 +61,16 @@ func (q *Queen) admitInfer(ctx context.Context, raw json.RawMessage) error {
 		}
 	}
 	// The workers' context is known once they serve: a max_tokens that
-	// fits none of them is refused here, before it becomes a job.
+	// fits none of them is refused here, before it becomes a job, and so
+	// is a prompt one of them measures too long.
 	if ctxSize := snap.contextFor(key, pins); ctxSize > 0 {
 		if err := args.Sampling.Validate(ctxSize); err != nil {
 			return err
+		}
+		if mayNotFit(args, ctxSize) {
+			if err := q.measure(ctx, snap, key, pins, ctxSize, args); err != nil {
+				return err
+			}
 		}
 	}
 	if depth := q.sched.Depth(args.Model); depth >= q.cfg.MaxQueue {
@@ -77,6 +83,48 @@ func (q *Queen) admitInfer(ctx context.Context, raw json.RawMessage) error {
 // names, the prompt, and the sampling and length rules the engine applies
 // again (api.Sampling.Problem). Every refusal is an *api.Error naming its
 // parameter.
+// mayNotFit says whether a prompt could have as many tokens as the context:
+// a token is at least one byte (llama.cpp's tokenizers fall back to
+// bytes), so a raw prompt shorter than the context in bytes always fits; a
+// chat adds its template's text, estimated generously. Only such prompts
+// are measured by a worker at admission.
+func mayNotFit(a api.InferArgs, ctxSize int) bool {
+	n := len(a.Prompt) + len(a.System) + 2
+	for _, m := range a.Messages {
+		n += len(m.Content) + len(m.Role)
+	}
+	if len(a.Messages) > 0 || a.System != "" {
+		n += 16*(len(a.Messages)+1) + 256
+	}
+	return n >= ctxSize
+}
+
+// measure asks a serving worker with the largest context whether the
+// prompt fits, as it would check the job: a refusal becomes the
+// admission's answer (prompt_too_long, with its param). A worker that does
+// not answer in time lets the request through: it checks again when it
+// takes the job.
+func (q *Queen) measure(ctx context.Context, snap *Snapshot, key string, pins sched.Pins, ctxSize int, args api.InferArgs) error {
+	for _, w := range snap.Serving(key, pins) {
+		if w.ContextSize != ctxSize {
+			continue
+		}
+		subject, err := q.bus.Space.Worker(w.ID, api.WorkerEpFit)
+		if err != nil {
+			return nil
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err = q.bus.Call(cctx, subject, args, nil)
+		cancel()
+		switch api.ReasonOf(err) {
+		case api.ReasonPromptTooLong, api.ReasonInvalidParam:
+			return api.AsError(err)
+		}
+		return nil
+	}
+	return nil
+}
+
 func validateInfer(a api.InferArgs) error {
 	if err := subjects.ValidateModelID(a.Model); err != nil {
 		return api.InvalidParam("model", "%v", err)

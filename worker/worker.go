@@ -51,6 +51,10 @@ type worker struct {
 	// drain carries a drain request's grace from the endpoint to Run.
 	drain chan time.Duration
 
+	// loaded is set once model is, for the endpoints (which are up
+	// before the load).
+	loaded atomic.Bool
+
 	mu           sync.Mutex
 	state        string
 	ctxSize      int
@@ -188,6 +192,7 @@ func (w *worker) load(ctx context.Context) ([]engine.Slot, error) {
 		return nil, err
 	}
 	w.model = m
+	w.loaded.Store(true)
 	w.mu.Lock()
 	w.ctxSize = m.ContextSize()
 	w.mu.Unlock()
@@ -425,12 +430,26 @@ func (w *worker) addService() (micro.Service, *bus.Endpoints, error) {
 			return w.status(), nil
 		})),
 		g.AddEndpoint(EpDrain, bus.Handler(e, EpDrain, w.drainEndpoint)),
+		g.AddEndpoint(api.WorkerEpFit, bus.Handler(e, api.WorkerEpFit, w.fitEndpoint)),
 	)
 	if err != nil {
 		_ = svc.Stop()
 		return nil, nil, fmt.Errorf("start worker service: %w", err)
 	}
 	return svc, e, nil
+}
+
+// fitEndpoint measures a request as a job would be checked when this
+// worker takes it (prepare), without running it.
+func (w *worker) fitEndpoint(_ context.Context, a api.InferArgs) (api.FitReply, error) {
+	if !w.loaded.Load() {
+		return api.FitReply{}, api.Fail(api.ReasonUnavailable, "", "worker %s is still loading its model", w.cfg.ID)
+	}
+	_, n, err := w.prepare(a)
+	if err != nil {
+		return api.FitReply{}, paramError(err)
+	}
+	return api.FitReply{PromptTokens: n, ContextSize: w.model.ContextSize()}, nil
 }
 
 // drainEndpoint starts a drain and answers at once; the worker leaves the
