@@ -180,6 +180,21 @@ type StateChange struct {
 	Result  json.RawMessage `json:"result,omitempty"`
 }
 
+// Change is the state event that announces the record as it is now, moved
+// from state from by actor: the one way a state event is made from a
+// record (by the jobs store after each write, and by a follower that finds
+// the record ended while the stream lacks its end).
+func (j Job) Change(from JobState, actor Actor, at time.Time) StateChange {
+	ev := StateChange{
+		Time: at, From: from, State: j.State, Actor: actor,
+		Error: j.Error, Reason: j.Reason, Param: j.Param, Hive: j.Hive, Worker: j.Worker, Attempt: j.Attempts,
+	}
+	if j.State.Terminal() {
+		ev.Result = j.Result
+	}
+	return ev
+}
+
 // Event is one stored event of a job as a follower sees it.
 type Event struct {
 	// Seq is the stream sequence: resume after it with --from Seq+1.

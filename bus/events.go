@@ -8,6 +8,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -386,15 +387,57 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	// when ctx ends unblocks it.
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
+	// A job's end is two writes, its record and then its state event: a
+	// writer that dies between them (a worker killed just as it finished)
+	// leaves the record ended and the stream without its end. While the
+	// stream is quiet the record is read now and then; once it says the
+	// job ended, the follow ends with it instead of waiting for ever.
+	var recordEnd atomic.Pointer[api.Event]
+	active := make(chan struct{}, 1)
+	stopCheck := make(chan struct{})
+	checked := make(chan struct{})
+	go func() {
+		defer close(checked)
+		quiet := time.NewTimer(EndCheckEvery)
+		defer quiet.Stop()
+		for {
+			select {
+			case <-stopCheck:
+				return
+			case <-active:
+				quiet.Reset(EndCheckEvery)
+			case <-quiet.C:
+				if ev, ok := b.recordEnd(ctx, job); ok {
+					recordEnd.Store(&ev)
+					it.Stop()
+					return
+				}
+				quiet.Reset(EndCheckEvery)
+			}
+		}
+	}()
+	defer func() { close(stopCheck); <-checked }()
 	order := tokenOrder{resumed: from > 0}
 	var split []api.Event
 	for {
 		msg, err := it.Next()
 		if err != nil {
+			if ev := recordEnd.Load(); ev != nil && ctx.Err() == nil {
+				for _, ev := range order.admit(*ev) {
+					if err := fn(ev); err != nil && !errors.Is(err, ErrFollowEnded) {
+						return err
+					}
+				}
+				return nil
+			}
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return fmt.Errorf("follow job %s: %w", job, err)
+		}
+		select {
+		case active <- struct{}{}:
+		default: // already told
 		}
 		ev, err := DecodeEvent(b.Space, msg)
 		if err != nil {
@@ -424,6 +467,35 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 			return nil
 		}
 	}
+}
+
+// EndCheckEvery is how long a follow waits on a quiet stream before it reads
+// the job's record to see whether the job ended without its end event.
+var EndCheckEvery = 5 * time.Second
+
+// recordEnd reads the job's record: when it says the job ended, it returns
+// the terminal event the stream should have held.
+func (b *Bus) recordEnd(ctx context.Context, job string) (api.Event, bool) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	kv, err := b.KV(ctx, b.Space.JobsBucket())
+	if err != nil {
+		return api.Event{}, false
+	}
+	e, err := kv.Get(ctx, job)
+	if err != nil {
+		return api.Event{}, false
+	}
+	var rec api.Job
+	if json.Unmarshal(e.Value(), &rec) != nil || !rec.State.Terminal() {
+		return api.Event{}, false
+	}
+	at := time.Now().UTC()
+	if rec.FinishedAt != nil {
+		at = *rec.FinishedAt
+	}
+	ch := rec.Change("", api.Actor{Component: "record"}, at)
+	return api.Event{Kind: string(subjects.EventState), State: &ch}, true
 }
 
 // splitChunk appends to out one event per token of ev, each with the Seq

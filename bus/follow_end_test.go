@@ -2,6 +2,7 @@ package bus_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"testing"
 	"time"
@@ -144,4 +145,51 @@ func TestOnDisconnectReportsALossButNotAClose(t *testing.T) {
 		t.Fatalf("a second OnDisconnect (%s): a close is no loss, and one loss is reported once", url)
 	case <-time.After(300 * time.Millisecond):
 	}
+}
+
+// A job whose record ended but whose end event never reached the stream
+// (its worker was killed between the two writes) does not hold its
+// followers for ever: once the stream is quiet they read the record and end
+// with its state. A job still running keeps them waiting.
+func TestFollowEndsWithTheRecordWhenTheEndEventIsMissing(t *testing.T) {
+	f := busfix.Start(t)
+	old := bus.EndCheckEvery
+	bus.EndCheckEvery = 100 * time.Millisecond
+	t.Cleanup(func() { bus.EndCheckEvery = old })
+	ctx := context.Background()
+	kv, err := f.Bus.KV(ctx, f.Bus.Space.JobsBucket())
+	require.NoError(t, err)
+	record := func(id string, state api.JobState) {
+		data, _ := json.Marshal(api.Job{ID: id, State: state, Worker: "w1", Attempts: 1, Error: "why " + string(state), Reason: api.ReasonWorkerLost})
+		_, err := kv.Put(ctx, id, data)
+		require.NoError(t, err)
+	}
+	storeJob(t, f.Bus, "cut", 3, api.JobRunning)
+	record("cut", api.JobFailed)
+	storeJob(t, f.Bus, "alive", 2, api.JobRunning)
+	record("alive", api.JobRunning)
+
+	fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var tokens int
+	var end *api.StateChange
+	require.NoError(t, f.Bus.Follow(fctx, "cut", 0, func(ev api.Event) error {
+		if ev.Token != nil {
+			tokens++
+		}
+		if ev.Terminal() {
+			end = ev.State
+		}
+		return nil
+	}))
+	require.Equal(t, 3, tokens, "every stored token first")
+	require.NotNil(t, end)
+	require.Equal(t, api.JobFailed, end.State)
+	require.Equal(t, "why failed", end.Error)
+	require.Equal(t, api.ReasonWorkerLost, end.Reason)
+
+	wctx, wcancel := context.WithTimeout(ctx, time.Second)
+	defer wcancel()
+	err = f.Bus.Follow(wctx, "alive", 0, func(api.Event) error { return nil })
+	require.ErrorIs(t, err, context.DeadlineExceeded, "a running job is followed until it ends")
 }

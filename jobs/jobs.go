@@ -317,13 +317,7 @@ func (s *Store) Update(ctx context.Context, id string, mutate func(*api.Job) err
 }
 
 func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState) {
-	ev := api.StateChange{
-		Time: time.Now().UTC(), From: from, State: job.State, Actor: s.actor,
-		Error: job.Error, Reason: job.Reason, Param: job.Param, Hive: job.Hive, Worker: job.Worker, Attempt: job.Attempts,
-	}
-	if job.State.Terminal() {
-		ev.Result = job.Result
-	}
+	ev := job.Change(from, s.actor, time.Now().UTC())
 	publish := func() error { return s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev) }
 	if job.State == api.JobRunning {
 		// A job starting is on the path to its first token: the record
