@@ -390,9 +390,16 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	// A job's end is two writes, its record and then its state event: a
 	// writer that dies between them (a worker killed just as it finished)
 	// leaves the record ended and the stream without its end. While the
-	// stream is quiet the record is read now and then; once it says the
-	// job ended, the follow ends with it instead of waiting for ever.
+	// follow is quiet the record is read now and then; once it says the
+	// job ended, the stream holds no end event, and this follow has been
+	// handed every event the stream holds for the job (a quiet follow may
+	// only be one whose consumer is catching up after a reconnect), the
+	// follow ends with the record instead of waiting for ever.
 	var recordEnd atomic.Pointer[api.Event]
+	var seen atomic.Uint64
+	if from > 0 {
+		seen.Store(from - 1)
+	}
 	active := make(chan struct{}, 1)
 	stopCheck := make(chan struct{})
 	checked := make(chan struct{})
@@ -407,7 +414,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 			case <-active:
 				quiet.Reset(EndCheckEvery)
 			case <-quiet.C:
-				if ev, ok := b.recordEnd(ctx, job); ok {
+				if ev, ok := b.recordEnd(ctx, job, seen.Load()); ok {
 					recordEnd.Store(&ev)
 					it.Stop()
 					return
@@ -440,6 +447,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 		default: // already told
 		}
 		ev, err := DecodeEvent(b.Space, msg)
+		seen.Store(max(seen.Load(), ev.Seq))
 		if err != nil {
 			b.Log.Warn().Err(err).Str("subject", msg.Subject()).Msg("skipping undecodable job event")
 			continue
@@ -473,9 +481,11 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 // the job's record to see whether the job ended without its end event.
 var EndCheckEvery = 5 * time.Second
 
-// recordEnd reads the job's record: when it says the job ended, it returns
-// the terminal event the stream should have held.
-func (b *Bus) recordEnd(ctx context.Context, job string) (api.Event, bool) {
+// recordEnd reads the job's record: when it says the job ended, the stream
+// holds no end event for it, and no event of the job is stored after seen
+// (the last stream sequence the follow was handed), it returns the terminal
+// event the stream should have held.
+func (b *Bus) recordEnd(ctx context.Context, job string, seen uint64) (api.Event, bool) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	kv, err := b.KV(ctx, b.Space.JobsBucket())
@@ -489,6 +499,25 @@ func (b *Bus) recordEnd(ctx context.Context, job string) (api.Event, bool) {
 	var rec api.Job
 	if json.Unmarshal(e.Value(), &rec) != nil || !rec.State.Terminal() {
 		return api.Event{}, false
+	}
+	stream, err := b.JS.Stream(ctx, b.Space.JobsStream())
+	if err != nil {
+		return api.Event{}, false
+	}
+	for _, kind := range []subjects.EventKind{subjects.EventNarration, subjects.EventToken, subjects.EventState} {
+		subject, err := b.Space.JobEvent(job, kind)
+		if err != nil {
+			return api.Event{}, false
+		}
+		last, err := stream.GetLastMsgForSubject(ctx, subject)
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+			continue
+		case err != nil:
+			return api.Event{}, false
+		case last.Sequence > seen:
+			return api.Event{}, false // still to be handed over (the end, maybe)
+		}
 	}
 	at := time.Now().UTC()
 	if rec.FinishedAt != nil {
