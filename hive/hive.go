@@ -102,7 +102,11 @@ func Run(ctx context.Context, cfg Config) error {
 	defer h.bus.Close()
 	h.narrator = h.bus.Narrator(api.Actor{Component: "hive", ID: cfg.ID}, cfg.ID, "")
 
-	setupCtx, cancelSetup := context.WithTimeout(ctx, 10*time.Second)
+	// A stop asked for during the start (SIGTERM right after the entry
+	// appeared) lets the start finish, boundedly, and then takes the one
+	// shutdown path: cut off half-way, a registration whose write reached
+	// the server would be reported as a failure and left to expire.
+	setupCtx, cancelSetup := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancelSetup()
 	if h.workersKV, err = h.bus.KV(setupCtx, h.bus.Space.WorkersBucket()); err != nil {
 		return err
