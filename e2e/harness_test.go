@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -33,12 +34,37 @@ type cluster struct {
 	env     []string
 }
 
+// freePort hands out a loopback port a test's program will listen on. A
+// port the kernel picked for ":0" and this test then closed may be picked
+// again at once by any other ":0" listener (a proxy, a client's socket),
+// and the program meant to bind it later finds it taken; so ports come
+// from below the kernel's ephemeral range (32768 and up), each handed out
+// once per process and checked free.
 func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Helper()
+	for range portSpan {
+		p := portBase + int(nextPort.Add(1))%portSpan
+		if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			l.Close()
+			return p
+		}
+	}
+	t.Fatal("no free loopback port below the ephemeral range")
+	return 0
 }
+
+const (
+	portBase = 20000
+	portSpan = 12000
+)
+
+// nextPort starts at a place of its own per process, so two test
+// processes rarely try the same ports.
+var nextPort = func() *atomic.Int32 {
+	var n atomic.Int32
+	n.Store(int32(os.Getpid() * 131 % portSpan))
+	return &n
+}()
 
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
