@@ -151,6 +151,11 @@ func call(ctx context.Context, s *Session, endpoint string, req, out any) error 
 	if errors.Is(err, bus.ErrNoResponder) {
 		return fmt.Errorf("%w: the bus answers but no queen serves it", ErrQueenUnreachable)
 	}
+	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+		// Our own bound, not the command's: the queen (or the bus it
+		// embeds) is away, which is exit 3, and worth trying again.
+		return fmt.Errorf("%w: no answer to %s within 15s", ErrQueenUnreachable, endpoint)
+	}
 	return err
 }
 
