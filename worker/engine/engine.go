@@ -2,8 +2,10 @@
 // Model and Slot interfaces hide the backend; Llama (llama.cpp through yzma)
 // is the real one.
 //
-// A worker loads one Model and makes one Slot per concurrent request it
-// serves; each Slot is used by one goroutine at a time.
+// A worker loads one Model with the number of requests it generates at once
+// (its slots) and makes one Slot handle per request it serves concurrently;
+// each Slot is used by one goroutine at a time. The slots of a model are
+// sequences decoded together in batches (see batch.go).
 package engine
 
 import (
@@ -55,7 +57,16 @@ type LoadOptions struct {
 	// ContextSize is the context (in tokens) of every slot; 0 takes the
 	// model's training context.
 	ContextSize int
-	// Threads is the number of CPU threads per slot; 0 picks one per
+	// Slots is how many requests are generated at once (decoded together,
+	// in batches); 0 is 1. Each slot holds a KV cache of ContextSize
+	// tokens.
+	Slots int
+	// Lanes is how many llama contexts the slots are spread over, each
+	// decoding its own batch with Threads threads; 0 is 1. One lane reads
+	// the weights once per step for every sequence; more lanes pay only
+	// on a CPU with a model small enough to sit in its cache.
+	Lanes int
+	// Threads is the number of CPU threads per lane; 0 picks one per
 	// performance core.
 	Threads int
 	// Device is "cpu" (the default when empty) or "cuda:N" (any GPU of the
@@ -66,10 +77,15 @@ type LoadOptions struct {
 	GPULayers int
 }
 
+// MaxSlots is the most sequences a model generates at once (llama.cpp's
+// LLAMA_MAX_SEQ).
+const MaxSlots = 256
+
 // Model is a loaded model. Its methods are safe for concurrent use.
 type Model interface {
-	// NewSlot makes a llama context of ContextSize tokens. A worker with N
-	// slots makes N; each slot generates one request at a time.
+	// NewSlot makes a handle that generates one request at a time. Any
+	// number may be made; a Generate beyond the model's slot count waits
+	// for a slot to free (or for its context to end).
 	NewSlot() (Slot, error)
 	// Tokenize turns text into token ids, with the model's BOS token when
 	// addSpecial is true. Special-token text such as <|im_start|> is parsed
@@ -86,8 +102,8 @@ type Model interface {
 	Close() error
 }
 
-// Slot is one llama context. Use it from one goroutine at a time; several
-// slots of one model may generate concurrently.
+// Slot is a handle for one request at a time. Use it from one goroutine at
+// a time; several slots of one model generate concurrently, batched.
 type Slot interface {
 	// Generate runs one request. onToken is called once per generated token,
 	// in order; returning an error stops generation (StopError, and Generate

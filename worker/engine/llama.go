@@ -143,8 +143,12 @@ func (l *Llama) Load(ctx context.Context, path string, opts LoadOptions) (Model,
 	if err := checkGGUF(path, st.Size()); err != nil {
 		return nil, fmt.Errorf("%w %s: %w", ErrLoad, path, err)
 	}
-	if opts.ContextSize < 0 || opts.Threads < 0 {
-		return nil, fmt.Errorf("%w: context size %d and threads %d must not be negative", ErrLoad, opts.ContextSize, opts.Threads)
+	if opts.ContextSize < 0 || opts.Threads < 0 || opts.Slots < 0 || opts.Lanes < 0 {
+		return nil, fmt.Errorf("%w: context size %d, threads %d, slots %d and lanes %d must not be negative",
+			ErrLoad, opts.ContextSize, opts.Threads, opts.Slots, opts.Lanes)
+	}
+	if opts.Slots > MaxSlots {
+		return nil, fmt.Errorf("%w: %d slots: at most %d", ErrLoad, opts.Slots, MaxSlots)
 	}
 
 	mp := llama.ModelDefaultParams()
@@ -169,7 +173,6 @@ func (l *Llama) Load(ctx context.Context, path string, opts LoadOptions) (Model,
 		handle:  handle,
 		vocab:   llama.ModelGetVocab(handle),
 		path:    path,
-		threads: opts.Threads,
 		slots:   map[*llamaSlot]struct{}{},
 	}
 	m.nVocab = llama.VocabNTokens(m.vocab)
@@ -180,8 +183,13 @@ func (l *Llama) Load(ctx context.Context, path string, opts LoadOptions) (Model,
 	if m.ctxSize <= 0 {
 		m.ctxSize = 4096
 	}
-	if m.threads == 0 {
-		m.threads = int(llama.Threads())
+	threads := opts.Threads
+	if threads == 0 {
+		threads = int(llama.Threads())
+	}
+	if err := m.startLanes(max(opts.Slots, 1), max(opts.Lanes, 1), threads); err != nil {
+		_ = llama.ModelFree(handle)
+		return nil, fmt.Errorf("%w %s: %w", ErrLoad, path, err)
 	}
 	return m, nil
 }
@@ -270,7 +278,13 @@ type llamaModel struct {
 	nVocab  int32
 	path    string
 	ctxSize int
-	threads int
+
+	lanes []*lane
+	// seqs holds one token per sequence running or waiting for its
+	// lane: a Generate beyond the model's slot count waits here.
+	seqs chan struct{}
+	// pickMu makes choosing a lane and taking a place in it one step.
+	pickMu sync.Mutex
 
 	// mu guards closed and slots; Tokenize and ApplyChatTemplate hold it
 	// for reading so that Close cannot free the model under them.
@@ -281,34 +295,41 @@ type llamaModel struct {
 
 func (m *llamaModel) ContextSize() int { return m.ctxSize }
 
+// Slots is how many sequences the model generates at once.
+func (m *llamaModel) Slots() int { return cap(m.seqs) }
+
+// startLanes makes the contexts: slots sequences spread over lanes
+// contexts of threads threads each.
+func (m *llamaModel) startLanes(slots, lanes, threads int) error {
+	lanes = max(1, min(lanes, slots))
+	m.seqs = make(chan struct{}, slots)
+	for i := range lanes {
+		// Sequences join the least-loaded lane, so no lane holds more
+		// than its share rounded up.
+		n := slots / lanes
+		if i < slots%lanes {
+			n++
+		}
+		l, err := newLane(m, n, threads)
+		if err != nil {
+			for _, l := range m.lanes {
+				l.close()
+			}
+			m.lanes = nil
+			return err
+		}
+		m.lanes = append(m.lanes, l)
+	}
+	return nil
+}
+
 func (m *llamaModel) NewSlot() (Slot, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return nil, fmt.Errorf("model %s: %w", m.path, ErrClosed)
 	}
-	cp := llama.ContextDefaultParams()
-	cp.NCtx = uint32(m.ctxSize)
-	cp.NBatch = uint32(min(m.ctxSize, 512))
-	cp.NUbatch = cp.NBatch
-	cp.NSeqMax = 1
-	cp.NThreads = int32(m.threads)
-	cp.NThreadsBatch = int32(m.threads)
-	cp.NoPerf = 1
-	done := captureLog()
-	lctx, err := llama.InitFromModel(m.handle, cp)
-	logged := done()
-	if err != nil || lctx == 0 {
-		return nil, fmt.Errorf("engine: new slot: %v %s", err, logged)
-	}
-	mem, err := llama.GetMemory(lctx)
-	if err != nil {
-		_ = llama.Free(lctx)
-		return nil, fmt.Errorf("engine: new slot: %w", err)
-	}
-	// llama.cpp may round the context up; use no more than was asked for.
-	nCtx := min(int(llama.NCtx(lctx)), m.ctxSize)
-	s := &llamaSlot{m: m, lctx: lctx, mem: mem, nBatch: int(cp.NBatch), nCtx: nCtx}
+	s := &llamaSlot{m: m}
 	m.slots[s] = struct{}{}
 	return s, nil
 }
@@ -387,17 +408,17 @@ func (m *llamaModel) Close() error {
 	for _, s := range slots {
 		_ = s.Close()
 	}
+	for _, l := range m.lanes {
+		l.close()
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return llama.ModelFree(m.handle)
 }
 
+// llamaSlot is a handle on the model's sequences: one request at a time.
 type llamaSlot struct {
-	m      *llamaModel
-	lctx   llama.Context
-	mem    llama.Memory
-	nBatch int
-	nCtx   int
+	m *llamaModel
 
 	mu     sync.Mutex // held while generating or closing
 	closed bool
@@ -413,14 +434,14 @@ func (s *llamaSlot) Close() error {
 	s.m.mu.Lock()
 	delete(s.m.slots, s)
 	s.m.mu.Unlock()
-	return llama.Free(s.lctx)
+	return nil
 }
 
 // newSampler builds the sampler chain of a request.
-func (s *llamaSlot) newSampler(req Request) llama.Sampler {
+func (m *llamaModel) newSampler(req Request) llama.Sampler {
 	chain := llama.SamplerChainInit(llama.SamplerChainDefaultParams())
 	if req.RepeatPenalty > 0 && req.RepeatPenalty != 1 {
-		llama.SamplerChainAdd(chain, llama.SamplerInitPenalties(s.m.nVocab, 64, req.RepeatPenalty, 0, 0))
+		llama.SamplerChainAdd(chain, llama.SamplerInitPenalties(m.nVocab, 64, req.RepeatPenalty, 0, 0))
 	}
 	if req.Temperature == 0 {
 		llama.SamplerChainAdd(chain, llama.SamplerInitGreedy())
@@ -440,28 +461,17 @@ func (s *llamaSlot) newSampler(req Request) llama.Sampler {
 	return chain
 }
 
-func (s *llamaSlot) decode(tokens []llama.Token) error {
-	rc, err := llama.Decode(s.lctx, llama.BatchGetOne(tokens))
-	runtime.KeepAlive(tokens)
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrDecode, err)
-	}
-	if rc != 0 {
-		return fmt.Errorf("%w: llama_decode returned %d", ErrDecode, rc)
-	}
-	return nil
-}
-
-func (s *llamaSlot) piece(tok llama.Token, buf []byte) []byte {
-	n := llama.TokenToPiece(s.m.vocab, tok, buf, 0, false)
+// piece is the text of tok, in *buf (grown when too small).
+func (m *llamaModel) piece(tok llama.Token, buf *[]byte) []byte {
+	n := llama.TokenToPiece(m.vocab, tok, *buf, 0, false)
 	if n < 0 {
-		buf = make([]byte, -n)
-		n = llama.TokenToPiece(s.m.vocab, tok, buf, 0, false)
+		*buf = make([]byte, -n)
+		n = llama.TokenToPiece(m.vocab, tok, *buf, 0, false)
 	}
 	if n <= 0 {
 		return nil
 	}
-	return buf[:n]
+	return (*buf)[:n]
 }
 
 func (s *llamaSlot) Generate(ctx context.Context, req Request, onToken func(Token) error) (res Result, err error) {
@@ -471,89 +481,40 @@ func (s *llamaSlot) Generate(ctx context.Context, req Request, onToken func(Toke
 		return Result{StopReason: StopError}, ErrSlotBusy
 	}
 	defer s.mu.Unlock()
-	if s.closed {
+	m := s.m
+	m.mu.RLock()
+	closed := s.closed || m.closed
+	m.mu.RUnlock()
+	if closed {
 		return Result{StopReason: StopError}, fmt.Errorf("slot: %w", ErrClosed)
 	}
-	if err := req.Validate(s.m.ctxSize); err != nil {
+	if err := req.Validate(m.ctxSize); err != nil {
 		return Result{StopReason: StopError}, err
 	}
 	if onToken == nil {
 		onToken = func(Token) error { return nil }
 	}
-
-	prompt := s.m.tokenize(req.Prompt, true)
+	prompt, err := m.Tokenize(req.Prompt, true)
+	if err != nil {
+		return Result{StopReason: StopError}, err
+	}
 	res.PromptTokens = len(prompt)
 	if len(prompt) == 0 {
 		return Result{StopReason: StopError}, paramErr("prompt", "tokenises to nothing")
 	}
-	if len(prompt) >= s.m.ctxSize {
+	if len(prompt) >= m.ctxSize {
 		return Result{StopReason: StopError, PromptTokens: len(prompt)}, &ParamError{Field: "prompt",
-			Reason: fmt.Sprintf("%d tokens do not fit in the context of %d", len(prompt), s.m.ctxSize), Err: ErrPromptTooLong}
+			Reason: fmt.Sprintf("%d tokens do not fit in the context of %d", len(prompt), m.ctxSize), Err: ErrPromptTooLong}
 	}
-
-	if err := llama.MemoryClear(s.mem, true); err != nil {
-		res.StopReason = StopError
-		return res, fmt.Errorf("engine: clear memory: %w", err)
+	if ctx.Err() != nil {
+		res.StopReason = StopCancelled
+		return res, nil
 	}
-	sampler := s.newSampler(req)
-	defer llama.SamplerFree(sampler)
-
-	toks := make([]llama.Token, len(prompt))
+	seq := &sequence{req: req, start: start, sampler: m.newSampler(req), notify: make(chan struct{}, 1)}
+	seq.prompt = make([]llama.Token, len(prompt))
 	for i, t := range prompt {
-		toks[i] = llama.Token(t)
+		seq.prompt[i] = llama.Token(t)
 	}
-	for i := 0; i < len(toks); i += s.nBatch {
-		if ctx.Err() != nil {
-			res.StopReason = StopCancelled
-			return res, nil
-		}
-		if err := s.decode(toks[i:min(i+s.nBatch, len(toks))]); err != nil {
-			res.StopReason = StopError
-			return res, err
-		}
-	}
-
-	stream := newTextStream(req.Stop)
-	nPast := len(toks)
-	buf := make([]byte, 64)
-	for {
-		tok := llama.SamplerSample(sampler, s.lctx, -1)
-		if res.CompletionTokens == 0 {
-			res.TimeToFirstToken = time.Since(start)
-		}
-		t := Token{Index: res.CompletionTokens, ID: int32(tok)}
-		res.CompletionTokens++
-		var stop StopReason
-		if llama.VocabIsEOG(s.m.vocab, tok) {
-			stop = StopEOS
-			t.Text = stream.flush()
-		} else {
-			text, stopped := stream.push(s.piece(tok, buf))
-			t.Text = text
-			switch {
-			case stopped:
-				stop = StopSequence
-			case res.CompletionTokens >= req.MaxTokens || nPast >= s.nCtx:
-				stop = StopMaxTokens
-				t.Text += stream.flush()
-			}
-		}
-		if err := onToken(t); err != nil {
-			res.StopReason = StopError
-			return res, fmt.Errorf("engine: token callback: %w", err)
-		}
-		if stop != "" {
-			res.StopReason = stop
-			return res, nil
-		}
-		if ctx.Err() != nil {
-			res.StopReason = StopCancelled
-			return res, nil
-		}
-		if err := s.decode([]llama.Token{tok}); err != nil {
-			res.StopReason = StopError
-			return res, err
-		}
-		nPast++
-	}
+	err = m.run(ctx, seq, onToken, &res)
+	return res, err
 }

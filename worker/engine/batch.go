@@ -1,0 +1,515 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
+)
+
+// Continuous batching.
+//
+// A model's slots are sequences of a few llama contexts, its lanes. Each
+// lane is owned by one goroutine, its loop, which is the only code that
+// touches the lane's context, batch and samplers. Every step the loop builds
+// one batch: the next token of every generating sequence, then prompt
+// tokens of sequences being admitted, in admission order, up to the step's
+// token budget (chunked prefill: a long prompt holds the others back by one
+// chunk at most). Sequences join and leave between steps; a sequence that
+// leaves has its KV cells removed at once.
+//
+// The KV cache of a lane is split into one partition per sequence (llama.cpp's
+// non-unified cache), each of the model's context size, rather than one
+// cache shared by all: a sequence's attention then reads only its own
+// cells, laid out as if it ran alone, so its output does not depend on what
+// else runs (a unified cache interleaves the sequences' cells and the
+// attention sums in another order); and a sequence can never be starved of
+// cells by the others, so "context full" means what it says. The cost is
+// that an idle slot's partition stays reserved, which is what the slot
+// count from memory accounts for.
+//
+// Why several lanes and not always one: one context decodes its batch with
+// all its threads, which pays when the weights are read from memory (once
+// per step for every sequence) and on a GPU, but on a small model that sits
+// in the CPU's cache, two contexts of one thread each beat one context of
+// two threads (ggml's per-operation thread barriers dominate tiny matrices).
+// LoadOptions.Lanes chooses; a sequence joins the lane with the fewest.
+//
+// Tokens are handed to the sequence's Generate goroutine through a queue,
+// so a slow onToken (a bus publish) never stalls the loop and the tokens of
+// every sequence decoded in one step go out without waiting on each other.
+
+// lane is one llama context and the loop that owns it.
+type lane struct {
+	m      *llamaModel
+	lctx   llama.Context
+	mem    llama.Memory
+	batch  llama.Batch
+	nSeq   int // sequence capacity (n_seq_max)
+	nCtx   int // context of each sequence, in tokens
+	budget int // tokens per step (n_batch)
+
+	// mu guards inbox, calls, closed and load.
+	mu     sync.Mutex
+	inbox  []*sequence
+	calls  []func()
+	closed bool
+	load   int // sequences submitted and not yet finished
+	wake   chan struct{}
+	done   chan struct{}
+
+	// Owned by the loop.
+	running []*sequence
+	freeIDs []llama.SeqId
+	buf     []byte
+}
+
+// sequence is one request in a lane. The fields above the line are set by
+// Generate before submitting and read by the loop; those below it are the
+// loop's; out and end are shared, behind mu.
+type sequence struct {
+	req     Request
+	prompt  []llama.Token
+	sampler llama.Sampler
+	start   time.Time
+	// stop is set by Generate (cancelled, or onToken failed): the loop
+	// drops the sequence at its next step.
+	stop atomic.Bool
+
+	id        llama.SeqId
+	fed       int // prompt tokens decoded
+	nPast     int // tokens in the sequence's cache
+	last      llama.Token
+	logitIdx  int32
+	generated int
+	stream    *textStream
+	ttft      time.Duration
+
+	mu     sync.Mutex
+	out    []Token
+	end    *seqEnd
+	notify chan struct{}
+}
+
+// seqEnd is how a sequence left its lane.
+type seqEnd struct {
+	reason StopReason
+	err    error
+	ttft   time.Duration
+}
+
+func newLane(m *llamaModel, nSeq, threads int) (*lane, error) {
+	cp := llama.ContextDefaultParams()
+	cp.NCtx = uint32(m.ctxSize * nSeq)
+	// One step's tokens; at least one per sequence, so that every
+	// generating sequence moves every step.
+	cp.NBatch = uint32(min(m.ctxSize*nSeq, max(stepBudget, nSeq)))
+	cp.NUbatch = cp.NBatch
+	cp.NSeqMax = uint32(nSeq)
+	cp.KVUnified = 0
+	cp.NThreads = int32(threads)
+	cp.NThreadsBatch = int32(threads)
+	cp.NoPerf = 1
+	done := captureLog()
+	lctx, err := llama.InitFromModel(m.handle, cp)
+	logged := done()
+	if err != nil || lctx == 0 {
+		return nil, fmt.Errorf("engine: new context for %d sequences of %d tokens: %v %s", nSeq, m.ctxSize, err, logged)
+	}
+	mem, err := llama.GetMemory(lctx)
+	if err != nil {
+		_ = llama.Free(lctx)
+		return nil, fmt.Errorf("engine: new context: %w", err)
+	}
+	// llama.cpp may round a sequence's context up; use no more than was
+	// asked for.
+	nCtx := m.ctxSize
+	if n := int(llama.NCtxSeq(lctx)); n > 0 && n < nCtx {
+		nCtx = n
+	}
+	l := &lane{
+		m: m, lctx: lctx, mem: mem, nSeq: nSeq, nCtx: nCtx, budget: int(min(cp.NBatch, llama.NBatch(lctx))),
+		batch: llama.BatchInit(int32(cp.NBatch), 0, 1),
+		wake:  make(chan struct{}, 1), done: make(chan struct{}),
+		buf: make([]byte, 64),
+	}
+	for i := nSeq - 1; i >= 0; i-- {
+		l.freeIDs = append(l.freeIDs, llama.SeqId(i))
+	}
+	go l.loop()
+	return l, nil
+}
+
+// stepBudget is the most tokens one step decodes: every generating
+// sequence's next token plus prompt tokens up to this many in all.
+const stepBudget = 512
+
+// submit hands s to the loop. It fails once the lane is closed.
+func (l *lane) submit(s *sequence) error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return ErrClosed
+	}
+	l.inbox = append(l.inbox, s)
+	l.mu.Unlock()
+	l.kick()
+	return nil
+}
+
+// between runs fn on the loop, between two steps, and waits for it: what
+// fn does with the context cannot race a step. Tests use it to read logits.
+func (l *lane) between(fn func()) {
+	done := make(chan struct{})
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
+	l.calls = append(l.calls, func() { defer close(done); fn() })
+	l.mu.Unlock()
+	l.kick()
+	<-done
+}
+
+func (l *lane) kick() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// close stops the loop, ending every sequence with ErrClosed, and frees the
+// context.
+func (l *lane) close() {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		<-l.done
+		return
+	}
+	l.closed = true
+	l.mu.Unlock()
+	l.kick()
+	<-l.done
+	_ = llama.BatchFree(l.batch)
+	_ = llama.Free(l.lctx)
+}
+
+func (l *lane) loop() {
+	defer close(l.done)
+	for {
+		l.mu.Lock()
+		inbox, calls, closed := l.inbox, l.calls, l.closed
+		l.inbox, l.calls = nil, nil
+		l.mu.Unlock()
+		for _, fn := range calls {
+			fn()
+		}
+		if closed {
+			for _, s := range append(l.running, inbox...) {
+				l.finish(s, StopError, fmt.Errorf("slot: %w", ErrClosed))
+			}
+			l.running = nil
+			return
+		}
+		for _, s := range inbox {
+			l.admit(s)
+		}
+		l.dropStopped()
+		if len(l.running) == 0 {
+			<-l.wake
+			continue
+		}
+		l.step()
+	}
+}
+
+// admit gives s a sequence id and a clean partition.
+func (l *lane) admit(s *sequence) {
+	if len(l.freeIDs) == 0 {
+		// The model's slot count keeps a lane's load within its capacity.
+		l.finish(s, StopError, fmt.Errorf("engine: lane of %d sequences is full", l.nSeq))
+		return
+	}
+	s.id = l.freeIDs[len(l.freeIDs)-1]
+	l.freeIDs = l.freeIDs[:len(l.freeIDs)-1]
+	_, _ = llama.MemorySeqRm(l.mem, s.id, -1, -1)
+	s.stream = newTextStream(s.req.Stop)
+	l.running = append(l.running, s)
+}
+
+func (l *lane) dropStopped() {
+	kept := l.running[:0]
+	for _, s := range l.running {
+		if s.stop.Load() {
+			l.release(s)
+			l.finish(s, StopCancelled, nil)
+			continue
+		}
+		kept = append(kept, s)
+	}
+	clear(l.running[len(kept):])
+	l.running = kept
+}
+
+// release frees s's KV cells and its sequence id.
+func (l *lane) release(s *sequence) {
+	_, _ = llama.MemorySeqRm(l.mem, s.id, -1, -1)
+	l.freeIDs = append(l.freeIDs, s.id)
+}
+
+// step decodes one batch and samples the sequences it produced logits for.
+func (l *lane) step() {
+	b := &l.batch
+	_ = b.Clear()
+	seqID := []llama.SeqId{0}
+	var sampled []*sequence
+	for _, s := range l.running {
+		if s.fed < len(s.prompt) {
+			continue
+		}
+		seqID[0] = s.id
+		s.logitIdx = b.NTokens
+		_ = b.Add(s.last, llama.Pos(s.nPast), seqID, true)
+		s.nPast++
+		sampled = append(sampled, s)
+	}
+	budget := l.budget - len(sampled)
+	var prefilled []*sequence
+	for _, s := range l.running {
+		if budget <= 0 {
+			break
+		}
+		if s.fed >= len(s.prompt) {
+			continue
+		}
+		n := min(budget, len(s.prompt)-s.fed)
+		seqID[0] = s.id
+		for i := s.fed; i < s.fed+n; i++ {
+			last := i == len(s.prompt)-1
+			if last {
+				s.logitIdx = b.NTokens
+			}
+			_ = b.Add(s.prompt[i], llama.Pos(i), seqID, last)
+		}
+		s.fed += n
+		budget -= n
+		prefilled = append(prefilled, s)
+		if s.fed == len(s.prompt) {
+			s.nPast = len(s.prompt)
+			sampled = append(sampled, s)
+		}
+	}
+	rc, err := llama.Decode(l.lctx, *b)
+	if err == nil && rc != 0 {
+		err = fmt.Errorf("llama_decode returned %d", rc)
+	}
+	if err != nil {
+		// Every sequence of the batch is in an unknown state now.
+		err = fmt.Errorf("%w: %w", ErrDecode, err)
+		for _, s := range append(sampled, prefilled...) {
+			if !s.stop.Swap(true) {
+				l.release(s)
+				l.finish(s, StopError, err)
+			}
+		}
+		l.removeStopped()
+		return
+	}
+	for _, s := range sampled {
+		if s.stop.Load() {
+			continue // dropped at the next step
+		}
+		if reason := l.sample(s); reason != "" {
+			s.stop.Store(true)
+			l.release(s)
+			l.finish(s, reason, nil)
+		}
+	}
+	l.removeStopped()
+}
+
+// removeStopped takes the sequences finish has ended out of running.
+func (l *lane) removeStopped() {
+	kept := l.running[:0]
+	for _, s := range l.running {
+		s.mu.Lock()
+		ended := s.end != nil
+		s.mu.Unlock()
+		if !ended {
+			kept = append(kept, s)
+		}
+	}
+	clear(l.running[len(kept):])
+	l.running = kept
+}
+
+// sample draws s's next token, hands it over, and says why s ends, if it
+// does.
+func (l *lane) sample(s *sequence) StopReason {
+	tok := llama.SamplerSample(s.sampler, l.lctx, s.logitIdx)
+	if s.generated == 0 {
+		s.ttft = time.Since(s.start)
+	}
+	t := Token{Index: s.generated, ID: int32(tok)}
+	s.generated++
+	var stop StopReason
+	if llama.VocabIsEOG(l.m.vocab, tok) {
+		stop = StopEOS
+		t.Text = s.stream.flush()
+	} else {
+		text, stopped := s.stream.push(l.m.piece(tok, &l.buf))
+		t.Text = text
+		switch {
+		case stopped:
+			stop = StopSequence
+		case s.generated >= s.req.MaxTokens || s.nPast >= l.nCtx:
+			stop = StopMaxTokens
+			t.Text += s.stream.flush()
+		}
+	}
+	s.mu.Lock()
+	s.out = append(s.out, t)
+	s.mu.Unlock()
+	s.signal()
+	s.last = tok
+	return stop
+}
+
+// finish ends s: Generate returns once it has handed over every token.
+// Its place in the lane is given up first: once Generate returns, the
+// model's next pickLane must see this lane's true load.
+func (l *lane) finish(s *sequence, reason StopReason, err error) {
+	llama.SamplerFree(s.sampler)
+	s.sampler = 0
+	l.mu.Lock()
+	l.load--
+	l.mu.Unlock()
+	s.mu.Lock()
+	s.end = &seqEnd{reason: reason, err: err, ttft: s.ttft}
+	s.mu.Unlock()
+	s.signal()
+}
+
+func (s *sequence) signal() {
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}
+
+// take returns the tokens handed over since the last call, and the end once
+// the loop has ended the sequence.
+func (s *sequence) take(into []Token) ([]Token, *seqEnd) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	into = append(into[:0], s.out...)
+	s.out = s.out[:0]
+	return into, s.end
+}
+
+// run submits s to a lane of m and hands its tokens to onToken as they come,
+// until the lane ends it. A cancelled ctx or a failing onToken stops it
+// within one step; no token is handed over after that.
+func (m *llamaModel) run(ctx context.Context, s *sequence, onToken func(Token) error, res *Result) error {
+	l, err := m.pickLane(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			res.StopReason = StopCancelled
+			return nil
+		}
+		res.StopReason = StopError
+		return err
+	}
+	defer m.leaveLane()
+	if err := l.submit(s); err != nil {
+		l.mu.Lock()
+		l.load--
+		l.mu.Unlock()
+		llama.SamplerFree(s.sampler)
+		res.StopReason = StopError
+		return fmt.Errorf("slot: %w", err)
+	}
+	var (
+		toks      []Token
+		end       *seqEnd
+		cbErr     error
+		cancelled bool
+		done      = ctx.Done()
+	)
+	for end == nil {
+		select {
+		case <-s.notify:
+		case <-done:
+			cancelled = true
+			done = nil
+			s.stop.Store(true)
+			l.kick()
+		}
+		toks, end = s.take(toks)
+		for _, t := range toks {
+			if cancelled || cbErr != nil {
+				break
+			}
+			if ctx.Err() != nil {
+				cancelled = true
+				s.stop.Store(true)
+				l.kick()
+				break
+			}
+			res.CompletionTokens++
+			if err := onToken(t); err != nil {
+				cbErr = err
+				s.stop.Store(true)
+				l.kick()
+			}
+		}
+	}
+	res.TimeToFirstToken = end.ttft
+	switch {
+	case cbErr != nil:
+		res.StopReason = StopError
+		return fmt.Errorf("engine: token callback: %w", cbErr)
+	case end.err != nil:
+		res.StopReason = StopError
+		return end.err
+	case cancelled || end.reason == StopCancelled:
+		res.StopReason = StopCancelled
+		return nil
+	}
+	res.StopReason = end.reason
+	return nil
+}
+
+// pickLane waits for a free slot of the model and takes a place in the
+// lane with the fewest sequences.
+func (m *llamaModel) pickLane(ctx context.Context) (*lane, error) {
+	select {
+	case m.seqs <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	m.pickMu.Lock()
+	defer m.pickMu.Unlock()
+	var best *lane
+	bestLoad := 0
+	for _, l := range m.lanes {
+		l.mu.Lock()
+		load := l.load
+		l.mu.Unlock()
+		if best == nil || load < bestLoad {
+			best, bestLoad = l, load
+		}
+	}
+	best.mu.Lock()
+	best.load++
+	best.mu.Unlock()
+	return best, nil
+}
+
+func (m *llamaModel) leaveLane() { <-m.seqs }
+
