@@ -512,4 +512,3 @@ func (m *llamaModel) pickLane(ctx context.Context) (*lane, error) {
 }
 
 func (m *llamaModel) leaveLane() { <-m.seqs }
-

@@ -170,10 +170,10 @@ func (l *Llama) Load(ctx context.Context, path string, opts LoadOptions) (Model,
 	}
 
 	m := &llamaModel{
-		handle:  handle,
-		vocab:   llama.ModelGetVocab(handle),
-		path:    path,
-		slots:   map[*llamaSlot]struct{}{},
+		handle: handle,
+		vocab:  llama.ModelGetVocab(handle),
+		path:   path,
+		slots:  map[*llamaSlot]struct{}{},
 	}
 	m.nVocab = llama.VocabNTokens(m.vocab)
 	m.ctxSize = opts.ContextSize
