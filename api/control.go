@@ -210,7 +210,11 @@ type WorkerStatus struct {
 	// ContextSize is the context each slot runs a request in, in tokens
 	// (0 until the model is loaded): the queen refuses a max_tokens that
 	// fits no worker of the model before any job exists.
-	ContextSize  int       `json:"ctx_size,omitempty"`
+	ContextSize int `json:"ctx_size,omitempty"`
+	// KVCacheBytes is the KV cache the slots reserve (each its context's
+	// worth); KVUsedBytes what their running requests fill now.
+	KVCacheBytes uint64    `json:"kv_cache_bytes,omitempty"`
+	KVUsedBytes  uint64    `json:"kv_used_bytes,omitempty"`
 	MemoryUsed   uint64    `json:"memory_used"`
 	State        string    `json:"state"`
 	TokensServed uint64    `json:"tokens_served"`

@@ -217,14 +217,14 @@ func workerCommand() *cli.Command {
 				hiveFlag(),
 				&cli.StringFlag{Name: "model", Aliases: []string{"m"}, Usage: "model id", Required: true},
 				&cli.StringFlag{Name: "device", Usage: "cpu or cuda:N", Value: "cpu"},
-				&cli.IntFlag{Name: "slots", Usage: "requests served at once", Value: 1},
+				&cli.IntFlag{Name: "slots", Usage: "requests served at once, batched (default: what fits in the machine's free memory, at most 4)"},
 				&cli.IntFlag{Name: "ctx", Usage: "context size", Value: 2048},
 			}, Action: func(c *cli.Context) error {
 				if err := validModelArgs(c, c.String("model")); err != nil {
 					return err
 				}
-				if c.Int("slots") < 1 {
-					return usage("--slots must be at least 1")
+				if c.Int("slots") < 0 {
+					return usage("--slots must be at least 1 (or 0: from free memory)")
 				}
 				if c.Int("ctx") < 1 {
 					return usage("--ctx must be at least 1")
@@ -237,7 +237,7 @@ func workerCommand() *cli.Command {
 					}
 					if w, ok := decodeResult[api.WorkerStatus](final); ok {
 						show(c, w, func(out io.Writer) {
-							fmt.Fprintf(out, "worker %s serves %s on hive %s (%s)\n", w.ID, w.Model, w.Hive, w.Device)
+							fmt.Fprintf(out, "worker %s serves %s on hive %s (%s, %d slots)\n", w.ID, w.Model, w.Hive, w.Device, w.SlotsTotal)
 						})
 					}
 					return finish(final)

@@ -58,7 +58,7 @@ func TestUsageErrorsAreRefusedBeforeTheBus(t *testing.T) {
 		{[]string{"model", "get", "tiny", "--hive", "h.1"}, []string{"hive id"}, false},
 		{[]string{"model", "list", "--hive", "a.>"}, []string{"hive id"}, false},
 		{[]string{"worker", "spawn", "--hive", "h1", "-m", "a.>"}, []string{"model id"}, false},
-		{[]string{"worker", "spawn", "--hive", "h1", "-m", "tiny", "--slots", "0"}, []string{"--slots"}, false},
+		{[]string{"worker", "spawn", "--hive", "h1", "-m", "tiny", "--slots", "-1"}, []string{"--slots"}, false},
 		{[]string{"worker", "stop", "w.1"}, []string{"worker id"}, false},
 		{[]string{"hive", "get"}, []string{"rbee hive get needs a hive NAME"}, false},
 	}

@@ -188,6 +188,9 @@ func printWorker(out io.Writer, wk api.WorkerStatus, now time.Time) {
 	fmt.Fprintf(w, "  model\t%s\n", wk.Model)
 	fmt.Fprintf(w, "  hive\t%s, device %s, pid %d\n", wk.Hive, wk.Device, wk.PID)
 	fmt.Fprintf(w, "  slots\t%d of %d busy\n", wk.SlotsBusy, wk.SlotsTotal)
+	if wk.KVCacheBytes > 0 {
+		fmt.Fprintf(w, "  kv cache\t%s of %s in use\n", humanBytes(wk.KVUsedBytes), humanBytes(wk.KVCacheBytes))
+	}
 	fmt.Fprintf(w, "  served\t%d tokens, %.1f tokens/s\n", wk.TokensServed, wk.TokensPerSec)
 	if wk.MemoryUsed > 0 {
 		fmt.Fprintf(w, "  memory\t%s\n", humanBytes(wk.MemoryUsed))

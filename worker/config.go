@@ -21,13 +21,8 @@ import (
 
 // Settings a worker uses unless told otherwise, in one place.
 const (
-	// DefaultSlots is how many requests a worker generates at once.
-	DefaultSlots = 1
 	// DefaultContextSize is each slot's context, in tokens.
 	DefaultContextSize = 2048
-	// DefaultThreads is the CPU threads per slot: one, because two threads
-	// on a busy small machine collapse throughput.
-	DefaultThreads = 1
 	// DefaultDevice runs on the CPU.
 	DefaultDevice = "cpu"
 	// DefaultDrainGrace is how long a shutdown waits for in-flight jobs
@@ -73,11 +68,15 @@ type Config struct {
 	ModelPath string
 	// Device is "cpu" or "cuda:N".
 	Device string
-	// Slots is how many requests are generated concurrently.
+	// Slots is how many requests are generated concurrently, decoded
+	// together in batches; 0 chooses from free memory (planSlots).
 	Slots int
 	// ContextSize is each slot's context, in tokens.
 	ContextSize int
-	// Threads is CPU threads per slot.
+	// Lanes is how many llama contexts share the slots; 0 chooses from
+	// the device and the model's size (planSlots).
+	Lanes int
+	// Threads is CPU threads per lane; 0 shares the cores among the lanes.
 	Threads int
 	// LlamaLib is the llama.cpp library directory (llamalib.Find when empty).
 	LlamaLib string
@@ -127,22 +126,18 @@ func (c Config) withDefaults() (Config, error) {
 	if err := checkDevice(c.Device); err != nil {
 		return c, err
 	}
-	if c.Slots == 0 {
-		c.Slots = DefaultSlots
-	}
 	if c.ContextSize == 0 {
 		c.ContextSize = DefaultContextSize
 	}
-	if c.Threads == 0 {
-		c.Threads = DefaultThreads
-	}
 	switch {
-	case c.Slots < 1 || c.Slots > 256:
-		return c, fmt.Errorf("--slots: must be between 1 and 256, got %d", c.Slots)
+	case c.Slots < 0 || c.Slots > MaxSlots:
+		return c, fmt.Errorf("--slots: must be between 1 and %d (0: from free memory), got %d", MaxSlots, c.Slots)
 	case c.ContextSize < 16:
 		return c, fmt.Errorf("--ctx: must be at least 16 tokens, got %d", c.ContextSize)
-	case c.Threads < 1:
-		return c, fmt.Errorf("--threads: must be at least 1, got %d", c.Threads)
+	case c.Lanes < 0:
+		return c, fmt.Errorf("--lanes: must be at least 1 (0: chosen), got %d", c.Lanes)
+	case c.Threads < 0:
+		return c, fmt.Errorf("--threads: must be at least 1 (0: chosen), got %d", c.Threads)
 	case c.Heartbeat < 0:
 		return c, fmt.Errorf("--heartbeat: must be positive, got %s", c.Heartbeat)
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,6 +48,10 @@ type worker struct {
 	cons     jetstream.Consumer
 	started  time.Time
 	fileSize uint64
+	// plan is the slot count, lanes and threads (planSlots); kvPerToken
+	// the model's KV cache bytes per token.
+	plan       slotPlan
+	kvPerToken uint64
 
 	// drain carries a drain request's grace from the endpoint to Run.
 	drain chan time.Duration
@@ -82,6 +87,20 @@ func Run(ctx context.Context, cfg Config) error {
 	if st, err := os.Stat(cfg.ModelPath); err == nil {
 		w.fileSize = uint64(st.Size())
 	}
+	// The slot count is settled before anything else, so a count that
+	// does not fit is refused at once with its numbers.
+	facts, err := gatherFacts(ctx, cfg)
+	if err != nil {
+		// A missing or unreadable model is the engine's to report when
+		// it loads; without its dimensions only the default cap applies.
+		facts = memoryFacts{Cores: runtime.NumCPU(), FreeIsUnknown: true}
+	}
+	w.plan, err = planSlots(cfg, facts)
+	if err != nil {
+		return fmt.Errorf("worker %s, model %s: %w", cfg.ID, cfg.Model, err)
+	}
+	w.cfg.Slots, w.cfg.Lanes, w.cfg.Threads = w.plan.Slots, w.plan.Lanes, w.plan.Threads
+	w.kvPerToken = facts.KVPerToken
 
 	w.bus, err = bus.Connect(ctx, bus.ConnectConfig{
 		URL: cfg.NATSURL, Credentials: cfg.Credentials, Namespace: cfg.Namespace,
@@ -186,7 +205,7 @@ func (w *worker) load(ctx context.Context) ([]engine.Slot, error) {
 	}
 	t0 := time.Now()
 	m, err := eng.Load(ctx, w.cfg.ModelPath, engine.LoadOptions{
-		ContextSize: w.cfg.ContextSize, Threads: w.cfg.Threads, Device: w.cfg.Device,
+		ContextSize: w.cfg.ContextSize, Slots: w.cfg.Slots, Lanes: w.cfg.Lanes, Threads: w.cfg.Threads, Device: w.cfg.Device,
 	})
 	if err != nil {
 		return nil, err
@@ -205,6 +224,7 @@ func (w *worker) load(ctx context.Context) ([]engine.Slot, error) {
 		slots = append(slots, s)
 	}
 	w.log.Info().Str("path", w.cfg.ModelPath).Str("device", w.cfg.Device).Int("slots", w.cfg.Slots).
+		Int("lanes", w.cfg.Lanes).Int("threads_per_lane", w.cfg.Threads).Str("kv_per_slot", bytesHuman(w.plan.KVPerSlot)).
 		Int("ctx", m.ContextSize()).Dur("took", time.Since(t0)).Msg("model loaded")
 	return slots, nil
 }
@@ -367,12 +387,24 @@ func (w *worker) status() api.WorkerStatus {
 	return api.WorkerStatus{
 		ID: w.cfg.ID, Hive: w.cfg.Hive, Model: w.cfg.Model, ModelKey: w.key, Device: w.cfg.Device,
 		SlotsTotal: w.cfg.Slots, SlotsBusy: w.busy, ContextSize: w.ctxSize, MemoryUsed: w.memoryUsed(),
+		KVCacheBytes: uint64(w.cfg.Slots) * w.plan.KVPerSlot, KVUsedBytes: w.kvUsed(),
 		State: w.state, TokensServed: w.tokensServed, TokensPerSec: w.tokensPerSec,
 		PID: os.Getpid(), Version: version.Version, StartedAt: w.started, BeatAt: time.Now().UTC(),
 	}
 }
 
 func (w *worker) beatValue() ([]byte, error) { return json.Marshal(w.status()) }
+
+// kvUsed is the KV cache the slots' sequences fill now, in bytes.
+func (w *worker) kvUsed() uint64 {
+	if !w.loaded.Load() {
+		return 0
+	}
+	if r, ok := w.model.(engine.KVReporter); ok {
+		return uint64(r.KVTokens()) * w.kvPerToken
+	}
+	return 0
+}
 
 // memoryUsed is the process's resident memory on the CPU, where the model
 // lives in it; on a GPU the model file's size stands in for device memory.

@@ -500,3 +500,17 @@ func TestBadConfigIsRefusedBeforeTheBus(t *testing.T) {
 	ok := worker.Config{ID: "w", Hive: "h", Model: "llama-3.2-1b", ModelPath: "x", Device: "cuda:1"}
 	require.NoError(t, ok.Check())
 }
+
+// A slot count whose KV caches do not fit in free memory is refused before
+// the worker touches the bus (no NATS URL that answers is given), with the
+// numbers.
+func TestSlotsThatDoNotFitAreRefused(t *testing.T) {
+	path, _ := tiny(t)
+	err := worker.Run(context.Background(), worker.Config{
+		ID: "w1", Hive: "hive1", Model: modelID, ModelPath: path, Slots: 256, ContextSize: 1 << 22,
+		NATSURL: "nats://127.0.0.1:1", Log: zerolog.Nop(),
+	})
+	require.ErrorIs(t, err, worker.ErrNoMemory)
+	assert.Contains(t, err.Error(), "--slots 256 does not fit: 256 slots of 4194304 tokens need")
+	assert.Contains(t, err.Error(), "of KV cache (2.0 GiB each)")
+}

@@ -39,9 +39,10 @@ func main() {
 			&cli.StringFlag{Name: "model", Usage: "model id as in the hive's catalog", Required: true},
 			&cli.StringFlag{Name: "model-path", Usage: "GGUF file of the model", Required: true},
 			&cli.StringFlag{Name: "device", Usage: `"cpu" or "cuda:N"`, Value: worker.DefaultDevice},
-			&cli.IntFlag{Name: "slots", Usage: "requests generated concurrently", Value: worker.DefaultSlots},
+			&cli.IntFlag{Name: "slots", Usage: fmt.Sprintf("requests generated concurrently, batched (default: what fits in free memory, at most %d)", worker.DefaultMaxSlots)},
 			&cli.IntFlag{Name: "ctx", Usage: "context size per slot, in tokens", Value: worker.DefaultContextSize},
-			&cli.IntFlag{Name: "threads", Usage: "CPU threads per slot", Value: worker.DefaultThreads},
+			&cli.IntFlag{Name: "lanes", Usage: "llama contexts sharing the slots (default: 1 on a GPU or for a big model, one per core for a small one on a CPU)"},
+			&cli.IntFlag{Name: "threads", Usage: "CPU threads per lane (default: the cores shared among the lanes)"},
 			&cli.StringFlag{Name: "llama-lib", Usage: "directory of the llama.cpp libraries (default: $RBEE_LLAMA_LIB, then the usual places)"},
 			&cli.DurationFlag{Name: "heartbeat", Usage: "registry heartbeat interval", Value: bus.DefaultHeartbeatInterval},
 			&cli.DurationFlag{Name: "drain-grace", Usage: "how long a shutdown waits for in-flight jobs before cancelling them", Value: worker.DefaultDrainGrace},
@@ -69,7 +70,7 @@ func run(c *cli.Context) error {
 	defer closeLog()
 	cfg := worker.Config{
 		ID: c.String("id"), Hive: c.String("hive"), Model: c.String("model"), ModelPath: c.String("model-path"),
-		Device: c.String("device"), Slots: c.Int("slots"), ContextSize: c.Int("ctx"), Threads: c.Int("threads"),
+		Device: c.String("device"), Slots: c.Int("slots"), ContextSize: c.Int("ctx"), Lanes: c.Int("lanes"), Threads: c.Int("threads"),
 		LlamaLib: c.String("llama-lib"), Heartbeat: c.Duration("heartbeat"), DrainGrace: c.Duration("drain-grace"),
 		NATSURL: c.String(cliutil.FlagNATS), Credentials: cliutil.Credentials(c), Namespace: c.String(cliutil.FlagNamespace),
 		Log: log,

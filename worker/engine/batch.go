@@ -61,6 +61,10 @@ type lane struct {
 	wake   chan struct{}
 	done   chan struct{}
 
+	// kvTokens is what the running sequences hold in the cache, written
+	// by the loop after each step.
+	kvTokens atomic.Int64
+
 	// Owned by the loop.
 	running []*sequence
 	freeIDs []llama.SeqId
@@ -220,6 +224,7 @@ func (l *lane) loop() {
 			l.admit(s)
 		}
 		l.dropStopped()
+		l.countKV()
 		if len(l.running) == 0 {
 			<-l.wake
 			continue
@@ -254,6 +259,23 @@ func (l *lane) dropStopped() {
 	}
 	clear(l.running[len(kept):])
 	l.running = kept
+}
+
+func (l *lane) countKV() {
+	n := 0
+	for _, s := range l.running {
+		n += max(s.fed, s.nPast)
+	}
+	l.kvTokens.Store(int64(n))
+}
+
+// KVTokens implements KVReporter.
+func (m *llamaModel) KVTokens() int {
+	n := 0
+	for _, l := range m.lanes {
+		n += int(l.kvTokens.Load())
+	}
+	return n
 }
 
 // release frees s's KV cells and its sequence id.

@@ -102,6 +102,12 @@ type Model interface {
 	Close() error
 }
 
+// KVReporter is a Model that says how many tokens its sequences hold in
+// their KV caches now.
+type KVReporter interface {
+	KVTokens() int
+}
+
 // Slot is a handle for one request at a time. Use it from one goroutine at
 // a time; several slots of one model generate concurrently, batched.
 type Slot interface {
