@@ -126,6 +126,7 @@ var benchmarks = []benchmark{
 	{5, "Scale of one queen", benchScale},
 	{6, "Footprint", benchFootprint},
 	{7, "Recovery at the boundaries", benchRecovery},
+	{8, "Concurrency", benchConcurrency},
 }
 
 // handWritten starts the part of the report that is written by hand and
