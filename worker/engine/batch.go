@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,10 +17,10 @@ import (
 // lane is owned by one goroutine, its loop, which is the only code that
 // touches the lane's context, batch and samplers. Every step the loop builds
 // one batch: the next token of every generating sequence, then prompt
-// tokens of sequences being admitted, in admission order, up to the step's
-// token budget (chunked prefill: a long prompt holds the others back by one
-// chunk at most). Sequences join and leave between steps; a sequence that
-// leaves has its KV cells removed at once.
+// tokens of sequences being admitted, shortest first, up to the step's
+// token budget (chunked prefill: a long prompt holds the generating ones
+// back by one chunk at most). Sequences join and leave between steps; a
+// sequence that leaves has its KV cells removed at once.
 //
 // The KV cache of a lane is split into one partition per sequence (llama.cpp's
 // non-unified cache), each of the model's context size, rather than one
@@ -67,6 +68,7 @@ type lane struct {
 
 	// Owned by the loop.
 	running []*sequence
+	prefill []*sequence // scratch of step
 	freeIDs []llama.SeqId
 	buf     []byte
 }
@@ -301,13 +303,23 @@ func (l *lane) step() {
 		sampled = append(sampled, s)
 	}
 	budget := l.budget - len(sampled)
-	var prefilled []*sequence
+	// Prompts are fed shortest remaining first: a short request that
+	// arrives while a long prompt is being fed gets its first token at
+	// the next step instead of after the whole long prefill. A long one
+	// is held back only while short ones fill a whole step's budget.
+	l.prefill = l.prefill[:0]
 	for _, s := range l.running {
+		if s.fed < len(s.prompt) {
+			l.prefill = append(l.prefill, s)
+		}
+	}
+	slices.SortStableFunc(l.prefill, func(a, b *sequence) int {
+		return (len(a.prompt) - a.fed) - (len(b.prompt) - b.fed)
+	})
+	var prefilled []*sequence
+	for _, s := range l.prefill {
 		if budget <= 0 {
 			break
-		}
-		if s.fed >= len(s.prompt) {
-			continue
 		}
 		n := min(budget, len(s.prompt)-s.fed)
 		seqID[0] = s.id

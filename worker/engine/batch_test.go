@@ -512,3 +512,46 @@ func TestBatchedWaitsForSlot(t *testing.T) {
 	require.NoError(t, r.err)
 	assert.Len(t, r.tokens, 3)
 }
+
+// A short request that arrives while a long prompt is being fed gets its
+// first token before the long one does: prompts are fed shortest first.
+func TestBatchedShortPromptOvertakesALongPrefill(t *testing.T) {
+	m := loadBatched(t, large(t), 2, 1, 2048)
+	words := strings.Fields("the bee is a hive of honey and flower world hello queen")
+	var b strings.Builder
+	for i := 0; b.Len() < 4000; i++ {
+		b.WriteString(words[i%len(words)])
+		b.WriteByte(' ')
+	}
+	long := Request{Prompt: b.String(), MaxTokens: 2, Seed: 1}
+	toks, err := m.Tokenize(long.Prompt, true)
+	require.NoError(t, err)
+	require.Greater(t, len(toks), 2*stepBudget)
+	require.Less(t, len(toks), 2040)
+
+	var mu sync.Mutex
+	var firsts []string
+	first := func(who string) func(Token) error {
+		return func(tok Token) error {
+			if tok.Index == 0 {
+				mu.Lock()
+				firsts = append(firsts, who)
+				mu.Unlock()
+			}
+			return nil
+		}
+	}
+	var wg sync.WaitGroup
+	sLong, sShort := newSlot(t, m), newSlot(t, m)
+	wg.Go(func() {
+		_, err := sLong.Generate(context.Background(), long, first("long"))
+		assert.NoError(t, err)
+	})
+	// Once the long prompt's first chunk is in the cache, the short one
+	// comes.
+	require.Eventually(t, func() bool { return m.(KVReporter).KVTokens() > 0 }, 10*time.Second, time.Millisecond)
+	_, err = sShort.Generate(context.Background(), Request{Prompt: "hello world", MaxTokens: 2, Seed: 1}, first("short"))
+	require.NoError(t, err)
+	wg.Wait()
+	assert.Equal(t, []string{"short", "long"}, firsts)
+}
