@@ -171,7 +171,7 @@ func TestFailedSpawnFailsEveryWaiterAtOnce(t *testing.T) {
 func TestKilledHiveLeavesNoQueuedJobStranded(t *testing.T) {
 	t.Parallel()
 	requireLongGreedy(t)
-	c := newCluster(t).withDaemons()
+	c := newCluster(t).withDaemons().oneSlot()
 	c.readyWorkers("large", 1)
 	running := c.start(longInfer()...)
 	eventually(t, 90*time.Second, func() bool { return running.stdout.String() != "" }, "no token arrived")
@@ -195,7 +195,7 @@ func TestKilledHiveLeavesNoQueuedJobStranded(t *testing.T) {
 func TestQueuedJobsOfAStoppedWorkerStartInOrderOnANewOne(t *testing.T) {
 	t.Parallel()
 	requireLongGreedy(t)
-	c := newCluster(t).withDaemons()
+	c := newCluster(t).withDaemons().oneSlot()
 	ws := c.readyWorkers("large", 1)
 	running := c.start(longInfer()...)
 	eventually(t, 90*time.Second, func() bool { return running.stdout.String() != "" }, "no token arrived")

@@ -316,7 +316,7 @@ func TestCtrlCCancelsTheJobAndFreesTheSlot(t *testing.T) {
 func TestCancelQueuedJobNeverReachesAWorker(t *testing.T) {
 	t.Parallel()
 	requireLongGreedy(t)
-	c := newCluster(t).withDaemons()
+	c := newCluster(t).withDaemons().oneSlot()
 	c.readyHive(map[string]string{"large": "large"})
 	// One worker, one slot, busy with a long job.
 	busy := strings.TrimSpace(c.mustRbee(longInfer("--detach")...).stdout)
@@ -406,7 +406,7 @@ func TestWorkerKilledMidStreamFailsTheJobClearly(t *testing.T) {
 func TestQueueFullIsRefused(t *testing.T) {
 	t.Parallel()
 	requireLongGreedy(t)
-	c := newCluster(t).withDaemons().setEnv("RBEE_MAX_QUEUE=1")
+	c := newCluster(t).withDaemons().oneSlot().setEnv("RBEE_MAX_QUEUE=1")
 	c.readyHive(map[string]string{"large": "large"})
 	busy := strings.TrimSpace(c.mustRbee(longInfer("--detach")...).stdout)
 	eventually(t, 90*time.Second, func() bool { return c.job(busy).State == api.JobRunning }, "first job not running")

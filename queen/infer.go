@@ -392,7 +392,7 @@ func (q *Queen) spawnFor(ctx context.Context, o sched.SpawnOrder) (string, error
 			return "", fmt.Errorf("downloading %s: %w", o.Model, err)
 		}
 	}
-	return q.spawnWorker(ctx, o.Job, api.WorkerSpawnArgs{Hive: o.Hive, Model: o.Model, Device: o.Device})
+	return q.spawnWorker(ctx, o.Job, api.WorkerSpawnArgs{Hive: o.Hive, Model: o.Model, Device: o.Device, Slots: q.cfg.WorkerSlots})
 }
 
 // spawnWorker asks a hive to start a worker and waits for it, giving up

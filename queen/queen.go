@@ -48,6 +48,9 @@ type Config struct {
 	FirstTokenTimeout time.Duration
 	// MaxQueue bounds waiting inference requests per model (default 1024).
 	MaxQueue int
+	// WorkerSlots is the slot count of the workers the queen spawns for
+	// inference requests; 0 lets each worker fit it to its memory.
+	WorkerSlots int
 	// LivenessGrace is how long after the queen starts, or its bus comes
 	// back, an expired heartbeat is not taken for a loss: long enough for
 	// every live hive and worker to beat again (default one heartbeat TTL).

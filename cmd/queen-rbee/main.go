@@ -37,6 +37,7 @@ func main() {
 			&cli.DurationFlag{Name: "worker-start-timeout", EnvVars: []string{"RBEE_WORKER_START_TIMEOUT"}, Usage: "how long spawning a worker and loading its model may take", Value: queen.DefaultWorkerStartTimeout},
 			&cli.DurationFlag{Name: "first-token-timeout", EnvVars: []string{"RBEE_FIRST_TOKEN_TIMEOUT"}, Usage: "fail an inference whose worker sends no first token in time", Value: queen.DefaultFirstTokenTimeout},
 			&cli.IntFlag{Name: "max-queue", EnvVars: []string{"RBEE_MAX_QUEUE"}, Usage: "inference requests allowed to wait per model", Value: queen.DefaultMaxQueue},
+			&cli.IntFlag{Name: "worker-slots", EnvVars: []string{"RBEE_WORKER_SLOTS"}, Usage: "slots of the workers the queen starts for inference requests (default: each worker fits them to its machine's free memory)"},
 			&cli.DurationFlag{Name: "retention", EnvVars: []string{"RBEE_RETENTION"}, Usage: "how long finished jobs and their events are kept", Value: bus.DefaultRetention().JobEvents},
 			&cli.StringFlag{Name: "bin-dir", EnvVars: []string{"RBEE_BIN_DIR"}, Usage: "directory holding rbee-hive and llm-worker-rbee (default: next to queen-rbee)"},
 			&cli.StringSliceFlag{Name: "hive-arg", EnvVars: []string{"RBEE_HIVE_ARGS"}, Usage: "extra argument for locally started hives (repeatable; comma-separated in RBEE_HIVE_ARGS)"},
@@ -56,6 +57,9 @@ func main() {
 }
 
 func run(c *cli.Context) error {
+	if n := c.Int("worker-slots"); n < 0 || n > 256 {
+		return cli.Exit(fmt.Sprintf("--worker-slots: must be between 1 and 256 (0: each worker chooses), got %d", n), 2)
+	}
 	log, closeLog, err := logging.New(c.String(cliutil.FlagLogLevel), c.String(cliutil.FlagLogFile), "queen")
 	if err != nil {
 		return err
@@ -79,7 +83,7 @@ func run(c *cli.Context) error {
 		Credentials: cliutil.Credentials(c), Namespace: c.String(cliutil.FlagNamespace), Retention: retention,
 		JobTimeout: c.Duration("job-timeout"), HiveStartTimeout: c.Duration("hive-start-timeout"),
 		HiveStopGrace: c.Duration("hive-stop-grace"), WorkerStartTimeout: c.Duration("worker-start-timeout"),
-		FirstTokenTimeout: c.Duration("first-token-timeout"), MaxQueue: c.Int("max-queue"),
+		FirstTokenTimeout: c.Duration("first-token-timeout"), MaxQueue: c.Int("max-queue"), WorkerSlots: c.Int("worker-slots"),
 		AdvertiseURL: c.String("advertise"), BinDir: c.String("bin-dir"), HiveArgs: c.StringSlice("hive-arg"),
 		SSHConfigFile: c.String("ssh-config"), SSHKnownHosts: c.String("ssh-known-hosts"),
 		GatewayAddr: gateway, APIKey: c.String("api-key"), Log: log,
