@@ -20,7 +20,7 @@ import (
 
 // Options say which benchmarks run and how big.
 type Options struct {
-	// Only lists the benchmarks to run (1-7); empty runs all.
+	// Only lists the benchmarks to run (1-Count); empty runs all.
 	Only map[int]bool
 	// Quick shrinks every size, for a smoke run.
 	Quick bool
@@ -131,6 +131,9 @@ var benchmarks = []benchmark{
 
 // handWritten starts the part of the report that is written by hand and
 // kept across runs.
+// Count is how many benchmarks there are, numbered from 1.
+var Count = len(benchmarks)
+
 const handWritten = "<!-- Below: written by hand, kept by the bench. -->"
 
 // Run runs the selected benchmarks, prints each table when it finishes and

@@ -28,7 +28,7 @@ func main() {
 		return
 	}
 	out := flag.String("out", "", "write the Markdown report here (e.g. docs/BENCHMARKS.md)")
-	only := flag.String("only", "", "comma-separated benchmarks to run, 1-7 (default: all)")
+	only := flag.String("only", "", fmt.Sprintf("comma-separated benchmarks to run, 1-%d (default: all)", bench.Count))
 	quick := flag.Bool("quick", false, "shrink every size for a quick run")
 	flag.Parse()
 	opts := bench.Options{Out: *out, Quick: *quick, Stdout: os.Stdout, Log: os.Stderr, Only: map[int]bool{}}
@@ -37,8 +37,8 @@ func main() {
 			continue
 		}
 		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > 7 {
-			fmt.Fprintf(os.Stderr, "rbee-bench: -only takes numbers 1-7, got %q\n", s)
+		if err != nil || n < 1 || n > bench.Count {
+			fmt.Fprintf(os.Stderr, "rbee-bench: -only takes numbers 1-%d, got %q\n", bench.Count, s)
 			os.Exit(2)
 		}
 		opts.Only[n] = true
