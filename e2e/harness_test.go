@@ -32,6 +32,9 @@ type cluster struct {
 	port    int
 	gateway string
 	env     []string
+	// slots is the slot count of the workers the test starts (0: each
+	// worker's own choice), set by oneSlot.
+	slots int
 }
 
 // freePort hands out a loopback port a test's program will listen on. A

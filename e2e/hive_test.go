@@ -35,10 +35,13 @@ func (c *cluster) setEnv(kv ...string) *cluster {
 	return c
 }
 
-// oneSlot makes the workers the queen starts serve one request at a time
-// (by default a worker fits its slots to free memory), for tests about
-// what waits in the queue.
-func (c *cluster) oneSlot() *cluster { return c.setEnv("RBEE_WORKER_SLOTS=1") }
+// oneSlot makes the workers the queen or the test starts serve one request
+// at a time (by default a worker fits its slots to free memory), for tests
+// about what waits in the queue.
+func (c *cluster) oneSlot() *cluster {
+	c.slots = 1
+	return c.setEnv("RBEE_WORKER_SLOTS=1")
+}
 
 func (c *cluster) hiveView(name string) api.HiveView {
 	c.t.Helper()

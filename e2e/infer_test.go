@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -40,7 +41,7 @@ func (c *cluster) readyWorkers(model string, n int) []api.WorkerStatus {
 	c.t.Helper()
 	c.readyHive(map[string]string{model: model})
 	for range n {
-		c.mustRbee("worker", "spawn", "--hive", "local", "-m", model)
+		c.mustRbee("worker", "spawn", "--hive", "local", "-m", model, "--slots", strconv.Itoa(c.slots))
 	}
 	ws := c.workers()
 	require.Len(c.t, ws, n)
