@@ -237,7 +237,7 @@ func workerCommand() *cli.Command {
 					}
 					if w, ok := decodeResult[api.WorkerStatus](final); ok {
 						show(c, w, func(out io.Writer) {
-							fmt.Fprintf(out, "worker %s serves %s on hive %s (%s, %d slots)\n", w.ID, w.Model, w.Hive, w.Device, w.SlotsTotal)
+							fmt.Fprintf(out, "worker %s serves %s on hive %s (%s, %d slot%s)\n", w.ID, w.Model, w.Hive, w.Device, w.SlotsTotal, map[bool]string{true: "s"}[w.SlotsTotal != 1])
 						})
 					}
 					return finish(final)
