@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -28,6 +29,12 @@ type genRun struct {
 	decode, e2e float64
 	// submit is B's submit round trip (0 elsewhere).
 	submit time.Duration
+	// For B, where its time to first token went, from the job's record:
+	// toTaken from the request to the worker marking the job running,
+	// engine the worker's own time to first token (from its Generate
+	// call), and the rest (the token's trip back, the follower attaching)
+	// is ttft minus both.
+	toTaken, engine time.Duration
 }
 
 func newGenRun(t0 time.Time, arrivals []time.Time) (genRun, error) {
@@ -67,10 +74,11 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		n, rounds = 64, 3
 	}
 	t := &Table{
-		Intro: fmt.Sprintf("The same prompt (%q), greedy (temperature 0, seed %d), %d tokens, 1 llama.cpp thread, context %d, three ways, interleaved A/B/C in each of %d rounds (order rotated per round, after one warm-up round): "+
+		Intro: fmt.Sprintf("The same prompt (%q), greedy (temperature 0, seed %d), %d tokens, 1 llama.cpp thread, context %d, four ways (D where curl is installed), interleaved in each of %d rounds (order rotated per round, after one warm-up round): "+
 			"**A** the engine (worker/engine, llama.cpp through yzma) called in the bench process; "+
 			"**B** the keeper's path: an `infer` job submitted to the queen's `submit` endpoint on the bus and its events followed with bus.Follow, run by a warm llm-worker-rbee spawned by a real rbee-hive; "+
-			"**C** the queen's OpenAI gateway, `POST /v1/completions` with `stream: true`, read by a plain net/http SSE client. "+
+			"**C** the queen's OpenAI gateway, `POST /v1/completions` with `stream: true`, read by a plain net/http SSE client; "+
+			"**D** an outside client: `curl` on a connection of its own, its time to the response's first byte (the gateway sends its headers with the first token), so only TTFT. "+
 			"TTFT is from the request to the first token; inter-token is the gap between token arrivals at the client; tokens/s is decode rate (first to last token), with end-to-end (request to last token) in brackets.",
 			overheadPrompt, overheadSeed, n, overheadCtx, rounds),
 		Header: []string{"model", "way", "tokens", "TTFT p50", "TTFT p99", "inter-token p50", "inter-token p99", "tokens/s p50 (e2e)", "tok/s ÷ A", "added TTFT p50 (vs A)"},
@@ -143,6 +151,9 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			bcErr = fmt.Errorf("B and C not measured: %w", werr)
 		} else {
 			ways = append(ways, way{"B keeper → queen → worker", c.inferBus}, way{"C OpenAI gateway (SSE)", c.inferGateway})
+			if _, err := exec.LookPath("curl"); err == nil {
+				ways = append(ways, way{"D curl → gateway (outside client, TTFT only)", c.inferCurl})
+			}
 		}
 	}
 
@@ -165,7 +176,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		}
 		e.logf("overhead: %s done", m.name)
 	}
-	type agg struct{ ttft, gaps, decode, e2e, tokens, submit sample }
+	type agg struct{ ttft, gaps, decode, e2e, tokens, submit, toTaken, engine sample }
 	aggregate := func(rs []genRun) agg {
 		var a agg
 		for _, r := range rs {
@@ -176,6 +187,10 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			a.tokens = append(a.tokens, float64(r.tokens))
 			if r.submit > 0 {
 				a.submit = append(a.submit, float64(r.submit)/float64(time.Millisecond))
+			}
+			if r.toTaken > 0 {
+				a.toTaken = append(a.toTaken, float64(r.toTaken)/float64(time.Millisecond))
+				a.engine = append(a.engine, float64(r.engine)/float64(time.Millisecond))
 			}
 		}
 		return a
@@ -193,8 +208,11 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 				added = ms(a.ttft.p50() - base.ttft.p50())
 				rel = ratio(a.decode.p50(), base.decode.p50())
 			}
-			t.Rows = append(t.Rows, []string{m.name, w.name, fmt.Sprintf("%.0f", a.tokens.p50()), ms(a.ttft.p50()), ms(a.ttft.p99()), ms(a.gaps.p50()), ms(a.gaps.p99()),
-				fmt.Sprintf("%s (%s)", num(a.decode.p50()), num(a.e2e.p50())), rel, added})
+			gapP50, gapP99, rate := ms(a.gaps.p50()), ms(a.gaps.p99()), fmt.Sprintf("%s (%s)", num(a.decode.p50()), num(a.e2e.p50()))
+			if len(a.gaps) == 0 { // D measures TTFT only
+				gapP50, gapP99, rate, rel = "—", "—", "—", "—"
+			}
+			t.Rows = append(t.Rows, []string{m.name, w.name, fmt.Sprintf("%.0f", a.tokens.p50()), ms(a.ttft.p50()), ms(a.ttft.p99()), gapP50, gapP99, rate, rel, added})
 			if w.name == wayA.name {
 				continue
 			}
@@ -202,13 +220,22 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			if len(a.submit) > 0 {
 				t.Notes = append(t.Notes, fmt.Sprintf("%s model, B: the submit round trip alone (the queen validates, writes the job record, publishes its state and enqueues the request, then answers) takes %s p50 of B's %s TTFT; the rest is the follower attaching, the worker pulling the request and marking the job running, and the first token's trip back.", m.name, ms(a.submit.p50()), ms(a.ttft.p50())))
 			}
-			if m.name == "large" {
+			if len(a.toTaken) > 0 {
+				rest := a.ttft.p50() - a.toTaken.p50() - a.engine.p50()
+				t.Notes = append(t.Notes, fmt.Sprintf("%s model, B, where the TTFT goes (p50 of each part, from the job records): %s from the request until the worker has marked the job running (the submit, the queue, the worker's take), %s in the worker's engine (its Generate call to the first token: the prefill; A's whole TTFT is %s), and %s for the rest (the worker's steps between its take and Generate, the first token's publish, store and delivery to the follower).",
+					m.name, ms(a.toTaken.p50()), ms(a.engine.p50()), ms(base.ttft.p50()), ms(rest)))
+			}
+			if len(a.gaps) > 0 && (m.name == "large" || short == "B") {
+				want := 0.97 // issue 6, the larger model
+				if m.name == "tiny" {
+					want = 0.95 // issue 11: the keeper's path on the tiny model
+				}
 				r := a.decode.p50() / base.decode.p50()
-				e.target(Target{Bench: 1, Claim: fmt.Sprintf("tokens/s of %s ≥ 0.97 of A on the larger model", short), Holds: holds(r >= 0.97),
+				e.target(Target{Bench: 1, Claim: fmt.Sprintf("tokens/s of %s ≥ %.2f of A on the %s model", short, want, m.name), Holds: holds(r >= want),
 					Detail: fmt.Sprintf("%s vs %s tokens/s = %.3f (end-to-end %.3f)", num(a.decode.p50()), num(base.decode.p50()), r, a.e2e.p50()/base.e2e.p50())})
 			}
 			d := a.ttft.p50() - base.ttft.p50()
-			e.target(Target{Bench: 1, Claim: fmt.Sprintf("added TTFT of %s < 2 ms p50, warm worker, %s model", short, m.name), Holds: holds(d < 2),
+			e.target(Target{Bench: 1, Claim: fmt.Sprintf("added TTFT of %s ≤ 1 ms p50, warm worker, %s model", short, m.name), Holds: holds(d <= 1),
 				Detail: fmt.Sprintf("%s (%s vs %s)", ms(d), ms(a.ttft.p50()), ms(base.ttft.p50()))})
 		}
 	}
@@ -259,7 +286,36 @@ func (c *cluster) inferBus(ctx context.Context, model string, n int) (genRun, er
 	}
 	g, err := newGenRun(t0, arrivals)
 	g.submit = submitted
+	var j api.Job
+	jctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err == nil && c.b.Call(jctx, c.b.Space.Queen(api.EpJobGet), api.JobRequest{ID: reply.JobID}, &j) == nil && j.StartedAt != nil {
+		var res api.InferResult
+		if json.Unmarshal(j.Result, &res) == nil {
+			g.toTaken = j.StartedAt.Sub(t0)
+			g.engine = time.Duration(res.TimeToFirstToken)
+		}
+	}
 	return g, err
+}
+
+// inferCurl is D: an outside client, curl on a connection of its own,
+// streaming from the gateway; its time to the response's first byte is
+// the first token (the gateway sends its headers with it). Only TTFT is
+// measured.
+func (c *cluster) inferCurl(ctx context.Context, model string, n int) (genRun, error) {
+	body, _ := json.Marshal(map[string]any{"model": model, "prompt": overheadPrompt, "max_tokens": n, "temperature": 0, "seed": overheadSeed, "stream": true})
+	out, err := exec.CommandContext(ctx, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_starttransfer}",
+		"-H", "Content-Type: application/json", "--data-binary", string(body), "http://"+c.gateway+"/v1/completions").Output()
+	if err != nil {
+		return genRun{}, fmt.Errorf("curl: %w", err)
+	}
+	var code int
+	var first float64
+	if _, err := fmt.Sscanf(string(out), "%d %g", &code, &first); err != nil || code != http.StatusOK {
+		return genRun{}, fmt.Errorf("curl: %q", out)
+	}
+	return genRun{ttft: time.Duration(first * float64(time.Second)), tokens: n}, nil
 }
 
 var httpClient = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4, DisableCompression: true}}
