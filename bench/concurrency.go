@@ -234,9 +234,12 @@ type concModel struct {
 // back, and whether batching changes outputs.
 func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 	cores := runtime.NumCPU()
+	mem := gguf.MemoryBound()
+	memParams := fmt.Sprintf("%.0f M", float64(mem.Params())/1e6)
+	memSize := fmt.Sprintf("%.0f MB", float64(mem.TensorBytes())/1e6)
 	models := []*concModel{
 		{name: "large", label: "26 M (52 MB)", cfg: gguf.Large(), ctx: concLargeCtx, n: 128, rounds: 8, budget: 140 * time.Second},
-		{name: "membound", label: "412 M (825 MB)", cfg: gguf.MemoryBound(), ctx: concMemCtx, n: 32, rounds: 3, budget: 270 * time.Second},
+		{name: "membound", label: fmt.Sprintf("%s (%s)", memParams, memSize), cfg: mem, ctx: concMemCtx, n: 32, rounds: 3, budget: 270 * time.Second},
 	}
 	fairRounds := 5
 	// Warm-up waves, per way and model: the weights paged in, the batch
@@ -249,15 +252,15 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 	}
 	t = &Table{
 		Intro: fmt.Sprintf("N = 1, 2, 4, 8 requests submitted in one instant, each with its own prompt (request i of a wave always gets prompt i), greedy (temperature 0), "+
-			"%d tokens per request on the 26 M-parameter generated model (F16, context %d) and %d on the 412 M-parameter one (F16, 825 MB, context %d: its weights do not fit in any CPU cache, so every decode step reads them from memory; a token takes about 40 ms on one core of this project's 2-core VM against 3 ms for the 26 M model, hence fewer tokens), "+
-			"on a machine with %d cores. Four ways, all with %d slots, interleaved in rounds (order rotated per round, after warm-up waves of 4 tokens per way; up to %d rounds on the 26 M model and %d on the 412 M one, fewer where another round would take a model's rounds past %s and %s): "+
+			"%d tokens per request on the 26 M-parameter generated model (F16, context %d) and %d on the %s-parameter one (%s, %s, context %d: its weights do not fit in any CPU cache, so every decode step reads them from memory; a token takes about 40 ms on one core of this project's 2-core VM against 3 ms for the 26 M model, hence fewer tokens), "+
+			"on a machine with %d cores. Four ways, all with %d slots, interleaved in rounds (order rotated per round, after warm-up waves of 4 tokens per way; up to %d rounds on the 26 M model and %d on the %s one, fewer where another round would take a model's rounds past %s and %s): "+
 			"**a** the engine (worker/engine) in the bench process, one model loaded with Slots %d, Lanes 1 (one llama context decoding all sequences in one batch per step) and Threads %d (every core), and **a1** the same with Threads 1: the limit of batching; "+
 			"**b** the engine as separate contexts, the old design: Slots %d, Lanes %d, Threads 1, one llama context per request, all decoding at once; "+
 			"**c** rbee: an `infer` job per request submitted to the queen on the bus and followed with bus.Follow, as the keeper does, run by a real llm-worker-rbee spawned with %d slots by a real rbee-hive (threads and lanes are the worker's choice). "+
 			"**tokens/s** is the wave's aggregate: all tokens of its N requests over the time from the submission to the last token of the last request (median over rounds); "+
 			"**TTFT** is from the submission to a request's first token, p50 and p99 over every request of every round; "+
 			"**÷ best of a, b** is the row's tokens/s over the best of a, a1 and b at the same model and N; **÷ own at 1** is the row's tokens/s over the same way's at N = 1 (how it scales).",
-			models[0].n, models[0].ctx, models[1].n, models[1].ctx, cores, concSlots, models[0].rounds, models[1].rounds, models[0].budget, models[1].budget,
+			models[0].n, models[0].ctx, models[1].n, memParams, mem.WeightType(), memSize, models[1].ctx, cores, concSlots, models[0].rounds, models[1].rounds, memParams, models[0].budget, models[1].budget,
 			concSlots, cores, concSlots, concSlots, concSlots),
 		Header: []string{"model", "N", "way", "tokens/request", "tokens/s p50", "TTFT p50", "TTFT p99", "÷ best of a, b", "÷ own at 1"},
 	}

@@ -181,6 +181,10 @@ func TestSynthDeterministic(t *testing.T) {
 	f16 := Tiny()
 	f16.F16 = true
 	assert.Equal(t, sum(f16), sum(f16))
+	q8 := Tiny()
+	q8.Q8_0 = true
+	assert.Equal(t, sum(q8), sum(q8))
+	assert.NotEqual(t, sum(f16), sum(q8))
 }
 
 func TestSynthBadConfig(t *testing.T) {

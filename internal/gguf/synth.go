@@ -23,6 +23,10 @@ type SynthConfig struct {
 	Embd, Heads, Layers, FF, CtxLen int
 	// F16 stores the matrices as F16 (norm vectors stay F32).
 	F16 bool
+	// Q8_0 stores the matrices, the token embedding and output ones
+	// included, as Q8_0 (norm vectors stay F32); it takes precedence over
+	// F16. Embd and FF must be multiples of Q8_0BlockSize.
+	Q8_0 bool
 	// Seed makes the weights deterministic: the same config gives the same bytes.
 	Seed int64
 	// ChatTemplate is written as tokenizer.chat_template when not empty.
@@ -42,12 +46,16 @@ func Large() SynthConfig {
 }
 
 // MemoryBound is the model whose weights do not fit in a CPU's cache, for
-// benchmarks of batching: n_embd 2048, 16 heads, 8 layers, ff 5632, context
-// 2048, F16; 412 M parameters, 0.82 GB. Every decode step reads all of it
-// from memory, and a step of several sequences reads it once for all. It is
-// generated on the fly (about 9 s on 2 cores), never kept.
+// benchmarks of batching: n_embd 4096, 32 heads, 4 layers, ff 14336 (the
+// layer shape of an 8 B llama, without grouped-query attention), context
+// 2048, Q8_0 as users run quantised models; 975.8 M parameters, 1.04 GB
+// (1,036,891,424 bytes). Every decode step reads all of it from memory, and
+// a step of several sequences reads it once for all: ggml's int8 kernels
+// compute fast enough that batching pays, where with F16 weights a CPU is
+// compute-bound before the batch is large. Its KV cache (F16) is 64 KiB a
+// token. It is generated on the fly (15 to 20 s on 2 cores), never kept.
 func MemoryBound() SynthConfig {
-	return SynthConfig{Embd: 2048, Heads: 16, Layers: 8, FF: 5632, CtxLen: 2048, F16: true, Seed: 42, ChatTemplate: DefaultChatTemplate}
+	return SynthConfig{Embd: 4096, Heads: 32, Layers: 4, FF: 14336, CtxLen: 2048, Q8_0: true, Seed: 42, ChatTemplate: DefaultChatTemplate}
 }
 
 // Token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type).
@@ -132,8 +140,73 @@ func (c SynthConfig) validate() error {
 		return fmt.Errorf("gguf: synth config: embd %d not divisible by heads %d", c.Embd, c.Heads)
 	case (c.Embd/c.Heads)%2 != 0:
 		return fmt.Errorf("gguf: synth config: head size %d must be even for RoPE", c.Embd/c.Heads)
+	case c.Q8_0 && (c.Embd%Q8_0BlockSize != 0 || c.FF%Q8_0BlockSize != 0):
+		return fmt.Errorf("gguf: synth config: Q8_0 needs embd %d and ff %d to be multiples of %d", c.Embd, c.FF, Q8_0BlockSize)
 	}
 	return nil
+}
+
+// WeightType is the type the config's matrices are stored as: "F32", "F16"
+// or "Q8_0".
+func (c SynthConfig) WeightType() string {
+	switch {
+	case c.Q8_0:
+		return "Q8_0"
+	case c.F16:
+		return "F16"
+	}
+	return "F32"
+}
+
+// shapes are the dimensions of the model's tensors in the order Synth
+// writes them; 1-D ones are the norm vectors.
+func (c SynthConfig) shapes() [][]uint64 {
+	tokens, _, _ := Vocab()
+	E, F, V := uint64(c.Embd), uint64(c.FF), uint64(len(tokens))
+	s := [][]uint64{{E, V}}
+	for l := 0; l < c.Layers; l++ {
+		s = append(s, []uint64{E}, []uint64{E, E}, []uint64{E, E}, []uint64{E, E}, []uint64{E, E},
+			[]uint64{E}, []uint64{E, F}, []uint64{E, F}, []uint64{F, E})
+	}
+	return append(s, []uint64{E}, []uint64{E, V})
+}
+
+// Params is the number of weights of the model Synth writes for c.
+func (c SynthConfig) Params() int64 {
+	var n int64
+	for _, d := range c.shapes() {
+		p := int64(1)
+		for _, x := range d {
+			p *= int64(x)
+		}
+		n += p
+	}
+	return n
+}
+
+// TensorBytes is the size of the model's tensor data as stored, alignment
+// padding included: the file less its header (metadata and tensor infos,
+// about 10 KB).
+func (c SynthConfig) TensorBytes() int64 {
+	var n int64
+	for _, d := range c.shapes() {
+		p := int64(1)
+		for _, x := range d {
+			p *= int64(x)
+		}
+		switch {
+		case len(d) == 1:
+			p *= 4
+		case c.Q8_0:
+			p = p / Q8_0BlockSize * Q8_0BlockBytes
+		case c.F16:
+			p *= 2
+		default:
+			p *= 4
+		}
+		n += int64(align(uint64(p), DefaultAlignment))
+	}
+	return n
 }
 
 // rng is a small deterministic generator (PCG from math/rand/v2, whose output
@@ -164,8 +237,13 @@ func Synth(w io.Writer, cfg SynthConfig) error {
 	g := NewWriter()
 	g.AddString("general.architecture", "llama")
 	g.AddString("general.name", fmt.Sprintf("rbee-synth-%dx%d", cfg.Embd, cfg.Layers))
+	// general.file_type is llama.cpp's llama_ftype: ALL_F32, MOSTLY_F16,
+	// MOSTLY_Q8_0.
 	fileType := uint32(0)
-	if cfg.F16 {
+	switch {
+	case cfg.Q8_0:
+		fileType = 7
+	case cfg.F16:
 		fileType = 1
 	}
 	g.AddUint32("general.file_type", fileType)
@@ -194,13 +272,18 @@ func Synth(w io.Writer, cfg SynthConfig) error {
 
 	r := rng{rand.NewPCG(uint64(cfg.Seed), uint64(cfg.Seed)^0x9e3779b97f4a7c15)}
 	E, F, V := uint64(cfg.Embd), uint64(cfg.FF), uint64(nVocab)
-	matrix := func(name string, dims []uint64, scale float32) {
-		data := r.fill(int(dims[0]*dims[1]), scale)
-		if cfg.F16 {
+	addMatrix := func(name string, dims []uint64, data []float32) {
+		switch {
+		case cfg.Q8_0:
+			g.AddTensorQ8_0(name, dims, data)
+		case cfg.F16:
 			g.AddTensorF16(name, dims, data)
-		} else {
+		default:
 			g.AddTensorF32(name, dims, data)
 		}
+	}
+	matrix := func(name string, dims []uint64, scale float32) {
+		addMatrix(name, dims, r.fill(int(dims[0]*dims[1]), scale))
 	}
 	norm := func(name string) {
 		v := make([]float32, E)
@@ -246,11 +329,7 @@ func Synth(w io.Writer, cfg SynthConfig) error {
 			out[v*int(E)+i] *= damp
 		}
 	}
-	if cfg.F16 {
-		g.AddTensorF16("output.weight", []uint64{E, V}, out)
-	} else {
-		g.AddTensorF32("output.weight", []uint64{E, V}, out)
-	}
+	addMatrix("output.weight", []uint64{E, V}, out)
 	_, err := g.WriteTo(w)
 	return err
 }

@@ -2,8 +2,8 @@
 // llama-architecture models for tests, benchmarks and offline demos.
 //
 // Only what the project needs is implemented: metadata of the scalar types,
-// strings, and arrays of strings, float32 and int32; tensors of type F32 and
-// F16. Reading GGUF is left to github.com/gpustack/gguf-parser-go, except
+// strings, and arrays of strings, float32 and int32; tensors of type F32, F16
+// and Q8_0. Reading GGUF is left to github.com/gpustack/gguf-parser-go, except
 // for ReadLayout, which reads only the header, to tell a truncated file from
 // a malformed one.
 package gguf
@@ -46,13 +46,21 @@ const (
 	TypeFloat64 ValueType = 12
 )
 
-// TensorType is a ggml tensor type. Only F32 and F16 are written.
+// TensorType is a ggml tensor type. Only F32, F16 and Q8_0 are written.
 type TensorType uint32
 
 // Tensor types supported by the writer.
 const (
-	TensorF32 TensorType = 0
-	TensorF16 TensorType = 1
+	TensorF32  TensorType = 0
+	TensorF16  TensorType = 1
+	TensorQ8_0 TensorType = 8
+)
+
+// Q8_0 blocks: Q8_0BlockSize weights stored in Q8_0BlockBytes bytes, a
+// float16 scale then one int8 per weight (ggml's block_q8_0).
+const (
+	Q8_0BlockSize  = 32
+	Q8_0BlockBytes = 2 + Q8_0BlockSize
 )
 
 type kv struct {
@@ -173,6 +181,20 @@ func (w *Writer) AddTensorF16(name string, dims []uint64, data []float32) {
 		binary.LittleEndian.PutUint16(b[2*i:], Float32ToFloat16(f))
 	}
 	w.tensors = append(w.tensors, tensor{name, append([]uint64(nil), dims...), TensorF16, b})
+}
+
+// AddTensorQ8_0 adds a tensor stored as Q8_0 (see QuantizeQ8_0). dims are as
+// for AddTensorF32; the row length dims[0] must be a multiple of
+// Q8_0BlockSize, as ggml quantises each row in whole blocks.
+func (w *Writer) AddTensorQ8_0(name string, dims []uint64, data []float32) {
+	if !w.checkTensor(name, dims, len(data)) {
+		return
+	}
+	if dims[0]%Q8_0BlockSize != 0 {
+		w.err = fmt.Errorf("gguf: tensor %q: row length %d is not a multiple of %d, as Q8_0 needs", name, dims[0], Q8_0BlockSize)
+		return
+	}
+	w.tensors = append(w.tensors, tensor{name, append([]uint64(nil), dims...), TensorQ8_0, QuantizeQ8_0(data)})
 }
 
 func (w *Writer) checkTensor(name string, dims []uint64, n int) bool {
@@ -371,4 +393,61 @@ func Float32ToFloat16(f float32) uint16 {
 		half++ // may carry into the exponent, which is still correct
 	}
 	return sign | uint16(half)
+}
+
+// Float16ToFloat32 converts IEEE 754 half precision bits to float32, which
+// holds every half value exactly.
+func Float16ToFloat32(h uint16) float32 {
+	sign := uint32(h&0x8000) << 16
+	exp := uint32(h>>10) & 0x1f
+	mant := uint32(h & 0x3ff)
+	switch {
+	case exp == 0x1f: // Inf or NaN
+		return math.Float32frombits(sign | 0x7f800000 | mant<<13)
+	case exp == 0 && mant == 0:
+		return math.Float32frombits(sign)
+	case exp == 0: // subnormal half: a normal float32
+		e := uint32(127 - 15 + 1)
+		for mant&0x400 == 0 {
+			mant <<= 1
+			e--
+		}
+		return math.Float32frombits(sign | e<<23 | (mant&0x3ff)<<13)
+	}
+	return math.Float32frombits(sign | (exp+127-15)<<23 | mant<<13)
+}
+
+// QuantizeQ8_0 quantises data, whose length must be a multiple of
+// Q8_0BlockSize, to ggml's Q8_0: each block of 32 values becomes a float16
+// scale d = max|x|/127 and 32 int8 quants q = round(x/d), so that x ≈ d·q.
+// The quants are rounded against d as stored (in float16), which keeps every
+// value within d/2 of the original while d is a normal float16 (max|x| at
+// least 127·2⁻¹⁴, about 0.0078); below that d loses precision, and a block
+// under 127·2⁻²⁵ (about 3.8e-6), zeros included, has d = 0 and zero quants.
+func QuantizeQ8_0(data []float32) []byte {
+	if len(data)%Q8_0BlockSize != 0 {
+		panic(fmt.Sprintf("gguf: QuantizeQ8_0 of %d values, not a multiple of %d", len(data), Q8_0BlockSize))
+	}
+	out := make([]byte, len(data)/Q8_0BlockSize*Q8_0BlockBytes)
+	for b := 0; b*Q8_0BlockSize < len(data); b++ {
+		x := data[b*Q8_0BlockSize : (b+1)*Q8_0BlockSize]
+		blk := out[b*Q8_0BlockBytes : (b+1)*Q8_0BlockBytes]
+		var amax float32
+		for _, v := range x {
+			amax = max(amax, float32(math.Abs(float64(v))))
+		}
+		dh := Float32ToFloat16(amax / 127)
+		binary.LittleEndian.PutUint16(blk, dh)
+		d := Float16ToFloat32(dh)
+		if d == 0 {
+			continue // the quants stay zero
+		}
+		for i, v := range x {
+			// |x/d| is at most 127 times the rounding of d to float16,
+			// under 127.5; the clamp only guards the int8.
+			q := math.Round(float64(v) / float64(d))
+			blk[2+i] = byte(int8(max(-127, min(127, q))))
+		}
+	}
+	return out
 }
