@@ -69,6 +69,8 @@ type lane struct {
 	// Owned by the loop.
 	running []*sequence
 	prefill []*sequence // scratch of step
+	// stepIDs are the sequence ids of the last step's batch, in order.
+	stepIDs []llama.SeqId
 	freeIDs []llama.SeqId
 	buf     []byte
 }
@@ -85,14 +87,15 @@ type sequence struct {
 	// drops the sequence at its next step.
 	stop atomic.Bool
 
-	id        llama.SeqId
-	fed       int // prompt tokens decoded
-	nPast     int // tokens in the sequence's cache
-	last      llama.Token
-	logitIdx  int32
-	generated int
-	stream    *textStream
-	ttft      time.Duration
+	id         llama.SeqId
+	stepTokens int // tokens this step decodes of it
+	fed        int // prompt tokens decoded
+	nPast      int // tokens in the sequence's cache
+	last       llama.Token
+	logitIdx   int32
+	generated  int
+	stream     *textStream
+	ttft       time.Duration
 
 	mu     sync.Mutex
 	out    []Token
@@ -242,6 +245,8 @@ func (l *lane) admit(s *sequence) {
 		l.finish(s, StopError, fmt.Errorf("engine: lane of %d sequences is full", l.nSeq))
 		return
 	}
+	// The lowest free id, so that the running ids stay consecutive
+	// (see step); freeIDs is kept in decreasing order.
 	s.id = l.freeIDs[len(l.freeIDs)-1]
 	l.freeIDs = l.freeIDs[:len(l.freeIDs)-1]
 	_, _ = llama.MemorySeqRm(l.mem, s.id, -1, -1)
@@ -284,58 +289,77 @@ func (m *llamaModel) KVTokens() int {
 func (l *lane) release(s *sequence) {
 	_, _ = llama.MemorySeqRm(l.mem, s.id, -1, -1)
 	l.freeIDs = append(l.freeIDs, s.id)
+	slices.SortFunc(l.freeIDs, func(a, b llama.SeqId) int { return int(b) - int(a) })
 }
 
 // step decodes one batch and samples the sequences it produced logits for.
+//
+// The batch lists the sequences in increasing id order: with a cache
+// partitioned per sequence, llama.cpp groups sequences into one forward pass
+// only where their ids come in increasing, consecutive order, and splits the
+// rest into passes of their own, each reading all the weights again (ids
+// handed out lowest first keep the running ones consecutive).
 func (l *lane) step() {
-	b := &l.batch
-	_ = b.Clear()
-	seqID := []llama.SeqId{0}
-	var sampled []*sequence
-	for _, s := range l.running {
-		if s.fed < len(s.prompt) {
-			continue
-		}
-		seqID[0] = s.id
-		s.logitIdx = b.NTokens
-		_ = b.Add(s.last, llama.Pos(s.nPast), seqID, true)
-		s.nPast++
-		sampled = append(sampled, s)
-	}
-	budget := l.budget - len(sampled)
-	// Prompts are fed shortest remaining first: a short request that
-	// arrives while a long prompt is being fed gets its first token at
-	// the next step instead of after the whole long prefill. A long one
-	// is held back only while short ones fill a whole step's budget.
+	// How many tokens each sequence gets this step: one for every
+	// generating sequence; prompts are fed shortest remaining first, so
+	// a short request that arrives while a long prompt is being fed gets
+	// its first token at the next step instead of after the whole long
+	// prefill (a long one is held back only while short ones fill a
+	// whole step's budget).
+	budget := l.budget
 	l.prefill = l.prefill[:0]
 	for _, s := range l.running {
-		if s.fed < len(s.prompt) {
+		s.stepTokens = 0
+		if s.fed >= len(s.prompt) {
+			s.stepTokens = 1
+			budget--
+		} else {
 			l.prefill = append(l.prefill, s)
 		}
 	}
 	slices.SortStableFunc(l.prefill, func(a, b *sequence) int {
 		return (len(a.prompt) - a.fed) - (len(b.prompt) - b.fed)
 	})
-	var prefilled []*sequence
 	for _, s := range l.prefill {
 		if budget <= 0 {
 			break
 		}
-		n := min(budget, len(s.prompt)-s.fed)
+		s.stepTokens = min(budget, len(s.prompt)-s.fed)
+		budget -= s.stepTokens
+	}
+	slices.SortFunc(l.running, func(a, b *sequence) int { return int(a.id) - int(b.id) })
+
+	b := &l.batch
+	_ = b.Clear()
+	seqID := []llama.SeqId{0}
+	var sampled, prefilled []*sequence
+	l.stepIDs = l.stepIDs[:0]
+	for _, s := range l.running {
 		seqID[0] = s.id
-		for i := s.fed; i < s.fed+n; i++ {
-			last := i == len(s.prompt)-1
-			if last {
-				s.logitIdx = b.NTokens
-			}
-			_ = b.Add(s.prompt[i], llama.Pos(i), seqID, last)
+		if s.stepTokens > 0 {
+			l.stepIDs = append(l.stepIDs, s.id)
 		}
-		s.fed += n
-		budget -= n
-		prefilled = append(prefilled, s)
-		if s.fed == len(s.prompt) {
-			s.nPast = len(s.prompt)
+		switch {
+		case s.stepTokens == 0:
+		case s.fed >= len(s.prompt):
+			s.logitIdx = b.NTokens
+			_ = b.Add(s.last, llama.Pos(s.nPast), seqID, true)
+			s.nPast++
 			sampled = append(sampled, s)
+		default:
+			for i := s.fed; i < s.fed+s.stepTokens; i++ {
+				last := i == len(s.prompt)-1
+				if last {
+					s.logitIdx = b.NTokens
+				}
+				_ = b.Add(s.prompt[i], llama.Pos(i), seqID, last)
+			}
+			s.fed += s.stepTokens
+			prefilled = append(prefilled, s)
+			if s.fed == len(s.prompt) {
+				s.nPast = len(s.prompt)
+				sampled = append(sampled, s)
+			}
 		}
 	}
 	rc, err := llama.Decode(l.lctx, *b)

@@ -555,3 +555,50 @@ func TestBatchedShortPromptOvertakesALongPrefill(t *testing.T) {
 	wg.Wait()
 	assert.Equal(t, []string{"short", "long"}, firsts)
 }
+
+// Sequences that join one by one share each step's forward pass: the batch
+// lists them in increasing, consecutive id order, which is what llama.cpp
+// needs to decode a partitioned cache's sequences together rather than one
+// pass each.
+func TestBatchedSequencesShareOnePass(t *testing.T) {
+	_, _ = tiny(t)
+	m := loadBatched(t, tinyPath, 8, 1, 2048)
+	l := m.(*llamaModel).lanes[0]
+	// A first wave, ending in its own order, leaves the free ids in
+	// whatever order they were freed.
+	first := make([]Request, 8)
+	for i := range first {
+		first[i] = Request{Prompt: testPrompt(i), MaxTokens: 5 + 7*(7-i), Seed: 1}
+	}
+	together(m, first, nil)
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	var started sync.WaitGroup
+	for i := range 8 {
+		s := newSlot(t, m)
+		started.Add(1)
+		wg.Go(func() {
+			first := true
+			_, err := s.Generate(context.Background(), Request{Prompt: testPrompt(i), MaxTokens: 2000, Seed: 1}, func(Token) error {
+				if first {
+					first = false
+					started.Done()
+				}
+				select {
+				case <-release:
+					return ErrClosed // stop: the test is done
+				default:
+					return nil
+				}
+			})
+			assert.ErrorIs(t, err, ErrClosed)
+		})
+		time.Sleep(2 * time.Millisecond) // one by one
+	}
+	started.Wait()
+	var ids []llama.SeqId
+	l.between(func() { ids = append(ids, l.stepIDs...) })
+	close(release)
+	wg.Wait()
+	assert.Equal(t, []llama.SeqId{0, 1, 2, 3, 4, 5, 6, 7}, ids)
+}
