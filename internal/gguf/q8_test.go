@@ -188,9 +188,9 @@ func TestSynthSizes(t *testing.T) {
 func TestMemoryBoundConfig(t *testing.T) {
 	cfg := MemoryBound()
 	require.NoError(t, cfg.validate())
-	assert.Equal(t, "Q8_0", cfg.WeightType())
-	assert.EqualValues(t, 975_785_984, cfg.Params())
-	assert.InDelta(t, 1.037e9, float64(cfg.TensorBytes()), 1e6)
+	assert.Equal(t, "F16", cfg.WeightType())
+	assert.InDelta(t, 412e6, float64(cfg.Params()), 1e6)
+	assert.InDelta(t, 0.825e9, float64(cfg.TensorBytes()), 1e6)
 	// The KV cache (F16 K and V) is 64 KiB a token, as bench's concMemCtx says.
 	assert.Equal(t, 64<<10, 2*2*cfg.Layers*cfg.Embd)
 }
