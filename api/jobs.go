@@ -5,6 +5,8 @@ package api
 
 import (
 	"encoding/json"
+	"fmt"
+	"math"
 	"time"
 )
 
@@ -135,13 +137,38 @@ type Token struct {
 	ID    int32  `json:"id"`
 	Text  string `json:"t"`
 	// More and MoreIDs carry the rest of a chunk, in index order; a
-	// missing id reads as 0.
+	// missing id reads as 0, and there are never more ids than texts
+	// (Validate).
 	More    []string `json:"more,omitempty"`
 	MoreIDs []int32  `json:"more_ids,omitempty"`
 	// Attempt is the job attempt that generated the token (0: unknown,
 	// never stale). A follower drops tokens of an attempt the job's state
 	// events have moved past.
 	Attempt int `json:"a,omitempty"`
+}
+
+// MaxChunkTokens bounds the tokens one token message carries, its first
+// and the rest of its chunk. Publishers (bus.TokenPublisher) send no larger
+// chunk and followers refuse one (Validate), so no message can make a
+// follower split it into more tokens than this, whatever it holds.
+const MaxChunkTokens = 1024
+
+// Validate reports whether t is a token message as publishers make it: an
+// Index of 0 or more, at most MaxChunkTokens tokens, no more ids than texts,
+// and indices that do not overflow, the last one's or the next a follower
+// expects after it. Followers (bus.DecodeEvent) refuse any other.
+func (t Token) Validate() error {
+	switch {
+	case t.Index < 0:
+		return fmt.Errorf("token index %d is negative", t.Index)
+	case len(t.More) >= MaxChunkTokens:
+		return fmt.Errorf("a chunk of %d tokens is larger than %d", t.Len(), MaxChunkTokens)
+	case len(t.MoreIDs) > len(t.More):
+		return fmt.Errorf("a chunk of %d tokens has %d ids for its %d more texts", t.Len(), len(t.MoreIDs), len(t.More))
+	case t.Index > math.MaxInt-t.Len():
+		return fmt.Errorf("token index %d and the %d tokens of its chunk overflow", t.Index, t.Len())
+	}
+	return nil
 }
 
 // Len is the number of tokens t carries: 1, plus the rest of a chunk.

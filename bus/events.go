@@ -106,7 +106,7 @@ type TokenPublisher struct {
 // generation instead of its memory, and so a resent chunk lands fewer
 // tokens behind its place than a follower holds for a gap (maxHeldTokens).
 const (
-	maxChunkTokens   = 1024
+	maxChunkTokens   = api.MaxChunkTokens
 	maxChunkBytes    = 32 << 10
 	maxPendingTokens = 4096
 )
@@ -649,7 +649,10 @@ func (o *tokenOrder) admit(ev api.Event) []api.Event {
 
 // DecodeEvent turns a stored job event message into an api.Event. A token
 // chunk stays one event: its Token's Len and At give the tokens it carries
-// (Follow hands them out one per event).
+// (Follow hands them out one per event). A token message no publisher makes
+// (api.Token.Validate: a negative or overflowing index, more than
+// api.MaxChunkTokens tokens, more ids than texts) is an error, so that no
+// message can make a follower allocate more than a chunk's worth of events.
 func DecodeEvent(space subjects.Space, msg jetstream.Msg) (api.Event, error) {
 	var ev api.Event
 	if md, err := msg.Metadata(); err == nil {
@@ -667,7 +670,9 @@ func DecodeEvent(space subjects.Space, msg jetstream.Msg) (api.Event, error) {
 		err = json.Unmarshal(msg.Data(), ev.Narration)
 	case subjects.EventToken:
 		ev.Token = new(api.Token)
-		err = json.Unmarshal(msg.Data(), ev.Token)
+		if err = json.Unmarshal(msg.Data(), ev.Token); err == nil {
+			err = ev.Token.Validate()
+		}
 	case subjects.EventState:
 		ev.State = new(api.StateChange)
 		err = json.Unmarshal(msg.Data(), ev.State)
