@@ -23,6 +23,9 @@ import (
 var (
 	errCancelled    = errors.New("cancelled")
 	errNoFirstToken = errors.New("no first token")
+	// errNotTaken stops a generation begun while its job was being taken
+	// when the take fails.
+	errNotTaken = errors.New("the job was not taken")
 )
 
 // busTimeout bounds each bus operation of a job (state writes, acks,
@@ -101,21 +104,47 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	}
 
 	attempt := jobs.Attempt{Number: max(req.Attempt, 1), Worker: w.cfg.ID}
-	job, err := w.store.Take(bctx, id, attempt, w.cfg.Hive)
+	// The slot is free once generation stops, before the job's end is
+	// recorded: whoever sees the end and asks for the worker's status
+	// must find the slot free.
+	w.slotTaken()
+	freeSlot := sync.OnceFunc(w.slotFreed)
+	defer freeSlot()
+	// The prompt is fed while the job is taken: taking it is two round
+	// trips to the record, which would otherwise come before the prefill
+	// on the way to the first token. No token is published until the
+	// take is confirmed; a request that turns out not to be ours
+	// (cancelled while queued, a redelivery, a stale attempt) stops its
+	// generation unseen.
+	gate := make(chan error, 1)
+	generated := make(chan struct{})
+	go func() {
+		defer close(generated)
+		w.generate(genCtx, cancelGen, slot, id, req, ereq, attempt, gate, freeSlot)
+	}()
+	_, err = w.store.Take(bctx, id, attempt, w.cfg.Hive)
+	notOurs := func() {
+		cancelGen(errNotTaken)
+		gate <- errNotTaken
+		<-generated
+	}
 	switch {
 	case err == nil:
 	case errors.Is(err, jobs.ErrTerminal):
 		// Cancelled (or failed) while queued: it never runs.
+		notOurs()
 		log.Debug().Err(err).Msg("skipping a job that already ended")
 		_ = msg.Ack()
 		return
 	case errors.Is(err, jobs.ErrNotFound), errors.Is(err, jobs.ErrIllegalTransition), errors.Is(err, jobs.ErrStale):
 		// No record, another worker runs it (a redelivery), or the
 		// request is of an attempt the job has moved past.
+		notOurs()
 		log.Warn().Err(err).Msg("skipping a request whose job is not waiting for it")
 		_ = msg.Ack()
 		return
 	default:
+		notOurs()
 		log.Warn().Err(err).Msg("could not take the job; leaving it queued")
 		_ = msg.NakWithDelay(time.Second)
 		return
@@ -128,17 +157,11 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	if err := msg.Ack(); err != nil {
 		log.Warn().Err(err).Msg("acknowledging the request")
 	}
-	w.slotTaken()
-	// The slot is free once generation stops, before the job's end is
-	// recorded: whoever sees the end and asks for the worker's status
-	// must find the slot free.
-	freeSlot := sync.OnceFunc(w.slotFreed)
-	defer freeSlot()
-
 	w.narrator.Post(id, "infer", w.cfg.Model,
 		map[string]any{"slot": slotIdx, "attempt": attempt.Number, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
 		"worker %s on hive %s is generating with model %s", w.cfg.ID, w.cfg.Hive, w.cfg.Model)
-	w.generate(genCtx, cancelGen, slot, job, req, ereq, attempt, freeSlot)
+	gate <- nil
+	<-generated
 }
 
 // reject fails a job whose parameters are bad before any work is done.
@@ -170,8 +193,11 @@ const (
 )
 
 // generate streams the tokens of one running job and records its end.
-func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, job api.Job, req api.InferRequest, ereq engine.Request, attempt jobs.Attempt, freeSlot func()) {
-	id := job.ID
+//
+// gate says whether the job was taken: the first token waits for it, and a
+// generation whose job was not taken ends without a trace (no token, no
+// end recorded).
+func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, id string, req api.InferRequest, ereq engine.Request, attempt jobs.Attempt, gate <-chan error, freeSlot func()) {
 	pub, err := w.bus.Tokens(id)
 	if err != nil { // the id was validated; kept for safety
 		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonInternal, "", "%v", err), nil)
@@ -189,7 +215,19 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		})
 		defer t.Stop()
 	}
+	// takeErr reads the take's outcome once, whoever asks first.
+	var takeOutcome error
+	asked := false
+	takeErr := func() error {
+		if !asked {
+			takeOutcome, asked = <-gate, true
+		}
+		return takeOutcome
+	}
 	res, genErr := slot.Generate(ctx, ereq, func(t engine.Token) error {
+		if err := takeErr(); err != nil {
+			return err
+		}
 		// The timer cancels a generation stuck before its first token;
 		// a first token that comes late anyway is refused here too.
 		if t.Index == 0 && (!first.CompareAndSwap(waitingFirst, gotFirst) || ftt > 0 && time.Since(started) > ftt) {
@@ -203,6 +241,9 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		w.tokenServed()
 		return nil
 	})
+	if takeErr() != nil {
+		return // not ours: nothing was published, nothing is recorded
+	}
 	// Every token is stored before the end is, so no follower sees the
 	// end before the last token. A bus outage (the queen restarting) is
 	// waited out for as long as the worker rides one out at all.
