@@ -24,6 +24,11 @@ type SubmitRequest struct {
 	Op Operation `json:"op"`
 	// Timeout, when set, bounds the whole job (the queen fails it after).
 	Timeout Duration `json:"timeout,omitempty"`
+	// JobID, when set, is the new job's id, chosen by the client (in
+	// jobs.NewID's form) so that it can follow the job's subjects while
+	// the queen admits it; an id already taken is refused (conflict).
+	// Empty: the queen chooses.
+	JobID string `json:"job_id,omitempty"`
 }
 
 // SubmitReply names the new job; its events follow on the job's subjects.

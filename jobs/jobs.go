@@ -82,6 +82,21 @@ func NewID() string {
 	return idEncoding.EncodeToString(b[:])
 }
 
+// ValidID checks that id is in NewID's form (16 characters of its base32
+// alphabet), as a client-chosen job id must be.
+func ValidID(id string) error {
+	if len(id) != 16 {
+		return fmt.Errorf("job id %q: want 16 characters as jobs.NewID makes, got %d", id, len(id))
+	}
+	if _, err := idEncoding.DecodeString(id); err != nil {
+		return fmt.Errorf("job id %q: want the characters 0-9 and a-v only", id)
+	}
+	return nil
+}
+
+// ErrExists: a job with that id exists already.
+var ErrExists = errors.New("job exists")
+
 // Store reads and writes job records.
 type Store struct {
 	bus       *bus.Bus
@@ -122,6 +137,9 @@ func (s *Store) Create(ctx context.Context, job api.Job) (api.Job, error) {
 		return api.Job{}, err
 	}
 	rev, err := s.kv.Create(ctx, job.ID, data)
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		return api.Job{}, fmt.Errorf("create job %s: %w", job.ID, ErrExists)
+	}
 	if err != nil {
 		return api.Job{}, fmt.Errorf("create job %s: %w", job.ID, err)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/version"
+	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
@@ -200,12 +201,16 @@ func askLive[Resp any](c *cli.Context, endpoint string, req any, human func(io.W
 // submitAndFollow submits an operation as a job and follows it to its end.
 // Ctrl-C cancels the job and exits 130. It returns the terminal state.
 func submitAndFollow(c *cli.Context, s *Session, ctx context.Context, op api.Operation, timeout time.Duration, detach bool) (*api.StateChange, error) {
-	var reply api.SubmitReply
-	if err := call(ctx, s, api.EpSubmit, api.SubmitRequest{Op: op, Timeout: api.Duration(timeout)}, &reply); err != nil {
-		return nil, err
-	}
+	// The keeper names the job, so that it can attach to the job's events
+	// while the queen admits it rather than after: the follower's consumer
+	// is then in place when the first token comes.
+	req := api.SubmitRequest{Op: op, Timeout: api.Duration(timeout), JobID: jobs.NewID()}
 	p := printer(c)
+	var reply api.SubmitReply
 	if detach {
+		if err := call(ctx, s, api.EpSubmit, req, &reply); err != nil {
+			return nil, err
+		}
 		if p.JSON {
 			p.JSONValue(reply)
 		} else {
@@ -213,8 +218,9 @@ func submitAndFollow(c *cli.Context, s *Session, ctx context.Context, op api.Ope
 		}
 		return nil, nil
 	}
-	p.Message("[rbee] job %s submitted (%s)", reply.JobID, op.Kind)
-	return follow(ctx, s, p, reply.JobID, 0, true)
+	submitted := make(chan error, 1)
+	go func() { submitted <- call(ctx, s, api.EpSubmit, req, &reply) }()
+	return followSubmitted(ctx, s, p, req.JobID, op.Kind, submitted)
 }
 
 // FlagReconnectTimeout names the flag that bounds an outage while following.
@@ -226,6 +232,17 @@ const FlagReconnectTimeout = "reconnect-timeout"
 // back; an outage longer than the session's reconnect timeout ends the
 // follow with ErrBusLost and the command that resumes where it stopped.
 func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint64, cancelOnInterrupt bool) (*api.StateChange, error) {
+	return followJob(ctx, s, p, jobID, from, cancelOnInterrupt, "", nil)
+}
+
+// followSubmitted follows a job from its start while it is being
+// submitted: nothing is shown until submitted says the queen took it, and
+// a refused submission ends the follow with the queen's error.
+func followSubmitted(ctx context.Context, s *Session, p *Printer, jobID, kind string, submitted <-chan error) (*api.StateChange, error) {
+	return followJob(ctx, s, p, jobID, 0, true, kind, submitted)
+}
+
+func followJob(ctx context.Context, s *Session, p *Printer, jobID string, from uint64, cancelOnInterrupt bool, kind string, submitted <-chan error) (*api.StateChange, error) {
 	fctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// mu serialises the printer between the follow and the connection's
@@ -239,6 +256,30 @@ func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint
 		over   bool // follow has returned: show nothing more
 		timer  *time.Timer
 	)
+	// opened is closed once the submission (if any) is confirmed; events
+	// wait for it, so the job's own events follow "submitted". decided is
+	// closed once its outcome is known; refused is set before, if the
+	// queen refused it.
+	opened, decided := make(chan struct{}), make(chan struct{})
+	var refused error
+	if submitted == nil {
+		close(opened)
+		close(decided)
+	} else {
+		go func() {
+			defer close(decided)
+			// The call ends by itself: it has a timeout and ends with ctx.
+			if err := <-submitted; err != nil {
+				refused = err
+				cancel()
+				return
+			}
+			mu.Lock()
+			p.Message("[rbee] job %s submitted (%s)", jobID, kind)
+			mu.Unlock()
+			close(opened)
+		}()
+	}
 	giveUp := s.reconnectTimeout
 	stopWatch := s.watchLink(func(up bool, url string) {
 		mu.Lock()
@@ -271,6 +312,11 @@ func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint
 	done := make(chan error, 1)
 	go func() {
 		done <- s.Bus.Follow(fctx, jobID, from, func(ev api.Event) error {
+			select {
+			case <-opened:
+			case <-fctx.Done():
+				return fctx.Err()
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			if over {
@@ -300,6 +346,11 @@ func follow(ctx context.Context, s *Session, p *Printer, jobID string, from uint
 		}
 	}
 	stopWatch()
+	<-decided
+	if refused != nil {
+		p.Done()
+		return nil, refused
+	}
 	mu.Lock()
 	over = true
 	if timer != nil {

@@ -406,26 +406,39 @@ func (g *gateway) complete(w http.ResponseWriter, r *http.Request, kind endpoint
 		c.fail(api.Fail(api.ReasonInvalidRequest, "", "the request cannot be encoded: %v", err))
 		return
 	}
-	sctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	reply, err := g.q.submit(sctx, api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}})
-	cancel()
-	if err != nil {
-		e := api.AsError(err)
-		if e.Reason == api.ReasonInternal {
-			g.q.log.Error().Err(err).Msg("gateway: submitting an inference")
+	// The gateway names the job and follows its events while the queen
+	// admits it, so the follower is in place when the first token comes
+	// rather than one consumer round trip after the submit.
+	id := jobs.NewID()
+	w.Header().Set("X-Rbee-Job", id) // lets a person trace it: `rbee jobs get ID`
+	c.jobID = id
+	if kind == chatEndpoint {
+		c.id = "chatcmpl-" + id
+	} else {
+		c.id = "cmpl-" + id
+	}
+	fctx, stopFollow := context.WithCancel(r.Context())
+	defer stopFollow()
+	submitted := make(chan error, 1)
+	go func() {
+		sctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+		defer cancel()
+		_, err := g.q.submit(sctx, api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}, JobID: id})
+		if err != nil {
+			stopFollow()
 		}
+		submitted <- err
+	}()
+	err = g.q.bus.Follow(fctx, id, 0, c.onEvent)
+	if serr := <-submitted; serr != nil && !c.started && c.end == nil {
+		e := api.AsError(serr)
+		if e.Reason == api.ReasonInternal {
+			g.q.log.Error().Err(serr).Msg("gateway: submitting an inference")
+		}
+		w.Header().Del("X-Rbee-Job") // no such job
 		c.fail(e)
 		return
 	}
-	// The job id lets a person trace the request: `rbee jobs get ID`.
-	w.Header().Set("X-Rbee-Job", reply.JobID)
-	c.jobID = reply.JobID
-	if kind == chatEndpoint {
-		c.id = "chatcmpl-" + reply.JobID
-	} else {
-		c.id = "cmpl-" + reply.JobID
-	}
-	err = g.q.bus.Follow(r.Context(), reply.JobID, 0, c.onEvent)
 	if c.end != nil {
 		c.finish()
 		return
@@ -437,13 +450,13 @@ func (g *gateway) complete(w http.ResponseWriter, r *http.Request, kind endpoint
 		why = api.Fail(api.ReasonUnavailable, "", "the queen shut down its gateway during the request")
 	case !clientGone:
 		why = api.Fail(api.ReasonInternal, "", "the gateway lost the job's events: %v", err)
-		g.q.log.Error().Err(err).Str("job", reply.JobID).Msg("gateway: following a job")
+		g.q.log.Error().Err(err).Str("job", id).Msg("gateway: following a job")
 	}
-	g.cancelJob(reply.JobID, why)
+	g.cancelJob(id, why)
 	if clientGone && g.ctx.Err() == nil {
 		return // nobody left to answer
 	}
-	c.fail(api.Fail(why.Reason, "", "job %s cancelled: %s", reply.JobID, why.Message))
+	c.fail(api.Fail(why.Reason, "", "job %s cancelled: %s", id, why.Message))
 }
 
 func (g *gateway) cancelJob(id string, why *api.Error) {

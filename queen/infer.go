@@ -235,16 +235,18 @@ func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
 	full, _ := json.Marshal(args)
 	// The request is stored while the record is written (one round trip
 	// on the submit path, not two); both are acknowledged before the
-	// request is queued.
-	stored, err := q.bus.JS.PublishAsync(subject, full)
+	// request is queued. Only where the job has no stored request yet: a
+	// client-chosen id that is taken must not replace another job's.
+	stored, err := q.bus.JS.PublishAsync(subject, full, jetstream.WithExpectLastSequencePerSubject(0))
 	if err != nil {
 		return api.Job{}, fmt.Errorf("store the request of job %s: %w", job.ID, err)
 	}
 	job.Op.Args, job.Prompt = excerpt(job.Op.Args, args)
-	job, err = q.jobs.Create(ctx, job)
+	created, err := q.jobs.Create(ctx, job)
 	if err != nil {
-		return api.Job{}, err
+		return job, err
 	}
+	job = created
 	select {
 	case <-stored.Ok():
 	case err = <-stored.Err():

@@ -10,6 +10,7 @@ import (
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/queen"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
@@ -169,4 +170,30 @@ func TestStatusCountsJobsByState(t *testing.T) {
 	require.NoError(t, b.Call(context.Background(), b.Space.Queen(api.EpStatus), nil, &st))
 	require.Equal(t, 2, st.Jobs[api.JobCompleted])
 	require.NotEmpty(t, st.Version)
+}
+
+// A client may name its job (to follow its events while it is submitted):
+// the id is the job's; a malformed one is an invalid job_id and a taken one
+// a conflict, and neither makes a job.
+func TestSubmitWithAClientChosenJobID(t *testing.T) {
+	_, b := startQueen(t, nil)
+	ctx := context.Background()
+	id := jobs.NewID()
+	var reply api.SubmitReply
+	require.NoError(t, b.Call(ctx, b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpNoop}, JobID: id}, &reply))
+	require.Equal(t, id, reply.JobID)
+	followAll(t, b, id)
+
+	err := b.Call(ctx, b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpNoop}, JobID: id}, nil)
+	require.Equal(t, api.ReasonConflict, api.ReasonOf(err), "%v", err)
+	require.Contains(t, err.Error(), "job id "+id+" is taken")
+
+	for _, bad := range []string{"short", "ZZZZZZZZZZZZZZZZ", "a.b.c.d.e.f.g.h."} {
+		err := b.Call(ctx, b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpNoop}, JobID: bad}, nil)
+		require.Equal(t, api.ReasonInvalidParam, api.ReasonOf(err), "%s: %v", bad, err)
+		require.Equal(t, "job_id", api.AsError(err).Param)
+	}
+	var list api.JobListReply
+	require.NoError(t, b.Call(ctx, b.Space.Queen(api.EpJobList), api.JobListRequest{}, &list))
+	require.Len(t, list.Jobs, 1)
 }

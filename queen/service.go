@@ -80,12 +80,20 @@ func (q *Queen) submit(ctx context.Context, req api.SubmitRequest) (api.SubmitRe
 		timeout = time.Duration(req.Timeout)
 	}
 	deadline := time.Now().Add(timeout).UTC()
-	job := api.Job{ID: jobs.NewID(), Op: req.Op, Deadline: &deadline}
+	job := api.Job{ID: req.JobID, Op: req.Op, Deadline: &deadline}
+	if job.ID == "" {
+		job.ID = jobs.NewID()
+	} else if err := jobs.ValidID(job.ID); err != nil {
+		return api.SubmitReply{}, api.Fail(api.ReasonInvalidParam, "job_id", "%v", err)
+	}
 	var err error
 	if req.Op.Kind == api.OpInfer {
 		job, err = q.submitInfer(ctx, job)
 	} else {
 		job, err = q.jobs.Create(ctx, job)
+	}
+	if errors.Is(err, jobs.ErrExists) {
+		return api.SubmitReply{}, api.Fail(api.ReasonConflict, "job_id", "job id %s is taken: submit again without one, or with a new one", req.JobID)
 	}
 	if err != nil {
 		return api.SubmitReply{}, err
