@@ -268,7 +268,12 @@ func (c *cluster) run(ctx context.Context, kind string, args any) (*api.StateCha
 // spawnWorker starts a worker for model on hive with one slot and one
 // thread, through a worker.spawn job as `rbee worker spawn` submits it.
 func (c *cluster) spawnWorker(ctx context.Context, hive, model string) (api.WorkerStatus, error) {
-	final, err := c.run(ctx, api.OpWorkerSpawn, api.WorkerSpawnArgs{Hive: hive, Model: model, Slots: 1, Threads: 1, Ctx: overheadCtx, Device: "cpu"})
+	return c.spawn(ctx, api.WorkerSpawnArgs{Hive: hive, Model: model, Slots: 1, Threads: 1, Ctx: overheadCtx, Device: "cpu"})
+}
+
+// spawn runs a worker.spawn job and returns the worker it started.
+func (c *cluster) spawn(ctx context.Context, args api.WorkerSpawnArgs) (api.WorkerStatus, error) {
+	final, err := c.run(ctx, api.OpWorkerSpawn, args)
 	if err != nil {
 		return api.WorkerStatus{}, err
 	}

@@ -204,15 +204,7 @@ func (c *cluster) inferFollow(ctx context.Context, model string, r concReq) (con
 // context ctxSize, leaving its threads (and how it spreads the slots over
 // llama contexts) to the worker.
 func (c *cluster) spawnWorkerSlots(ctx context.Context, hive, model string, slots, ctxSize int) (api.WorkerStatus, error) {
-	final, err := c.run(ctx, api.OpWorkerSpawn, api.WorkerSpawnArgs{Hive: hive, Model: model, Slots: slots, Ctx: ctxSize, Device: "cpu"})
-	if err != nil {
-		return api.WorkerStatus{}, err
-	}
-	var w api.WorkerStatus
-	if err := json.Unmarshal(final.Result, &w); err != nil {
-		return api.WorkerStatus{}, fmt.Errorf("worker.spawn result: %w", err)
-	}
-	return w, nil
+	return c.spawn(ctx, api.WorkerSpawnArgs{Hive: hive, Model: model, Slots: slots, Ctx: ctxSize, Device: "cpu"})
 }
 
 // concModel is one model of the benchmark and how hard it is measured.
