@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,8 +96,14 @@ func respondErr(e *Endpoints, name string, r micro.Request, err error) {
 	if e.Log != nil && ae.Code >= 500 {
 		e.Log(name, err)
 	}
+	// Call tells an error by its description, which NATS trims: an error
+	// without a word would cross the bus as success.
+	msg := ae.Message
+	if strings.TrimSpace(msg) == "" {
+		msg = fmt.Sprintf("%s (code %s, no message)", api.ReasonOf(ae), api.CodeString(ae.Code))
+	}
 	h := micro.Headers{
-		micro.ErrorHeader:     {ae.Message},
+		micro.ErrorHeader:     {msg},
 		micro.ErrorCodeHeader: {api.CodeString(ae.Code)},
 		ReasonHeader:          {string(ae.Reason)},
 	}
