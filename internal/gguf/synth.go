@@ -171,14 +171,20 @@ func (c SynthConfig) shapes() [][]uint64 {
 	return append(s, []uint64{E}, []uint64{E, V})
 }
 
+// elements is the number of values of a tensor of shape d.
+func elements(d []uint64) int64 {
+	p := int64(1)
+	for _, x := range d {
+		p *= int64(x)
+	}
+	return p
+}
+
 // Params is the number of weights of the model Synth writes for c.
 func (c SynthConfig) Params() int64 {
 	var n int64
 	for _, d := range c.shapes() {
-		p := int64(1)
-		for _, x := range d {
-			p *= int64(x)
-		}
+		p := elements(d)
 		n += p
 	}
 	return n
@@ -190,10 +196,7 @@ func (c SynthConfig) Params() int64 {
 func (c SynthConfig) TensorBytes() int64 {
 	var n int64
 	for _, d := range c.shapes() {
-		p := int64(1)
-		for _, x := range d {
-			p *= int64(x)
-		}
+		p := elements(d)
 		switch {
 		case len(d) == 1:
 			p *= 4

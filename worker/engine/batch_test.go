@@ -66,6 +66,17 @@ func testPrompt(i int) string {
 	return b.String()
 }
 
+// repeatWords is a prompt of about n bytes of the vocabulary's words.
+func repeatWords(n int) string {
+	words := strings.Fields("the bee is a hive of honey and flower world hello queen")
+	var b strings.Builder
+	for i := 0; b.Len() < n; i++ {
+		b.WriteString(words[i%len(words)])
+		b.WriteByte(' ')
+	}
+	return b.String()
+}
+
 // greedyMargin decodes r greedily, alone, on the first lane of m, and
 // returns the smallest lead of the best logit over the second.
 func greedyMargin(t *testing.T, mi Model, r Request) float32 {
@@ -347,13 +358,7 @@ func TestBatchedCancelOne(t *testing.T) {
 func TestBatchedLongPrompt(t *testing.T) {
 	_, _ = tiny(t)
 	m := loadBatched(t, tinyPath, 2, 1, 2048)
-	words := strings.Fields("the bee is a hive of honey and flower world hello queen")
-	var b strings.Builder
-	for i := 0; b.Len() < 3000; i++ {
-		b.WriteString(words[i%len(words)])
-		b.WriteByte(' ')
-	}
-	long := Request{Prompt: b.String(), MaxTokens: 16, Seed: 1}
+	long := Request{Prompt: repeatWords(3000), MaxTokens: 16, Seed: 1}
 	toks, err := m.Tokenize(long.Prompt, true)
 	require.NoError(t, err)
 	require.Greater(t, len(toks), 2*stepBudget, "the prompt must take several steps")
@@ -517,13 +522,7 @@ func TestBatchedWaitsForSlot(t *testing.T) {
 // first token before the long one does: prompts are fed shortest first.
 func TestBatchedShortPromptOvertakesALongPrefill(t *testing.T) {
 	m := loadBatched(t, large(t), 2, 1, 2048)
-	words := strings.Fields("the bee is a hive of honey and flower world hello queen")
-	var b strings.Builder
-	for i := 0; b.Len() < 4000; i++ {
-		b.WriteString(words[i%len(words)])
-		b.WriteByte(' ')
-	}
-	long := Request{Prompt: b.String(), MaxTokens: 2, Seed: 1}
+	long := Request{Prompt: repeatWords(4000), MaxTokens: 2, Seed: 1}
 	toks, err := m.Tokenize(long.Prompt, true)
 	require.NoError(t, err)
 	require.Greater(t, len(toks), 2*stepBudget)
