@@ -180,6 +180,23 @@ const (
 	HiveEpWorkerList   = "worker-list"
 )
 
+// --- credentials ---
+
+// WorkerCredentialsRequest is what a hive sends, on its own
+// subjects.WorkerCredentials subject, for a worker it is about to start.
+type WorkerCredentialsRequest struct {
+	Worker   string `json:"worker"`
+	ModelKey string `json:"model_key"`
+}
+
+// WorkerCredentialsReply carries the new worker's key (an nkey seed). It
+// reaches only the asking hive's own inbox; the hive hands it to the worker
+// in a file of mode 0600 and forgets it.
+type WorkerCredentialsReply struct {
+	Name string `json:"name"`
+	Seed string `json:"seed"`
+}
+
 // --- workers ---
 
 // WorkerEpFit is the worker endpoint that measures a request against its

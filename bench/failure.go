@@ -14,6 +14,7 @@ import (
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/gguf"
+	"github.com/rbee-dev/rbee/subjects"
 )
 
 // benchFailure kills hives and workers with SIGKILL and times how long the
@@ -125,8 +126,8 @@ func watchRemovals(ctx context.Context, c *cluster, bucket string) (*removals, e
 				}
 				if op := en.Operation(); op == jetstream.KeyValuePurge || op == jetstream.KeyValueDelete {
 					r.mu.Lock()
-					if _, ok := r.at[en.Key()]; !ok {
-						r.at[en.Key()] = time.Now()
+					if _, ok := r.at[subjects.WorkerIDFromKey(en.Key())]; !ok {
+						r.at[subjects.WorkerIDFromKey(en.Key())] = time.Now()
 					}
 					r.mu.Unlock()
 				}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/subjects"
 )
 
 // benchFootprint measures each program's start-up time and idle memory.
@@ -130,16 +131,17 @@ type workerFootprint struct {
 // workerExec starts a worker and times its registry entries.
 func workerExec(ctx context.Context, c *cluster, bin, model, id string, idle time.Duration) (workerFootprint, error) {
 	var r workerFootprint
+	const hive = "fp"
 	kv, err := c.b.KV(ctx, c.b.Space.WorkersBucket())
 	if err != nil {
 		return r, err
 	}
-	watch, err := kv.Watch(ctx, id, jetstream.UpdatesOnly())
+	watch, err := kv.Watch(ctx, subjects.WorkerKey(hive, id), jetstream.UpdatesOnly())
 	if err != nil {
 		return r, err
 	}
 	defer func() { _ = watch.Stop() }()
-	args := []string{"--id", id, "--hive", "fp", "--model", "tiny", "--model-path", model, "--threads", "1", "--slots", "1", "--ctx", "2048", "--nats", c.natsURL}
+	args := []string{"--id", id, "--hive", hive, "--model", "tiny", "--model-path", model, "--threads", "1", "--slots", "1", "--ctx", "2048", "--nats", c.natsURL}
 	p, err := c.e.procs.start("llm-worker-rbee "+id, bin, args, nil, filepath.Join(c.home, "logs", id+".log"))
 	if err != nil {
 		return r, err
@@ -180,16 +182,17 @@ func workerExec(ctx context.Context, c *cluster, bin, model, id string, idle tim
 // startWorker execs a worker with the flags a hive gives it and waits until
 // it is ready.
 func (c *cluster) startWorker(ctx context.Context, bin, model, id string) (*process, error) {
+	const hive = "bench"
 	kv, err := c.b.KV(ctx, c.b.Space.WorkersBucket())
 	if err != nil {
 		return nil, err
 	}
-	watch, err := kv.Watch(ctx, id, jetstream.UpdatesOnly())
+	watch, err := kv.Watch(ctx, subjects.WorkerKey(hive, id), jetstream.UpdatesOnly())
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = watch.Stop() }()
-	args := []string{"--id", id, "--hive", "bench", "--model", "tiny", "--model-path", model, "--threads", "1", "--slots", "1", "--ctx", "2048", "--nats", c.natsURL}
+	args := []string{"--id", id, "--hive", hive, "--model", "tiny", "--model-path", model, "--threads", "1", "--slots", "1", "--ctx", "2048", "--nats", c.natsURL}
 	p, err := c.e.procs.start("llm-worker-rbee "+id, bin, args, nil, filepath.Join(c.home, "logs", id+".log"))
 	if err != nil {
 		return nil, err

@@ -122,7 +122,7 @@ func (s *simulator) run(ctx context.Context) {
 	}
 	for i, w := range s.workers {
 		h := s.hives[i%len(s.hives)]
-		entries = append(entries, entry{subjects.KVSubject(s.space.WorkersBucket(), w), w, func() ([]byte, error) { return json.Marshal(workerStatus(w, h, started)) }})
+		entries = append(entries, entry{subjects.KVSubject(s.space.WorkersBucket(), subjects.WorkerKey(h, w)), w, func() ([]byte, error) { return json.Marshal(workerStatus(w, h, started)) }})
 	}
 	rand.Shuffle(len(entries), func(i, j int) { entries[i], entries[j] = entries[j], entries[i] })
 	step := s.interval / ticks

@@ -24,6 +24,8 @@ type Bus struct {
 	JS    jetstream.JetStream
 	Space subjects.Space
 	Log   zerolog.Logger
+	// consumersExpire: see ConnectConfig.ConsumersExpire.
+	consumersExpire bool
 }
 
 // ConnectConfig says how to reach the bus.
@@ -52,6 +54,9 @@ type ConnectConfig struct {
 	// connection's callback goroutine, in order, and must not block.
 	OnDisconnect func(url string)
 	Log          zerolog.Logger
+	// ConsumersExpire makes followers leave their consumers to expire
+	// instead of deleting them: a client's permissions allow no deletes.
+	ConsumersExpire bool
 }
 
 // Connect opens a connection and JetStream context. Disconnects and
@@ -111,7 +116,11 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 	} else {
 		opts = append(opts, nats.NoReconnect())
 	}
-	opts = append(opts, cfg.Credentials.Options()...)
+	credOpts, err := cfg.Credentials.Options()
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, credOpts...)
 	opts = append(opts, cfg.Extra...)
 	url := cfg.URL
 	if url == "" {
@@ -130,6 +139,9 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 	select {
 	case r := <-done:
 		if r.err != nil {
+			if errors.Is(r.err, nats.ErrAuthorization) || errors.Is(r.err, nats.ErrNkeysNotSupported) {
+				return nil, fmt.Errorf("%w: the bus at %s refused %s (%v)", ErrRefused, redact(url), cfg.Credentials.Describe(), r.err)
+			}
 			return nil, fmt.Errorf("%w: cannot connect to NATS at %s: %v", ErrUnreachable, redact(url), r.err)
 		}
 		nc = r.nc
@@ -150,7 +162,7 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 		nc.Close()
 		return nil, fmt.Errorf("JetStream: %w", err)
 	}
-	return &Bus{NC: nc, JS: js, Space: space, Log: log}, nil
+	return &Bus{NC: nc, JS: js, Space: space, Log: log, consumersExpire: cfg.ConsumersExpire}, nil
 }
 
 func redact(url string) string {

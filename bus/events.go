@@ -377,7 +377,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	// Stop leaves the server-side consumer to expire; a follower that ends
 	// normally removes it at once, so nothing lingers per finished client.
 	defer func() {
-		if info := cons.CachedInfo(); info != nil && b.NC.IsConnected() {
+		if info := cons.CachedInfo(); info != nil && b.NC.IsConnected() && !b.consumersExpire {
 			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 			_ = b.JS.DeleteConsumer(dctx, b.Space.JobsStream(), info.Name)
 			cancel()

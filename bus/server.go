@@ -3,6 +3,7 @@
 package bus
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rs/zerolog"
 )
 
@@ -24,26 +26,69 @@ const DefaultPort = 4222
 // a non-loopback address without credentials.
 var ErrCredentialsRequired = errors.New("listening beyond loopback requires credentials")
 
-// Credentials authenticate clients of the bus. A token, or a user and
-// password; empty means no authentication (loopback only).
+// ErrTLSRequired is returned when an embedded server would listen on a
+// non-loopback address in plain TCP: credentials and tokens would cross
+// the network readable.
+var ErrTLSRequired = errors.New("listening beyond loopback requires TLS")
+
+// ErrRefused is returned when the bus refuses a connection's credentials
+// (unknown, revoked, or none where some are needed).
+var ErrRefused = errors.New("the bus refused the credentials")
+
+// Credentials say who a connection is. An rbee credential is a key file
+// (KeyFile, what `rbee creds` issues): the connection signs the server's
+// nonce with it and receives its replies on the key's own inbox prefix. A
+// token, or a user and password, is for an external NATS configured by
+// hand. Empty means no authentication.
 type Credentials struct {
+	KeyFile  string
 	Token    string
 	User     string
 	Password string
+	// CAFile verifies the server's TLS certificate (a tls:// URL); it
+	// travels with the key file.
+	CAFile string
 }
 
 // Empty reports whether no credential is set.
-func (c Credentials) Empty() bool { return c.Token == "" && c.User == "" }
+func (c Credentials) Empty() bool { return c.Token == "" && c.User == "" && c.KeyFile == "" }
+
+// Describe names the credentials for a message, never their secret.
+func (c Credentials) Describe() string {
+	switch {
+	case c.KeyFile != "":
+		return "the credentials in " + c.KeyFile
+	case c.Token != "":
+		return "a token (--nats-token)"
+	case c.User != "":
+		return fmt.Sprintf("user %q (--nats-user)", c.User)
+	}
+	return "no credentials"
+}
 
 // Options returns the nats.go options that present these credentials.
-func (c Credentials) Options() []nats.Option {
+func (c Credentials) Options() ([]nats.Option, error) {
+	var opts []nats.Option
 	switch {
+	case c.KeyFile != "":
+		kp, err := auth.ReadKeyFile(c.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("%w: reading the credentials %s: %v", ErrRefused, c.KeyFile, err)
+		}
+		pub, err := kp.PublicKey()
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, nats.Nkey(pub, kp.Sign), nats.CustomInboxPrefix(auth.InboxPrefix(pub)))
 	case c.Token != "":
-		return []nats.Option{nats.Token(c.Token)}
+		opts = append(opts, nats.Token(c.Token))
 	case c.User != "":
-		return []nats.Option{nats.UserInfo(c.User, c.Password)}
+		opts = append(opts, nats.UserInfo(c.User, c.Password))
 	}
-	return nil
+	if c.CAFile != "" {
+		opts = append(opts, nats.RootCAs(c.CAFile))
+	}
+	return opts, nil
 }
 
 // ServerConfig configures an embedded nats-server.
@@ -54,6 +99,12 @@ type ServerConfig struct {
 	// "-" means no TCP listener at all: in-process clients only.
 	Listen      string
 	Credentials Credentials
+	// Authority, when set, is the only way in: every connection must
+	// present an rbee credential it knows, and gets that role's
+	// permissions. Credentials is then the in-process client's own.
+	Authority *auth.Authority
+	// TLS, when set, is required of every TCP client.
+	TLS *tls.Config
 	// ServerName names the server in logs and monitoring.
 	ServerName string
 	Log        zerolog.Logger
@@ -97,12 +148,23 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 		if err != nil {
 			return nil, fmt.Errorf("listen address %q: port %q is not a number", listen, portStr)
 		}
-		if !isLoopback(host) && cfg.Credentials.Empty() {
+		if !isLoopback(host) && cfg.Authority == nil && cfg.Credentials.Empty() {
 			return nil, fmt.Errorf("%w: set a token (--nats-token or RBEE_NATS_TOKEN) or a user and password to listen on %s", ErrCredentialsRequired, listen)
+		}
+		if !isLoopback(host) && cfg.TLS == nil {
+			return nil, fmt.Errorf("%w: listening on %s", ErrTLSRequired, listen)
 		}
 		opts.Host, opts.Port = host, port
 	}
+	if cfg.TLS != nil {
+		opts.TLSConfig = cfg.TLS
+		opts.TLS, opts.TLSVerify = true, false
+		opts.TLSTimeout = 2
+	}
 	switch {
+	case cfg.Authority != nil:
+		opts.CustomClientAuthentication = cfg.Authority
+		opts.AlwaysEnableNonce = true
 	case cfg.Credentials.Token != "":
 		opts.Authorization = cfg.Credentials.Token
 	case cfg.Credentials.User != "":
@@ -116,6 +178,9 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 		return nil, fmt.Errorf("configure embedded NATS server: %w", err)
 	}
 	srv.SetLoggerV2(&serverLog{log: cfg.Log}, false, false, false)
+	if cfg.Authority != nil {
+		cfg.Authority.Attach(srv)
+	}
 	go srv.Start()
 	if !srv.ReadyForConnections(10 * time.Second) {
 		srv.Shutdown()
@@ -141,9 +206,9 @@ func (s *Server) ClientURL() string {
 }
 
 // InProcessOptions returns the options for a client inside this process; it
-// needs no socket.
+// needs no socket. Its credentials are the ConnectConfig's.
 func (s *Server) InProcessOptions() []nats.Option {
-	return append([]nats.Option{nats.InProcessServer(s.srv)}, s.cfg.Credentials.Options()...)
+	return []nats.Option{nats.InProcessServer(s.srv)}
 }
 
 // Shutdown stops the server and waits until it has.

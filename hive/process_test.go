@@ -16,6 +16,7 @@ import (
 	"github.com/rbee-dev/rbee/hive"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/subjects"
 	"github.com/stretchr/testify/require"
 )
 
@@ -137,7 +138,7 @@ func TestHiveProcess(t *testing.T) {
 
 	// kill -9 of the worker: the hive purges its entry and tells the
 	// cluster at once, rather than leaving it to the TTL.
-	wk := watchKey(t, b, b.Space.WorkersBucket(), w.ID)
+	wk := watchKey(t, b, b.Space.WorkersBucket(), subjects.WorkerKey(w.Hive, w.ID))
 	awaitEntry(t, wk, 2*time.Second, "the worker's entry", isPut)
 	require.NoError(t, syscall.Kill(w.PID, syscall.SIGKILL))
 	killed := time.Now()
@@ -157,7 +158,7 @@ func TestHiveProcess(t *testing.T) {
 
 	// SIGTERM of the hive stops its workers and leaves the registry.
 	w2 := spawn()
-	wk2 := watchKey(t, b, b.Space.WorkersBucket(), w2.ID)
+	wk2 := watchKey(t, b, b.Space.WorkersBucket(), subjects.WorkerKey(w2.Hive, w2.ID))
 	awaitEntry(t, wk2, 2*time.Second, "the second worker's entry", isPut)
 	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
 	termed := time.Now()

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/hive/catalog"
 	"github.com/rbee-dev/rbee/internal/capabilities"
@@ -40,7 +42,9 @@ type workerProc struct {
 	id, model, key, device string
 	slots                  int
 	proc                   *proc.Process
-	started                time.Time
+	// keyFile holds the worker's credentials while it runs ("" if none).
+	keyFile string
+	started time.Time
 	// ready is set once the worker registered as ready; an exit before
 	// is a load failure.
 	ready atomic.Bool
@@ -89,14 +93,14 @@ func (h *hive) workerSpawn(ctx context.Context, args api.WorkerSpawnArgs) (api.W
 
 	id := h.newWorkerID(m.Key)
 	// Watch before starting, so a fast worker's registration is not missed.
-	watcher, err := h.workersKV.Watch(ctx, id)
+	watcher, err := h.workersKV.Watch(ctx, subjects.WorkerKey(h.cfg.ID, id))
 	if err != nil {
 		return api.WorkerSpawnReply{}, api.Errorf(api.CodeInternal, "watching worker %s's registration: %v", id, err)
 	}
 	defer func() { _ = watcher.Stop() }()
 
 	h.narrator.Say(ctx, args.JobID, "spawn", id, "starting worker %s for model %s on %s", id, m.ID, device)
-	w, err := h.startWorker(id, m, device, args)
+	w, err := h.startWorker(ctx, id, m, device, args)
 	if err != nil {
 		return api.WorkerSpawnReply{}, api.Errorf(api.CodeInternal, "starting worker for %s on hive %s: %v", m.ID, h.cfg.ID, err)
 	}
@@ -194,7 +198,7 @@ func (h *hive) newWorkerID(key string) string {
 }
 
 // startWorker launches the worker process and hands it to its supervisor.
-func (h *hive) startWorker(id string, m api.Model, device string, a api.WorkerSpawnArgs) (*workerProc, error) {
+func (h *hive) startWorker(ctx context.Context, id string, m api.Model, device string, a api.WorkerSpawnArgs) (*workerProc, error) {
 	args := []string{
 		"--id", id, "--hive", h.cfg.ID, "--model", m.ID, "--model-path", m.Path, "--device", device,
 		"--heartbeat", h.cfg.Heartbeat.String(), "--namespace", h.bus.Space.Namespace(),
@@ -218,18 +222,21 @@ func (h *hive) startWorker(id string, m api.Model, device string, a api.WorkerSp
 	if h.cfg.LlamaLib != "" {
 		args = append(args, "--llama-lib", h.cfg.LlamaLib)
 	}
+	credArgs, env, keyFile, err := h.workerCredentials(ctx, id, m.Key)
+	if err != nil {
+		return nil, err
+	}
+	args = append(args, credArgs...)
 	p, err := proc.Start(proc.Spec{
-		Path: h.cfg.WorkerBin, Args: args,
-		// Credentials travel in the environment, never in arguments
-		// anyone can read in ps.
-		Env:           cliutil.CredentialEnv(h.cfg.Credentials),
+		Path: h.cfg.WorkerBin, Args: args, Env: env,
 		LogPath:       filepath.Join(h.cfg.workersDir(), id+".log"),
 		DieWithParent: true,
 	})
 	if err != nil {
+		removeKey(keyFile)
 		return nil, err
 	}
-	w := &workerProc{id: id, model: m.ID, key: m.Key, device: device, slots: a.Slots, proc: p, started: time.Now(), gone: make(chan struct{})}
+	w := &workerProc{id: id, model: m.ID, key: m.Key, device: device, slots: a.Slots, proc: p, keyFile: keyFile, started: time.Now(), gone: make(chan struct{})}
 	h.mu.Lock()
 	h.workers[id] = w
 	h.mu.Unlock()
@@ -307,18 +314,19 @@ func (h *hive) supervise(w *workerProc) {
 	// (killed, crashed, stopped by a signal) leaves one to purge.
 	purge := !expected
 	if expected {
-		if e, err := h.workersKV.Get(ctx, w.id); err == nil && e.Operation() == jetstream.KeyValuePut {
+		if e, err := h.workersKV.Get(ctx, subjects.WorkerKey(h.cfg.ID, w.id)); err == nil && e.Operation() == jetstream.KeyValuePut {
 			purge = true
 		}
 	}
 	if purge {
-		if err := h.bus.PurgeExited(ctx, h.bus.Space.WorkersBucket(), w.id, bus.ExitReport{Exit: w.exit}, bus.HeartbeatMarkerTTL); err != nil {
+		if err := h.bus.PurgeExited(ctx, h.bus.Space.WorkersBucket(), subjects.WorkerKey(h.cfg.ID, w.id), bus.ExitReport{Exit: w.exit}, bus.HeartbeatMarkerTTL); err != nil {
 			h.log.Warn().Err(err).Str("worker", w.id).Msg("purging the registry entry of an exited worker")
 		}
 	}
 	h.mu.Lock()
 	delete(h.workers, w.id)
 	h.mu.Unlock()
+	removeKey(w.keyFile)
 	if !expected {
 		human := fmt.Sprintf("worker %s on hive %s exited unexpectedly (%s)", w.id, h.cfg.ID, w.exit)
 		if !w.ready.Load() {
@@ -374,7 +382,7 @@ func (h *hive) stopWorker(ctx context.Context, w *workerProc, grace time.Duratio
 		return
 	}
 	h.narrator.Say(ctx, jobID, "drain", w.id, "asking worker %s to drain (grace %s)", w.id, grace)
-	subject, err := h.bus.Space.Worker(w.id, workerDrainEndpoint)
+	subject, err := h.bus.Space.Worker(h.cfg.ID, w.id, workerDrainEndpoint)
 	if err == nil {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		err = h.bus.Call(cctx, subject, drainRequest{Grace: api.Duration(grace)}, nil)
@@ -454,7 +462,7 @@ func (h *hive) workerList(ctx context.Context, _ struct{}) (api.WorkerListReply,
 			ID: w.id, Hive: h.cfg.ID, Model: w.model, ModelKey: w.key, Device: w.device,
 			SlotsTotal: w.slots, State: api.WorkerLoading, PID: w.proc.Pid, StartedAt: w.started.UTC(),
 		}
-		if e, err := h.workersKV.Get(ctx, w.id); err == nil && e.Operation() == jetstream.KeyValuePut {
+		if e, err := h.workersKV.Get(ctx, subjects.WorkerKey(h.cfg.ID, w.id)); err == nil && e.Operation() == jetstream.KeyValuePut {
 			_ = json.Unmarshal(e.Value(), &st)
 		}
 		out.Workers = append(out.Workers, st)
@@ -481,5 +489,44 @@ func waitClosed(ctx context.Context, ch <-chan struct{}, d time.Duration) bool {
 		return false
 	case <-ctx.Done():
 		return false
+	}
+}
+
+// workerCredentials gives a worker its own credentials. A hive holding an
+// rbee credential asks the queen for one scoped to this worker and its
+// model, and writes it to a file of mode 0600 that only the worker reads
+// (and that goes when the worker does). A hive on a bus set up by hand
+// (a token, a user) passes what it has, in the environment. Neither is
+// ever on a command line, which every user of the machine can read.
+func (h *hive) workerCredentials(ctx context.Context, id, modelKey string) (args, env []string, keyFile string, err error) {
+	cr := h.cfg.Credentials
+	if cr.CAFile != "" {
+		args = append(args, "--"+cliutil.FlagCA, cr.CAFile)
+	}
+	if cr.KeyFile == "" {
+		return args, cliutil.CredentialEnv(cr), "", nil
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var reply api.WorkerCredentialsReply
+	if err := h.bus.Call(cctx, h.bus.Space.WorkerCredentials(h.cfg.ID), api.WorkerCredentialsRequest{Worker: id, ModelKey: modelKey}, &reply); err != nil {
+		return nil, nil, "", fmt.Errorf("asking the queen for worker %s's credentials: %w", id, err)
+	}
+	kp, err := auth.ParseKey([]byte(reply.Seed))
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("the queen's credentials for worker %s: %w", id, err)
+	}
+	seed, _ := kp.Seed()
+	keyFile = filepath.Join(h.cfg.workersDir(), id+".nk")
+	p := auth.Principal{Role: auth.RoleWorker, Hive: h.cfg.ID, Worker: id, ModelKey: modelKey}
+	if err := auth.WriteKeyFile(keyFile, reply.Name, p, seed); err != nil {
+		return nil, nil, "", fmt.Errorf("writing worker %s's credentials: %w", id, err)
+	}
+	return append(args, "--"+cliutil.FlagCreds, keyFile), nil, keyFile, nil
+}
+
+func removeKey(path string) {
+	if path != "" {
+		_ = os.Remove(path)
 	}
 }

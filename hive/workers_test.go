@@ -14,6 +14,7 @@ import (
 	"github.com/rbee-dev/rbee/hive"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/subjects"
 	"github.com/stretchr/testify/require"
 )
 
@@ -103,7 +104,7 @@ func TestWorkerLifecycleInProcess(t *testing.T) {
 	requireCode(t, err, api.CodeConflict, "model tiny is in use by worker "+w1.ID+"; use --force to stop it first")
 	require.True(t, alive(w1.PID), "a refused delete leaves the worker running")
 
-	wk := watchKey(t, b, b.Space.WorkersBucket(), w1.ID)
+	wk := watchKey(t, b, b.Space.WorkersBucket(), subjects.WorkerKey(w1.Hive, w1.ID))
 	mustCall(t, b, "life", api.HiveEpModelDelete, api.ModelRequest{Model: "tiny", Force: true}, nil)
 	require.False(t, alive(w1.PID), "the forced delete stopped the worker first")
 	e := awaitEntry(t, wk, 2*time.Second, "the worker leaving", func(e jetstream.KeyValueEntry) bool { return !isPut(e) })

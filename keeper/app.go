@@ -83,7 +83,7 @@ func Main(args []string) int {
 
 func exitCodeOf(err error) int {
 	switch {
-	case errors.Is(err, ErrQueenUnreachable), errors.Is(err, bus.ErrUnreachable), errors.Is(err, bus.ErrNoResponder), errors.Is(err, ErrBusLost):
+	case errors.Is(err, ErrQueenUnreachable), errors.Is(err, bus.ErrUnreachable), errors.Is(err, bus.ErrRefused), errors.Is(err, bus.ErrNoResponder), errors.Is(err, ErrBusLost):
 		return ExitUnreachable
 	case errors.Is(err, subjects.ErrInvalidID), errors.Is(err, errUsage):
 		return ExitUsage

@@ -13,9 +13,11 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/proc"
+	"github.com/rbee-dev/rbee/queen"
 	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 )
@@ -119,15 +121,50 @@ func connectOnly(ctx context.Context, c *cli.Context, url string) (*bus.Bus, err
 	return b, err
 }
 
+// credentials are the ones the command line names, else the client
+// credentials of the queen on this machine, which it issued at its first
+// start.
+func credentials(c *cli.Context) bus.Credentials {
+	cr := cliutil.Credentials(c)
+	if cr.Empty() {
+		if f := DefaultKeyFile(); fileExists(f) {
+			cr.KeyFile = f
+		}
+	}
+	return cr
+}
+
+// DefaultKeyFile is where the keeper looks for its credentials when none
+// are named: the client credential of the local queen.
+func DefaultKeyFile() string {
+	return filepath.Join(queen.CredentialsDir(cliutil.Home()), auth.ClientName+".nk")
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
 // dial connects to the bus at url; the watch reports the connection's
 // losses and recoveries.
 func dial(ctx context.Context, c *cli.Context, url string) (*bus.Bus, *linkWatch, error) {
 	w := &linkWatch{}
+	cr := credentials(c)
 	b, err := bus.Connect(ctx, bus.ConnectConfig{
-		URL: url, Name: "rbee", Namespace: c.String(cliutil.FlagNamespace), Credentials: cliutil.Credentials(c),
+		URL: url, Name: "rbee", Namespace: c.String(cliutil.FlagNamespace), Credentials: cr,
 		Reconnect: true, Timeout: 2 * time.Second, Log: zerolog.Nop(),
 		OnDisconnect: w.lost, OnReconnect: w.back,
+		// A client may not delete consumers: its followers' go away by
+		// themselves once unread.
+		ConsumersExpire: true,
 	})
+	if errors.Is(err, bus.ErrRefused) {
+		how := "pass the file with --creds FILE (or RBEE_CREDS)"
+		if cr.KeyFile == "" {
+			how = "pass it with --creds FILE (or RBEE_CREDS); none was found at " + DefaultKeyFile()
+		}
+		return nil, nil, fmt.Errorf("%w. On the queen's machine, `rbee creds issue client NAME` writes a client credential; %s", err, how)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w at %s: %v", ErrQueenUnreachable, url, err)
 	}
@@ -157,6 +194,11 @@ func Open(ctx context.Context, c *cli.Context, autoStart bool) (*Session, error)
 	b, w, err := dial(ctx, c, LocalURL())
 	if err == nil {
 		return session(b, w, nil), nil
+	}
+	if errors.Is(err, bus.ErrRefused) {
+		// A queen answers and turned us away: starting another one
+		// would not help.
+		return nil, err
 	}
 	if !autoStart {
 		return nil, fmt.Errorf("%w: no local queen at %s; start one with `rbee queen start`", ErrQueenUnreachable, LocalURL())

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
+	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/stretchr/testify/require"
 )
@@ -19,7 +21,7 @@ import (
 // behind.
 func TestSubmitRefusalsCarryReasonAndParam(t *testing.T) {
 	q, _ := gatewayQueen(t, nil)
-	b := busfix.Connect(t, q.BusURL())
+	b := busfix.ConnectAs(t, q.BusURL(), bus.Credentials{KeyFile: q.CredentialsFile(auth.QueenName)})
 	announceHive(t, q, b, "h1", "tiny")
 	infer := func(a api.InferArgs) api.SubmitRequest {
 		if a.Model == "" {
@@ -96,7 +98,7 @@ func TestSubmitRefusalsCarryReasonAndParam(t *testing.T) {
 // (no_capacity).
 func TestJobEndsCarryTheirReason(t *testing.T) {
 	q, _ := gatewayQueen(t, nil)
-	b := busfix.Connect(t, q.BusURL())
+	b := busfix.ConnectAs(t, q.BusURL(), bus.Credentials{KeyFile: q.CredentialsFile(auth.QueenName)})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	submit := func(kind string, args any, timeout time.Duration) string {

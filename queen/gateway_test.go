@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/jobs"
@@ -129,7 +130,7 @@ func announceWorker(t *testing.T, q *Queen, b *bus.Bus, id, hive, modelID string
 		ID: id, Hive: hive, Model: modelID, ModelKey: key, Device: "cpu",
 		SlotsTotal: 2, State: api.WorkerReady, ContextSize: ctxSize, StartedAt: time.Now().UTC(), BeatAt: time.Now().UTC(),
 	})
-	_, err = kv.Put(ctx, id, data)
+	_, err = kv.Put(ctx, subjects.WorkerKey(hive, id), data)
 	require.NoError(t, err)
 	_, err = q.registry.Wait(ctx, func(s *Snapshot) bool { _, ok := s.Workers[id]; return ok })
 	require.NoError(t, err)
@@ -173,7 +174,7 @@ func startFakeWorker(t *testing.T, q *Queen, w *fakeWorker) *fakeWorker {
 	if w.stopReason == "" {
 		w.stopReason = "eos"
 	}
-	w.bus = busfix.Connect(t, q.BusURL())
+	w.bus = busfix.ConnectAs(t, q.BusURL(), bus.Credentials{KeyFile: q.CredentialsFile(auth.QueenName)})
 	ctx, cancel := context.WithCancel(context.Background())
 	w.ctx = ctx
 	setup, cancelSetup := context.WithTimeout(ctx, 10*time.Second)
@@ -558,7 +559,7 @@ func TestGatewayAPIKey(t *testing.T) {
 // TestGatewayErrors checks each refusal's status and OpenAI's error shape.
 func TestGatewayErrors(t *testing.T) {
 	q, _ := gatewayQueen(t, nil)
-	b := busfix.Connect(t, q.BusURL())
+	b := busfix.ConnectAs(t, q.BusURL(), bus.Credentials{KeyFile: q.CredentialsFile(auth.QueenName)})
 
 	// No hive at all: nothing can run anything.
 	status, body := postJSON(t, q, "", "/v1/chat/completions", `{"model":"tiny","messages":[{"role":"user","content":"hi"}]}`)
@@ -747,7 +748,7 @@ func stored(t *testing.T, q *Queen) (records, requests int) {
 
 func TestGatewayQueueFull(t *testing.T) {
 	q, _ := gatewayQueen(t, func(c *Config) { c.MaxQueue = 1 })
-	b := busfix.Connect(t, q.BusURL())
+	b := busfix.ConnectAs(t, q.BusURL(), bus.Credentials{KeyFile: q.CredentialsFile(auth.QueenName)})
 	announceHive(t, q, b, "h1", "tiny")
 	announceWorker(t, q, b, "w1", "h1", "tiny", 0) // registered, but it never pulls
 
@@ -782,7 +783,7 @@ func TestGatewayQueueFull(t *testing.T) {
 
 func TestGatewayJobTimeout(t *testing.T) {
 	q, _ := gatewayQueen(t, func(c *Config) { c.JobTimeout = time.Second })
-	b := busfix.Connect(t, q.BusURL())
+	b := busfix.ConnectAs(t, q.BusURL(), bus.Credentials{KeyFile: q.CredentialsFile(auth.QueenName)})
 	announceHive(t, q, b, "h1", "tiny")
 	announceWorker(t, q, b, "w1", "h1", "tiny", 0) // never pulls: the job times out queued
 

@@ -182,8 +182,18 @@ func (q *Queen) startLocalHive(ctx context.Context, jobID string, entry api.Inve
 	logPath := filepath.Join(q.cfg.DataDir, "logs", "hive-"+entry.Name+".log")
 	args := []string{"--id", entry.Name, "--nats", q.BusURL(), "--namespace", q.bus.Space.Namespace(),
 		"--data", filepath.Join(q.cfg.DataDir, "hives", entry.Name)}
+	env := cliutil.CredentialEnv(q.cfg.Credentials)
+	keyFile, err := q.hiveCredentials(entry.Name)
+	if err != nil {
+		return nil, "", err
+	}
+	if keyFile != "" {
+		// The path, not the key: a command line is for everyone to read.
+		args = append(args, "--"+cliutil.FlagCreds, keyFile)
+		env = nil
+	}
 	args = append(args, q.cfg.HiveArgs...)
-	p, err := proc.Start(proc.Spec{Path: bin, Args: args, Env: cliutil.CredentialEnv(q.cfg.Credentials), LogPath: logPath})
+	p, err := proc.Start(proc.Spec{Path: bin, Args: args, Env: env, LogPath: logPath})
 	if err != nil {
 		return nil, "", err
 	}
@@ -208,18 +218,36 @@ func (q *Queen) startRemoteHive(ctx context.Context, jobID string, entry api.Inv
 		return nil, "", fmt.Errorf("checking rbee-hive on %s: %w", entry.Name, err)
 	}
 	logPath := path.Join(layout.data, "logs", "hive-"+entry.Name+".log")
-	// Credentials travel in the command's environment, not its
-	// arguments, so other users of that machine cannot read them in ps.
 	env := []string{"RBEE_LLAMA_LIB=" + layout.llama}
-	env = append(env, cliutil.CredentialEnv(q.cfg.Credentials)...)
+	var credArgs string
+	keyFile, err := q.hiveCredentials(entry.Name)
+	if err != nil {
+		client.Close()
+		return nil, "", err
+	}
+	if keyFile != "" {
+		// The hive's key goes over SSH into a file of mode 0600 there,
+		// and the command names the file: a command line is for everyone
+		// on that machine to read.
+		remoteKey := path.Join(layout.data, "creds", "hive.nk")
+		if err := client.Upload(ctx, keyFile, remoteKey, 0o600); err != nil {
+			client.Close()
+			return nil, "", fmt.Errorf("copying the credentials of hive %s: %w", entry.Name, err)
+		}
+		credArgs = " --" + cliutil.FlagCreds + " " + remote.QuotePath(remoteKey)
+	} else {
+		// Credentials travel in the command's environment, not its
+		// arguments, so other users of that machine cannot read them in ps.
+		env = append(env, cliutil.CredentialEnv(q.cfg.Credentials)...)
+	}
 	quotedEnv := make([]string, len(env))
 	for i, kv := range env {
 		k, v, _ := strings.Cut(kv, "=")
 		quotedEnv[i] = k + "=" + remote.QuotePath(v)
 	}
-	cmd := fmt.Sprintf("mkdir -p %s && env %s %s --id %s --nats %s --namespace %s --data %s",
+	cmd := fmt.Sprintf("mkdir -p %s && env %s %s --id %s --nats %s --namespace %s --data %s%s",
 		remote.QuotePath(path.Dir(logPath)), strings.Join(quotedEnv, " "), remote.QuotePath(bin), remote.Quote(entry.Name),
-		remote.Quote(q.BusURL()), remote.Quote(q.bus.Space.Namespace()), remote.QuotePath(path.Join(layout.data, "hives", entry.Name)))
+		remote.Quote(q.BusURL()), remote.Quote(q.bus.Space.Namespace()), remote.QuotePath(path.Join(layout.data, "hives", entry.Name)), credArgs)
 	pid, err := client.Start(ctx, cmd, logPath)
 	if err != nil {
 		client.Close()

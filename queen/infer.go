@@ -109,7 +109,7 @@ func (q *Queen) measure(ctx context.Context, snap *Snapshot, key string, pins sc
 		if w.ContextSize != ctxSize {
 			continue
 		}
-		subject, err := q.bus.Space.Worker(w.ID, api.WorkerEpFit)
+		subject, err := q.bus.Space.Worker(w.Hive, w.ID, api.WorkerEpFit)
 		if err != nil {
 			return nil
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/jobs"
@@ -32,8 +33,12 @@ type Config struct {
 	// NATSURL, when set, connects to an external NATS instead of embedding.
 	NATSURL     string
 	Credentials bus.Credentials
-	Namespace   string
-	Retention   bus.Retention
+	// OpenBus turns the embedded bus's credentials and permissions off
+	// (loopback only): every process on this machine may then do
+	// anything on it. It exists to measure what security costs.
+	OpenBus   bool
+	Namespace string
+	Retention bus.Retention
 	// JobTimeout fails a job that is not finished in time (default 30 min).
 	JobTimeout time.Duration
 	// HiveStartTimeout bounds waiting for a started hive to register (30 s).
@@ -137,9 +142,14 @@ type Queen struct {
 	busBack atomic.Pointer[func()]
 	// local hive processes this queen started, by hive name.
 	localHives sync.Map
-	sched      *sched.Scheduler
-	deadlines  *deadlineKeeper
-	gateway    *gateway
+	// authority checks every connection to the embedded bus (nil with an
+	// external bus, or OpenBus); credsGone queues the credentials of
+	// workers that are gone for revocation.
+	authority *auth.Authority
+	credsGone chan string
+	sched     *sched.Scheduler
+	deadlines *deadlineKeeper
+	gateway   *gateway
 }
 
 // Run starts the queen and serves until ctx ends, then shuts down cleanly:
@@ -173,8 +183,14 @@ func Run(ctx context.Context, cfg Config) error {
 	q.narrator = q.bus.Narrator(actor, "", "")
 	q.registry = newRegistry(q.bus, cfg.LivenessGrace)
 	q.sched = q.newScheduler()
-	q.registry.OnWorkerLost = func(_ string, last api.WorkerStatus, why string) { q.sched.WorkerLost(last, why) }
-	q.registry.OnWorkerGone = func(_ string, last api.WorkerStatus) { q.sched.WorkerGone(last) }
+	q.registry.OnWorkerLost = func(_ string, last api.WorkerStatus, why string) {
+		q.sched.WorkerLost(last, why)
+		q.workerGone(last)
+	}
+	q.registry.OnWorkerGone = func(_ string, last api.WorkerStatus) {
+		q.sched.WorkerGone(last)
+		q.workerGone(last)
+	}
 	q.registry.OnSettled = func() { q.sched.Settled(true) }
 	q.registry.OnFlush = q.sched.ViewChanged
 	busBack := func() {
@@ -188,6 +204,13 @@ func Run(ctx context.Context, cfg Config) error {
 		q.sched.Run(runCtx)
 	}()
 	defer func() { cancelRuns(); <-schedDone }()
+	if q.authority != nil {
+		q.runs.Add(1)
+		go func() {
+			defer q.runs.Done()
+			q.runCredentials(runCtx)
+		}()
+	}
 	regDone := make(chan error, 1)
 	go func() { regDone <- q.registry.run(runCtx) }()
 	select {
@@ -272,9 +295,17 @@ func (q *Queen) connect(ctx context.Context) error {
 	if q.cfg.NATSURL != "" {
 		cc.URL = q.cfg.NATSURL
 	} else {
-		srv, err := bus.StartServer(bus.ServerConfig{
-			DataDir: q.cfg.DataDir, Listen: q.cfg.Listen, Credentials: q.cfg.Credentials, Log: q.log,
-		})
+		sc := bus.ServerConfig{DataDir: q.cfg.DataDir, Listen: q.cfg.Listen, Credentials: q.cfg.Credentials, Log: q.log}
+		if !q.cfg.OpenBus {
+			a, err := q.openAuthority()
+			if err != nil {
+				return err
+			}
+			q.authority, q.credsGone = a, make(chan string, 256)
+			sc.Authority = a
+			cc.Credentials = bus.Credentials{KeyFile: a.Store().KeyFile(auth.QueenName)}
+		}
+		srv, err := bus.StartServer(sc)
 		if err != nil {
 			return err
 		}
@@ -338,6 +369,10 @@ func (q *Queen) addService() (micro.Service, error) {
 		add(api.EpHiveGet, bus.Handler(e, api.EpHiveGet, q.hiveGet)),
 		add(api.EpWorkerList, bus.Handler(e, api.EpWorkerList, q.workerList)),
 		add(api.EpModelList, bus.Handler(e, api.EpModelList, q.modelList)),
+	}
+	if q.authority != nil {
+		errs = append(errs, svc.AddEndpoint("worker-credentials", q.workerCredentialsHandler(),
+			micro.WithEndpointSubject(q.bus.Space.WorkerCredentialsAll())))
 	}
 	if err := errors.Join(errs...); err != nil {
 		_ = svc.Stop()

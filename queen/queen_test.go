@@ -8,6 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/jobs"
@@ -39,7 +40,7 @@ func startQueen(t *testing.T, mutate func(*queen.Config)) (*queen.Queen, *bus.Bu
 	})
 	select {
 	case q := <-ready:
-		return q, busfix.Connect(t, q.BusURL())
+		return q, busfix.ConnectAs(t, q.BusURL(), bus.Credentials{KeyFile: q.CredentialsFile(auth.QueenName)})
 	case err := <-done:
 		t.Fatalf("queen failed to start: %v", err)
 	case <-time.After(20 * time.Second):

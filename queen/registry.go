@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/subjects"
 )
 
 // HiveRecord is the queen's view of one hive seen on the bus.
@@ -378,7 +379,7 @@ func sameHive(a, b api.HiveStatus) bool {
 }
 
 func (r *Registry) applyWorker(e jetstream.KeyValueEntry) {
-	id := e.Key()
+	id := subjects.WorkerIDFromKey(e.Key())
 	prev, known := r.workers[id]
 	switch e.Operation() {
 	case jetstream.KeyValuePut:

@@ -74,22 +74,37 @@ func (s Space) Hive(hive, endpoint string) (string, error) {
 	return g + "." + endpoint, nil
 }
 
-// WorkerGroup is the subject prefix of one worker's endpoints.
-func (s Space) WorkerGroup(worker string) (string, error) {
+// WorkerGroup is the subject prefix of one worker's endpoints. The hive that
+// owns the worker is a token of its own, so a hive's permissions can name
+// its workers' endpoints (<ns>.worker.<hive>.>) and no other hive's.
+func (s Space) WorkerGroup(hive, worker string) (string, error) {
+	if err := ValidateID(KindHive, hive); err != nil {
+		return "", err
+	}
 	if err := ValidateID(KindWorker, worker); err != nil {
 		return "", err
 	}
-	return s.ns + ".worker." + worker, nil
+	return s.ns + ".worker." + hive + "." + worker, nil
 }
 
-// Worker is the subject of one endpoint of one worker.
-func (s Space) Worker(worker, endpoint string) (string, error) {
-	g, err := s.WorkerGroup(worker)
+// Worker is the subject of one endpoint of one worker of a hive.
+func (s Space) Worker(hive, worker, endpoint string) (string, error) {
+	g, err := s.WorkerGroup(hive, worker)
 	if err != nil {
 		return "", err
 	}
 	return g + "." + endpoint, nil
 }
+
+// --- credentials ---
+
+// WorkerCredentials is where hive asks the queen for the credentials of a
+// worker it is about to start. Only that hive may publish here, so the
+// subject itself says who asks; the answer goes to the hive's own inbox.
+func (s Space) WorkerCredentials(hive string) string { return s.ns + ".creds.worker." + hive }
+
+// WorkerCredentialsAll matches every hive's WorkerCredentials subject.
+func (s Space) WorkerCredentialsAll() string { return s.ns + ".creds.worker.*" }
 
 // --- inference work queue ---
 
@@ -210,8 +225,23 @@ func (s Space) JobIDFromSubject(subject string) (job string, kind EventKind, ok 
 // every beat refreshes; expiry means the hive is lost.
 func (s Space) HivesBucket() string { return s.ns + "_hives" }
 
-// WorkersBucket holds one heartbeat entry per live worker.
+// WorkersBucket holds one heartbeat entry per live worker, under the key
+// WorkerKey.
 func (s Space) WorkersBucket() string { return s.ns + "_workers" }
+
+// WorkerKey is a worker's key in WorkersBucket: <hive>.<worker>. The hive is
+// a token of its own so that a hive may be allowed to write its own
+// workers' keys ($KV.<bucket>.<hive>.*) and no other's.
+func WorkerKey(hive, worker string) string { return hive + "." + worker }
+
+// WorkerIDFromKey is the worker id of a WorkersBucket key (the key's last
+// token; a key without a hive token is the id itself).
+func WorkerIDFromKey(key string) string {
+	if i := strings.LastIndexByte(key, '.'); i >= 0 {
+		return key[i+1:]
+	}
+	return key
+}
 
 // JobsBucket holds job records, updated by compare-and-swap.
 func (s Space) JobsBucket() string { return s.ns + "_jobs" }

@@ -113,8 +113,11 @@ func FuzzIDsCannotEscapeTheirToken(f *testing.F) {
 		if subj, err := s.Hive(id, "status"); err == nil {
 			check(subj, 4)
 		}
-		if subj, err := s.Worker(id, "status"); err == nil {
-			check(subj, 4)
+		if subj, err := s.Worker("h1", id, "status"); err == nil {
+			check(subj, 5)
+		}
+		if subj, err := s.Worker(id, "w1", "status"); err == nil {
+			check(subj, 5)
 		}
 		if subj, err := s.Infer(id); err == nil {
 			check(subj, 3)

@@ -16,6 +16,7 @@ import (
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/subjects"
 	"github.com/stretchr/testify/require"
 )
 
@@ -56,7 +57,7 @@ func TestProcessServesAndExitsCleanlyOnSIGTERM(t *testing.T) {
 	path, _ := tiny(t)
 	kv, err := f.Bus.KV(context.Background(), f.Bus.Space.WorkersBucket())
 	require.NoError(t, err)
-	watch, err := kv.Watch(context.Background(), "wp")
+	watch, err := kv.Watch(context.Background(), subjects.WorkerKey("hive1", "wp"))
 	require.NoError(t, err)
 	defer func() { _ = watch.Stop() }()
 

@@ -126,7 +126,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	// Registered before the load, so the hive and queen see it loading.
-	w.hb = w.bus.NewHeartbeat(w.bus.Space.WorkersBucket(), cfg.ID, cfg.Heartbeat, w.beatValue)
+	w.hb = w.bus.NewHeartbeat(w.bus.Space.WorkersBucket(), subjects.WorkerKey(cfg.Hive, cfg.ID), cfg.Heartbeat, w.beatValue)
 	if err := w.hb.Register(setupCtx); err != nil {
 		return fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
@@ -441,7 +441,7 @@ func residentBytes() uint64 {
 
 // addService serves the worker's status and drain endpoints.
 func (w *worker) addService() (micro.Service, *bus.Endpoints, error) {
-	group, err := w.bus.Space.WorkerGroup(w.cfg.ID)
+	group, err := w.bus.Space.WorkerGroup(w.cfg.Hive, w.cfg.ID)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -198,7 +198,7 @@ func entry(t *testing.T, f *busfix.Fixture, id string) (api.WorkerStatus, error)
 	t.Helper()
 	kv, err := f.Bus.KV(context.Background(), f.Bus.Space.WorkersBucket())
 	require.NoError(t, err)
-	e, err := kv.Get(context.Background(), id)
+	e, err := kv.Get(context.Background(), subjects.WorkerKey("hive1", id))
 	if err != nil {
 		return api.WorkerStatus{}, err
 	}
@@ -209,7 +209,7 @@ func entry(t *testing.T, f *busfix.Fixture, id string) (api.WorkerStatus, error)
 
 func workerStatus(t *testing.T, f *busfix.Fixture, id string) api.WorkerStatus {
 	t.Helper()
-	subject, err := f.Bus.Space.Worker(id, worker.EpStatus)
+	subject, err := f.Bus.Space.Worker("hive1", id, worker.EpStatus)
 	require.NoError(t, err)
 	var st api.WorkerStatus
 	require.NoError(t, f.Bus.Call(context.Background(), subject, nil, &st))
@@ -434,13 +434,13 @@ func TestDrainLeavesTheRegistryAtOnce(t *testing.T) {
 	w := start(t, f, "w1", 1, longContext, func(c *worker.Config) { c.Heartbeat = 2 * time.Second })
 	kv, err := f.Bus.KV(context.Background(), f.Bus.Space.WorkersBucket())
 	require.NoError(t, err)
-	watch, err := kv.Watch(context.Background(), "w1", jetstream.UpdatesOnly())
+	watch, err := kv.Watch(context.Background(), subjects.WorkerKey("hive1", "w1"), jetstream.UpdatesOnly())
 	require.NoError(t, err)
 	defer func() { _ = watch.Stop() }()
 
 	// A long job in flight, cut by a short grace.
 	id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 2000}})
-	subject, err := f.Bus.Space.Worker("w1", worker.EpDrain)
+	subject, err := f.Bus.Space.Worker("hive1", "w1", worker.EpDrain)
 	require.NoError(t, err)
 	var drained api.WorkerStatus
 	var once sync.Once

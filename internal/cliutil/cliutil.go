@@ -13,6 +13,8 @@ import (
 // Flag names shared by every program.
 const (
 	FlagNATS      = "nats"
+	FlagCreds     = "creds"
+	FlagCA        = "nats-ca"
 	FlagToken     = "nats-token"
 	FlagUser      = "nats-user"
 	FlagPassword  = "nats-password"
@@ -25,7 +27,9 @@ const (
 func BusFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: FlagNATS, Usage: "NATS server URL (comma-separated for a cluster)", EnvVars: []string{"RBEE_NATS_URL"}},
-		&cli.StringFlag{Name: FlagToken, Usage: "NATS token", EnvVars: []string{"RBEE_NATS_TOKEN"}},
+		&cli.StringFlag{Name: FlagCreds, Usage: "file holding this program's rbee credential (`rbee creds issue` writes one)", EnvVars: []string{"RBEE_CREDS"}},
+		&cli.StringFlag{Name: FlagCA, Usage: "CA certificate that signed the bus's TLS certificate (for tls:// URLs)", EnvVars: []string{"RBEE_NATS_CA"}},
+		&cli.StringFlag{Name: FlagToken, Usage: "NATS token (an external NATS set up by hand)", EnvVars: []string{"RBEE_NATS_TOKEN"}},
 		&cli.StringFlag{Name: FlagUser, Usage: "NATS user", EnvVars: []string{"RBEE_NATS_USER"}},
 		&cli.StringFlag{Name: FlagPassword, Usage: "NATS password", EnvVars: []string{"RBEE_NATS_PASSWORD"}},
 		&cli.StringFlag{Name: FlagNamespace, Usage: "subject namespace, so clusters can share one NATS", Value: "rbee", EnvVars: []string{"RBEE_NAMESPACE"}},
@@ -42,7 +46,7 @@ func LogFlags() []cli.Flag {
 
 // Credentials reads the credential flags.
 func Credentials(c *cli.Context) bus.Credentials {
-	return bus.Credentials{Token: c.String(FlagToken), User: c.String(FlagUser), Password: c.String(FlagPassword)}
+	return bus.Credentials{KeyFile: c.String(FlagCreds), CAFile: c.String(FlagCA), Token: c.String(FlagToken), User: c.String(FlagUser), Password: c.String(FlagPassword)}
 }
 
 // CredentialEnv passes credentials to a child process through its

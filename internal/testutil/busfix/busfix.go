@@ -36,9 +36,16 @@ func Start(t testing.TB) *Fixture {
 // Connect opens one more client to url, closed with the test.
 func Connect(t testing.TB, url string) *bus.Bus {
 	t.Helper()
+	return ConnectAs(t, url, bus.Credentials{})
+}
+
+// ConnectAs opens one more client to url with credentials cr, closed with
+// the test.
+func ConnectAs(t testing.TB, url string, cr bus.Credentials) *bus.Bus {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: url, Name: t.Name(), Reconnect: true, Log: zerolog.Nop()})
+	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: url, Name: t.Name(), Credentials: cr, Reconnect: true, Log: zerolog.Nop()})
 	require.NoError(t, err)
 	t.Cleanup(func() { b.NC.Close() })
 	return b
