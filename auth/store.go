@@ -113,7 +113,7 @@ func (s *Store) Issue(name string, p Principal) (Credential, []byte, error) {
 			return nil, err
 		}
 		if p.Role != RoleWorker {
-			if err := WriteKeyFile(s.KeyFile(name), name, p, seed); err != nil {
+			if err := WriteKeyFile(s.KeyFile(name), name, p, seed, nil); err != nil {
 				return nil, err
 			}
 		}
@@ -252,11 +252,17 @@ func ValidateName(name string) error {
 
 // WriteKeyFile writes a credential's seed to path, mode 0600, in the form
 // the `nats` CLI reads with --nkey: a comment, then the seed on its own line.
-func WriteKeyFile(path, name string, p Principal, seed []byte) error {
+// ca, when given, is the bus's CA certificate (PEM), written after the seed
+// so that the key and the means to verify the bus travel as one file.
+func WriteKeyFile(path, name string, p Principal, seed, ca []byte) error {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "# rbee credential %q, role %s%s. This file is the key: keep it secret.\n", name, p.Role, scopeText(p))
 	b.Write(seed)
 	b.WriteByte('\n')
+	if len(ca) > 0 {
+		b.WriteString("# the bus's CA certificate\n")
+		b.Write(ca)
+	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
@@ -316,3 +322,15 @@ func HiveName(hive string) string { return "hive-" + hive }
 
 // WorkerName is the name of the credential of worker of hive.
 func WorkerName(hive, worker string) string { return "worker-" + hive + "." + worker }
+
+// KeyFileCA returns the CA certificate (PEM) a key file carries, or nil.
+func KeyFileCA(path string) []byte {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	if i := bytes.Index(data, []byte("-----BEGIN CERTIFICATE-----")); i >= 0 {
+		return data[i:]
+	}
+	return nil
+}

@@ -128,6 +128,7 @@ var benchmarks = []benchmark{
 	{6, "Footprint", benchFootprint},
 	{7, "Recovery at the boundaries", benchRecovery},
 	{8, "Concurrency", benchConcurrency},
+	{9, "Security", benchSecurity},
 }
 
 // handWritten starts the part of the report that is written by hand and

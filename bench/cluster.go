@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -12,7 +13,9 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/queen"
 	"github.com/rs/zerolog"
 )
 
@@ -130,7 +133,9 @@ func (c *cluster) waitQueen(ctx context.Context, within time.Duration) (time.Dur
 			return 0, fmt.Errorf("queen-rbee exited: %v", c.queen.err)
 		}
 		if c.b == nil {
-			b, err := bus.Connect(ctx, bus.ConnectConfig{URL: c.natsURL, Name: "rbee-bench", Reconnect: true, Timeout: time.Second, Log: zerolog.Nop()})
+			// The bench acts as the queen's machine's owner: the queen's
+			// key, once the queen has made it.
+			b, err := bus.Connect(ctx, bus.ConnectConfig{URL: c.natsURL, Name: "rbee-bench", Credentials: c.creds(auth.QueenName), Reconnect: true, Timeout: time.Second, Log: zerolog.Nop()})
 			if err != nil {
 				last = err
 				time.Sleep(2 * time.Millisecond)
@@ -182,7 +187,12 @@ func (c *cluster) startHive(ctx context.Context, id string, extra ...string) (*p
 	}
 	defer func() { _ = w.Stop() }()
 	data := filepath.Join(c.home, "hives", id)
-	args := append([]string{"--id", id, "--nats", c.natsURL, "--data", data}, extra...)
+	args := []string{"--id", id, "--nats", c.natsURL, "--data", data}
+	cr, err := c.issue(auth.HiveName(id), auth.Principal{Role: auth.RoleHive, Hive: id})
+	if err != nil {
+		return nil, 0, err
+	}
+	args = append(append(args, cr...), extra...)
 	p, err := c.e.procs.start("rbee-hive "+id, bin, args, nil, filepath.Join(c.home, "logs", "hive-"+id+".log"))
 	if err != nil {
 		return nil, 0, err
@@ -288,4 +298,49 @@ func (c *cluster) spawn(ctx context.Context, args api.WorkerSpawnArgs) (api.Work
 func (c *cluster) stopWorker(ctx context.Context, id string) error {
 	_, err := c.run(ctx, api.OpWorkerStop, api.WorkerStopArgs{Worker: id, Grace: api.Duration(5 * time.Second)})
 	return err
+}
+
+// creds are the named credential of this cluster's queen and its CA, where
+// the queen made them (none on an open bus).
+func (c *cluster) creds(name string) bus.Credentials {
+	var cr bus.Credentials
+	if f := filepath.Join(queen.CredentialsDir(c.home), name+".nk"); exists(f) {
+		cr.KeyFile = f
+	}
+	if f := auth.CAFile(queen.TLSDir(c.home)); exists(f) {
+		cr.CAFile = f
+	}
+	return cr
+}
+
+// issue makes the credential a process the bench starts itself needs, as
+// `rbee creds issue` would, and returns its flags (none on an open bus).
+func (c *cluster) issue(name string, p auth.Principal) ([]string, error) {
+	dir := queen.CredentialsDir(c.home)
+	if !exists(filepath.Join(dir, auth.Registry)) {
+		return nil, nil
+	}
+	store, err := auth.OpenStore(dir)
+	if err != nil {
+		return nil, err
+	}
+	_, _ = store.Revoke(name)
+	_, seed, err := store.Issue(name, p)
+	if err != nil {
+		return nil, err
+	}
+	key := filepath.Join(c.home, "keys", name+".nk")
+	if err := auth.WriteKeyFile(key, name, p, seed, nil); err != nil {
+		return nil, err
+	}
+	args := []string{"--creds", key}
+	if ca := c.creds(name).CAFile; ca != "" {
+		args = append(args, "--nats-ca", ca)
+	}
+	return args, nil
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/subjects"
 )
 
@@ -142,6 +143,11 @@ func workerExec(ctx context.Context, c *cluster, bin, model, id string, idle tim
 	}
 	defer func() { _ = watch.Stop() }()
 	args := []string{"--id", id, "--hive", hive, "--model", "tiny", "--model-path", model, "--threads", "1", "--slots", "1", "--ctx", "2048", "--nats", c.natsURL}
+	cr, err := c.issue(auth.WorkerName(hive, id), auth.Principal{Role: auth.RoleWorker, Hive: hive, Worker: id, ModelKey: "tiny"})
+	if err != nil {
+		return r, err
+	}
+	args = append(args, cr...)
 	p, err := c.e.procs.start("llm-worker-rbee "+id, bin, args, nil, filepath.Join(c.home, "logs", id+".log"))
 	if err != nil {
 		return r, err
@@ -193,6 +199,11 @@ func (c *cluster) startWorker(ctx context.Context, bin, model, id string) (*proc
 	}
 	defer func() { _ = watch.Stop() }()
 	args := []string{"--id", id, "--hive", hive, "--model", "tiny", "--model-path", model, "--threads", "1", "--slots", "1", "--ctx", "2048", "--nats", c.natsURL}
+	cr, err := c.issue(auth.WorkerName(hive, id), auth.Principal{Role: auth.RoleWorker, Hive: hive, Worker: id, ModelKey: "tiny"})
+	if err != nil {
+		return nil, err
+	}
+	args = append(args, cr...)
 	p, err := c.e.procs.start("llm-worker-rbee "+id, bin, args, nil, filepath.Join(c.home, "logs", id+".log"))
 	if err != nil {
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -121,11 +122,15 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 		return nil, err
 	}
 	opts = append(opts, credOpts...)
-	opts = append(opts, cfg.Extra...)
 	url := cfg.URL
 	if url == "" {
 		url = nats.DefaultURL
 	}
+	if !loopbackOnly(url) && len(cfg.Extra) == 0 && !cfg.Credentials.Empty() {
+		// An rbee credential never crosses a network in the clear.
+		opts = append(opts, func(o *nats.Options) error { o.Secure = true; return nil })
+	}
+	opts = append(opts, cfg.Extra...)
 	type result struct {
 		nc  *nats.Conn
 		err error
@@ -140,7 +145,11 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 	case r := <-done:
 		if r.err != nil {
 			if errors.Is(r.err, nats.ErrAuthorization) || errors.Is(r.err, nats.ErrNkeysNotSupported) {
-				return nil, fmt.Errorf("%w: the bus at %s refused %s (%v)", ErrRefused, redact(url), cfg.Credentials.Describe(), r.err)
+				what := "refused " + cfg.Credentials.Describe()
+				if cfg.Credentials.Empty() {
+					what = "asks for credentials and none were given"
+				}
+				return nil, fmt.Errorf("%w: the bus at %s %s (%v)", ErrRefused, redact(url), what, r.err)
 			}
 			return nil, fmt.Errorf("%w: cannot connect to NATS at %s: %v", ErrUnreachable, redact(url), r.err)
 		}
@@ -163,6 +172,28 @@ func Connect(ctx context.Context, cfg ConnectConfig) (*Bus, error) {
 		return nil, fmt.Errorf("JetStream: %w", err)
 	}
 	return &Bus{NC: nc, JS: js, Space: space, Log: log, consumersExpire: cfg.ConsumersExpire}, nil
+}
+
+// loopbackOnly reports whether every server of a comma-separated URL list
+// is on this machine.
+func loopbackOnly(urls string) bool {
+	for _, u := range strings.Split(urls, ",") {
+		u = strings.TrimSpace(u)
+		if i := strings.Index(u, "://"); i >= 0 {
+			u = u[i+3:]
+		}
+		if i := strings.LastIndex(u, "@"); i >= 0 {
+			u = u[i+1:]
+		}
+		host, _, err := net.SplitHostPort(u)
+		if err != nil {
+			host = u
+		}
+		if !isLoopback(strings.Trim(host, "[]")) {
+			return false
+		}
+	}
+	return true
 }
 
 func redact(url string) string {

@@ -339,6 +339,10 @@ func retryable(err error) bool {
 // without error.
 var ErrFollowEnded = errors.New("stop following")
 
+// clientConsumerExpiry is how long a client's follower consumer outlives its
+// last read; the follower keeps it busy with pulls while it follows.
+const clientConsumerExpiry = 5 * time.Second
+
 // Follow delivers the stored events of job in order, starting at stream
 // sequence from (0 means from the job's first event), then live ones as they
 // arrive, and returns nil after the job's terminal state event. Tokens come
@@ -361,6 +365,11 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	// A follower killed without a goodbye leaves its consumer behind;
 	// the server drops it after this long without interest.
 	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}, InactiveThreshold: 30 * time.Second}
+	if b.consumersExpire {
+		// It will not be deleted (see ConnectConfig.ConsumersExpire):
+		// let it go soon after its follower stops reading.
+		cfg.InactiveThreshold = clientConsumerExpiry
+	}
 	if from > 0 {
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
 		cfg.OptStartSeq = from

@@ -4,6 +4,7 @@ package bus
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -33,7 +34,7 @@ var ErrTLSRequired = errors.New("listening beyond loopback requires TLS")
 
 // ErrRefused is returned when the bus refuses a connection's credentials
 // (unknown, revoked, or none where some are needed).
-var ErrRefused = errors.New("the bus refused the credentials")
+var ErrRefused = errors.New("credentials refused")
 
 // Credentials say who a connection is. An rbee credential is a key file
 // (KeyFile, what `rbee creds` issues): the connection signs the server's
@@ -85,8 +86,28 @@ func (c Credentials) Options() ([]nats.Option, error) {
 	case c.User != "":
 		opts = append(opts, nats.UserInfo(c.User, c.Password))
 	}
-	if c.CAFile != "" {
-		opts = append(opts, nats.RootCAs(c.CAFile))
+	var ca []byte
+	switch {
+	case c.CAFile != "":
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("the bus's CA certificate: %w", err)
+		}
+		ca = pem
+	case c.KeyFile != "":
+		ca = auth.KeyFileCA(c.KeyFile)
+	}
+	if ca != nil {
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(ca) {
+			return nil, fmt.Errorf("the bus's CA certificate (%s) holds no certificate", c.Describe())
+		}
+		// TLS whenever the server asks for it, verified against this CA;
+		// Connect insists on it beyond loopback.
+		opts = append(opts, func(o *nats.Options) error {
+			o.TLSConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+			return nil
+		})
 	}
 	return opts, nil
 }
@@ -188,6 +209,10 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 	}
 	return &Server{srv: srv, cfg: cfg}, nil
 }
+
+// IsLoopback reports whether host (a name or an address) is this machine's
+// loopback.
+func IsLoopback(host string) bool { return isLoopback(host) }
 
 func isLoopback(host string) bool {
 	if host == "localhost" {

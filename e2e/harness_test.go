@@ -16,9 +16,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/proc"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
+	"github.com/rbee-dev/rbee/queen"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 )
@@ -106,10 +108,21 @@ func (c *cluster) rbee(args ...string) result {
 
 func (c *cluster) rbeeWithin(d time.Duration, args ...string) result {
 	c.t.Helper()
+	return c.run(d, c.env, args...)
+}
+
+// rbeeEnv runs the keeper with extra environment variables (later ones win).
+func (c *cluster) rbeeEnv(extra []string, args ...string) result {
+	c.t.Helper()
+	return c.run(60*time.Second, append(append([]string{}, c.env...), extra...), args...)
+}
+
+func (c *cluster) run(d time.Duration, env []string, args ...string) result {
+	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(c.bin, "rbee"), args...)
-	cmd.Env = c.env
+	cmd.Env = env
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -140,12 +153,25 @@ func (c *cluster) startQueen() {
 	c.mustRbee("queen", "start")
 }
 
-// connect opens a bus connection to the cluster, for assertions.
+// connect opens a bus connection to the cluster, for assertions. It acts
+// as the queen (the test is the machine's owner, who can read the queen's
+// key): assertions read and write what no client may.
 func (c *cluster) connect() *bus.Bus {
+	c.t.Helper()
+	return c.connectAs(c.keyFile(auth.QueenName))
+}
+
+// keyFile is where the queen of this cluster keeps the named credential.
+func (c *cluster) keyFile(name string) string {
+	return filepath.Join(queen.CredentialsDir(c.home), name+".nk")
+}
+
+// connectAs opens a bus connection with the credentials in keyFile.
+func (c *cluster) connectAs(keyFile string) *bus.Bus {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: c.url(), Name: "e2e", Reconnect: true, Log: zerolog.Nop()})
+	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: c.url(), Name: "e2e", Credentials: bus.Credentials{KeyFile: keyFile}, Reconnect: true, Log: zerolog.Nop()})
 	require.NoError(c.t, err)
 	c.t.Cleanup(func() { b.NC.Close() })
 	return b

@@ -509,7 +509,15 @@ func (h *hive) workerCredentials(ctx context.Context, id, modelKey string) (args
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	var reply api.WorkerCredentialsReply
-	if err := h.bus.Call(cctx, h.bus.Space.WorkerCredentials(h.cfg.ID), api.WorkerCredentialsRequest{Worker: id, ModelKey: modelKey}, &reply); err != nil {
+	err = h.bus.Call(cctx, h.bus.Space.WorkerCredentials(h.cfg.ID), api.WorkerCredentialsRequest{Worker: id, ModelKey: modelKey}, &reply)
+	if errors.Is(err, bus.ErrNoResponder) {
+		// No queen issues keys: a NATS deployment configured from `rbee
+		// creds server-config`, where a hive's key also covers its
+		// workers.
+		h.log.Info().Str("worker", id).Msg("no queen issues worker credentials on this bus; the worker uses the hive's")
+		return append(args, "--"+cliutil.FlagCreds, cr.KeyFile), nil, "", nil
+	}
+	if err != nil {
 		return nil, nil, "", fmt.Errorf("asking the queen for worker %s's credentials: %w", id, err)
 	}
 	kp, err := auth.ParseKey([]byte(reply.Seed))
@@ -519,7 +527,7 @@ func (h *hive) workerCredentials(ctx context.Context, id, modelKey string) (args
 	seed, _ := kp.Seed()
 	keyFile = filepath.Join(h.cfg.workersDir(), id+".nk")
 	p := auth.Principal{Role: auth.RoleWorker, Hive: h.cfg.ID, Worker: id, ModelKey: modelKey}
-	if err := auth.WriteKeyFile(keyFile, reply.Name, p, seed); err != nil {
+	if err := auth.WriteKeyFile(keyFile, reply.Name, p, seed, nil); err != nil {
 		return nil, nil, "", fmt.Errorf("writing worker %s's credentials: %w", id, err)
 	}
 	return append(args, "--"+cliutil.FlagCreds, keyFile), nil, keyFile, nil

@@ -53,6 +53,7 @@ func App() *cli.App {
 			modelCommand(),
 			workerCommand(),
 			traceCommand(),
+			credsCommand(),
 		},
 		CommandNotFound: func(c *cli.Context, name string) {
 			fmt.Fprintf(os.Stderr, "rbee: unknown command %q; see `%s --help`\n", name, commandName(c))

@@ -131,6 +131,12 @@ func credentials(c *cli.Context) bus.Credentials {
 			cr.KeyFile = f
 		}
 	}
+	if cr.CAFile == "" && (cr.KeyFile == "" || auth.KeyFileCA(cr.KeyFile) == nil) {
+		// The local queen's CA, used only if its bus asks for TLS.
+		if f := auth.CAFile(queen.TLSDir(cliutil.Home())); fileExists(f) {
+			cr.CAFile = f
+		}
+	}
 	return cr
 }
 

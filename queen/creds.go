@@ -2,8 +2,12 @@ package queen
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -13,6 +17,9 @@ import (
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/subjects"
 )
+
+// TLSDir is where a queen keeps its bus's CA and certificate.
+func TLSDir(dataDir string) string { return filepath.Join(dataDir, "tls") }
 
 // CredentialsDir is where a queen with an embedded bus keeps the credentials
 // it accepts (see auth.Store).
@@ -26,6 +33,21 @@ func (q *Queen) CredentialsFile(name string) string {
 		return ""
 	}
 	return q.authority.Store().KeyFile(name)
+}
+
+// externalStore is the credential store of a queen on an external bus, when
+// `rbee creds` made one in its data directory: the hives it starts get their
+// keys from it (the bus knows them from `rbee creds server-config`).
+func (q *Queen) externalStore() *auth.Store {
+	dir := CredentialsDir(q.cfg.DataDir)
+	if _, err := os.Stat(filepath.Join(dir, auth.Registry)); err != nil {
+		return nil
+	}
+	store, err := auth.OpenStore(dir)
+	if err != nil {
+		return nil
+	}
+	return store
 }
 
 // openAuthority prepares the embedded bus's authority: the store, with the
@@ -51,10 +73,10 @@ func (q *Queen) openAuthority() (*auth.Authority, error) {
 // hiveCredentials returns the key file of hive's credential, issuing it the
 // first time; "" when this queen issues none (an external bus).
 func (q *Queen) hiveCredentials(hive string) (string, error) {
-	if q.authority == nil {
+	store := q.store
+	if store == nil {
 		return "", nil
 	}
-	store := q.authority.Store()
 	name := auth.HiveName(hive)
 	if _, err := store.Ensure(name, auth.Principal{Role: auth.RoleHive, Hive: hive}); err != nil {
 		return "", fmt.Errorf("credentials of hive %s: %w", hive, err)
@@ -102,14 +124,15 @@ func (q *Queen) workerGone(last api.WorkerStatus) {
 }
 
 // runCredentials revokes the credentials of workers that are gone: at once
-// for those the registry reports, and every sweepEvery for any other
-// worker credential whose worker has not been seen for longer than a
-// worker may take to start.
+// for those the registry reports gone, and, every sweepEvery, those of
+// workers not seen for longer than absentFor (a worker paused or cut off for
+// less may come back, and keeps its key).
 func (q *Queen) runCredentials(ctx context.Context) {
-	const sweepEvery = time.Minute
+	const sweepEvery, absentFor = time.Minute, 3 * time.Minute
 	go q.authority.Run(ctx, time.Second)
 	t := time.NewTicker(sweepEvery)
 	defer t.Stop()
+	absent := map[string]time.Time{}
 	for {
 		select {
 		case <-ctx.Done():
@@ -118,13 +141,16 @@ func (q *Queen) runCredentials(ctx context.Context) {
 			if err := q.authority.Revoke(name); err != nil && !errors.Is(err, auth.ErrUnknownCredential) {
 				q.log.Warn().Err(err).Str("credential", name).Msg("revoking a gone worker's credential")
 			}
-		case <-t.C:
-			q.sweepWorkerCredentials()
+		case now := <-t.C:
+			q.sweepWorkerCredentials(now, absent, absentFor)
 		}
 	}
 }
 
-func (q *Queen) sweepWorkerCredentials() {
+// sweepWorkerCredentials revokes the worker credentials whose worker has
+// been absent from the registry for absentFor; absent holds when each was
+// first seen missing.
+func (q *Queen) sweepWorkerCredentials(now time.Time, absent map[string]time.Time, absentFor time.Duration) {
 	snap := q.registry.Snapshot()
 	if snap == nil || !q.registry.Settled() {
 		return
@@ -133,15 +159,76 @@ func (q *Queen) sweepWorkerCredentials() {
 	if err != nil {
 		return
 	}
+	seen := map[string]bool{}
 	for _, c := range creds {
-		if c.Principal.Role != auth.RoleWorker || time.Since(c.IssuedAt) < q.cfg.WorkerStartTimeout+time.Minute {
+		if c.Principal.Role != auth.RoleWorker {
 			continue
 		}
-		if _, live := snap.Workers[c.Principal.Worker]; live {
+		seen[c.Name] = true
+		if _, live := snap.Workers[c.Principal.Worker]; live || now.Sub(c.IssuedAt) < q.cfg.WorkerStartTimeout {
+			delete(absent, c.Name)
 			continue
 		}
-		if err := q.authority.Revoke(c.Name); err == nil {
-			q.log.Info().Str("credential", c.Name).Msg("revoked the credential of a worker that is gone")
+		since, ok := absent[c.Name]
+		if !ok {
+			absent[c.Name] = now
+			continue
+		}
+		if now.Sub(since) >= absentFor {
+			if err := q.authority.Revoke(c.Name); err == nil || errors.Is(err, auth.ErrUnknownCredential) {
+				delete(absent, c.Name)
+				q.log.Info().Str("credential", c.Name).Msg("revoked the credential of a worker gone for good")
+			}
 		}
 	}
+	for name := range absent {
+		if !seen[name] {
+			delete(absent, name)
+		}
+	}
+}
+
+// busTLS is the embedded bus's TLS configuration and the CA that verifies it:
+// nil (plain TCP) on loopback unless Config.TLS asks; beyond loopback always,
+// with a certificate for the listen and advertised hosts.
+func (q *Queen) busTLS() (*tls.Config, string, error) {
+	host, _, err := net.SplitHostPort(q.cfg.Listen)
+	if q.cfg.Listen == "" || q.cfg.Listen == "-" || err != nil {
+		host = "127.0.0.1"
+	}
+	if q.cfg.TLSCert != "" || q.cfg.TLSKey != "" {
+		cert, err := tls.LoadX509KeyPair(q.cfg.TLSCert, q.cfg.TLSKey)
+		if err != nil {
+			return nil, "", fmt.Errorf("the bus's TLS certificate: %w", err)
+		}
+		return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, q.cfg.TLSCA, nil
+	}
+	if !q.cfg.TLS && bus.IsLoopback(host) {
+		return nil, "", nil
+	}
+	hosts := []string{host}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		// Listening everywhere: the certificate names every address of
+		// this machine and its host name.
+		hosts = hosts[:0]
+		if addrs, err := net.InterfaceAddrs(); err == nil {
+			for _, a := range addrs {
+				if n, ok := a.(*net.IPNet); ok {
+					hosts = append(hosts, n.IP.String())
+				}
+			}
+		}
+		if h, err := os.Hostname(); err == nil {
+			hosts = append(hosts, h)
+		}
+	}
+	if u, err := url.Parse(q.cfg.AdvertiseURL); err == nil && u.Hostname() != "" {
+		hosts = append(hosts, u.Hostname())
+	}
+	dir := TLSDir(q.cfg.DataDir)
+	cfg, err := auth.ServerTLS(dir, hosts)
+	if err != nil {
+		return nil, "", fmt.Errorf("the bus's TLS certificate: %w", err)
+	}
+	return cfg, auth.CAFile(dir), nil
 }

@@ -192,6 +192,9 @@ func (q *Queen) startLocalHive(ctx context.Context, jobID string, entry api.Inve
 		args = append(args, "--"+cliutil.FlagCreds, keyFile)
 		env = nil
 	}
+	if q.caFile != "" {
+		args = append(args, "--"+cliutil.FlagCA, q.caFile)
+	}
 	args = append(args, q.cfg.HiveArgs...)
 	p, err := proc.Start(proc.Spec{Path: bin, Args: args, Env: env, LogPath: logPath})
 	if err != nil {
@@ -235,6 +238,14 @@ func (q *Queen) startRemoteHive(ctx context.Context, jobID string, entry api.Inv
 			return nil, "", fmt.Errorf("copying the credentials of hive %s: %w", entry.Name, err)
 		}
 		credArgs = " --" + cliutil.FlagCreds + " " + remote.QuotePath(remoteKey)
+		if q.caFile != "" {
+			remoteCA := path.Join(layout.data, "creds", "ca.pem")
+			if err := client.Upload(ctx, q.caFile, remoteCA, 0o644); err != nil {
+				client.Close()
+				return nil, "", fmt.Errorf("copying the bus's CA certificate to hive %s: %w", entry.Name, err)
+			}
+			credArgs += " --" + cliutil.FlagCA + " " + remote.QuotePath(remoteCA)
+		}
 	} else {
 		// Credentials travel in the command's environment, not its
 		// arguments, so other users of that machine cannot read them in ps.

@@ -36,9 +36,15 @@ type Config struct {
 	// OpenBus turns the embedded bus's credentials and permissions off
 	// (loopback only): every process on this machine may then do
 	// anything on it. It exists to measure what security costs.
-	OpenBus   bool
-	Namespace string
-	Retention bus.Retention
+	OpenBus bool
+	// TLS makes the embedded bus require TLS even on loopback; beyond
+	// loopback it always does. The CA and certificate are made in
+	// <data>/tls unless TLSCert and TLSKey name the user's own (TLSCA is
+	// then the CA that signed them, handed to hives).
+	TLS                    bool
+	TLSCert, TLSKey, TLSCA string
+	Namespace              string
+	Retention              bus.Retention
 	// JobTimeout fails a job that is not finished in time (default 30 min).
 	JobTimeout time.Duration
 	// HiveStartTimeout bounds waiting for a started hive to register (30 s).
@@ -147,6 +153,12 @@ type Queen struct {
 	// workers that are gone for revocation.
 	authority *auth.Authority
 	credsGone chan string
+	// store holds the credentials the queen hands hives: the authority's,
+	// or on an external bus the one `rbee creds` made (nil: none).
+	store *auth.Store
+	// caFile is the CA that signed the embedded bus's certificate ("" when
+	// the bus speaks plain TCP on loopback).
+	caFile    string
 	sched     *sched.Scheduler
 	deadlines *deadlineKeeper
 	gateway   *gateway
@@ -183,9 +195,13 @@ func Run(ctx context.Context, cfg Config) error {
 	q.narrator = q.bus.Narrator(actor, "", "")
 	q.registry = newRegistry(q.bus, cfg.LivenessGrace)
 	q.sched = q.newScheduler()
-	q.registry.OnWorkerLost = func(_ string, last api.WorkerStatus, why string) {
+	q.registry.OnWorkerLost = func(id string, last api.WorkerStatus, why string) {
 		q.sched.WorkerLost(last, why)
-		q.workerGone(last)
+		// A worker its hive saw exit is gone for good; one whose beats
+		// stopped (paused, cut off) may come back, and keeps its key.
+		if _, died := q.registry.Snapshot().Exited(id); died {
+			q.workerGone(last)
+		}
 	}
 	q.registry.OnWorkerGone = func(_ string, last api.WorkerStatus) {
 		q.sched.WorkerGone(last)
@@ -294,6 +310,14 @@ func (q *Queen) connect(ctx context.Context) error {
 	}
 	if q.cfg.NATSURL != "" {
 		cc.URL = q.cfg.NATSURL
+		q.store = q.externalStore()
+		if q.store != nil && cc.Credentials.Empty() {
+			// The queen's own key, which `rbee creds server-config` made
+			// and the bus was configured with.
+			if f := q.store.KeyFile(auth.QueenName); fileExists(f) {
+				cc.Credentials.KeyFile = f
+			}
+		}
 	} else {
 		sc := bus.ServerConfig{DataDir: q.cfg.DataDir, Listen: q.cfg.Listen, Credentials: q.cfg.Credentials, Log: q.log}
 		if !q.cfg.OpenBus {
@@ -301,10 +325,16 @@ func (q *Queen) connect(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			q.authority, q.credsGone = a, make(chan string, 256)
+			q.authority, q.store, q.credsGone = a, a.Store(), make(chan string, 256)
 			sc.Authority = a
 			cc.Credentials = bus.Credentials{KeyFile: a.Store().KeyFile(auth.QueenName)}
 		}
+		tlsCfg, caFile, err := q.busTLS()
+		if err != nil {
+			return err
+		}
+		sc.TLS, q.caFile = tlsCfg, caFile
+		cc.Credentials.CAFile = caFile
 		srv, err := bus.StartServer(sc)
 		if err != nil {
 			return err
@@ -379,4 +409,9 @@ func (q *Queen) addService() (micro.Service, error) {
 		return nil, err
 	}
 	return svc, nil
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }
