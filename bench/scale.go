@@ -189,7 +189,7 @@ func benchScale(ctx context.Context, e *env) (*Table, error) {
 	interval := bus.DefaultHeartbeatInterval
 	bound := 3*interval + time.Second
 	t := &Table{
-		Intro: fmt.Sprintf("A real queen-rbee (`--nats URL`) against a nats-server in its own process (`rbee-bench serve-bus`, the same bus.StartServer the queen embeds), with N simulated registry entries: N/2 hives and N/2 workers whose heartbeats are their real status JSON (api.HiveStatus, api.WorkerStatus), published like bus.Heartbeat to `$KV.rbee_hives.<id>` / `$KV.rbee_workers.<id>` with a per-message TTL of %s, every %s, spread evenly over the interval. "+
+		Intro: fmt.Sprintf("A real queen-rbee (`--nats URL`) against a nats-server in its own process (`rbee-bench serve-bus`, the same bus.StartServer the queen embeds), with N simulated registry entries: N/2 hives and N/2 workers whose heartbeats are their real status JSON (api.HiveStatus, api.WorkerStatus), published like bus.Heartbeat to `$KV.rbee_hives.<hive>` / `$KV.rbee_workers.<hive>.<worker>` with a per-message TTL of %s, every %s, spread evenly over the interval. "+
 			"CPU is utime+stime from /proc/PID/stat over a %s window once all entries are registered (1.0 = one core); RSS is VmRSS at the end of the window. "+
 			"Detection: %d simulated hives stop beating at random moments; the time until the queen's `hive-get` endpoint reports them `lost` (polled every 100 ms). Bound: 3 intervals + 1 s = %s.",
 			bus.TTLForInterval(interval), interval, window, probes, bound),

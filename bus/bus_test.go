@@ -221,12 +221,16 @@ func TestDeregisterRemovesAtOnce(t *testing.T) {
 func TestNonLoopbackListenRequiresCredentials(t *testing.T) {
 	_, err := bus.StartServer(bus.ServerConfig{DataDir: t.TempDir(), Listen: "0.0.0.0:-1", Log: zerolog.Nop()})
 	require.ErrorIs(t, err, bus.ErrCredentialsRequired)
+	// Credentials alone are not enough: they would cross the network in
+	// the clear.
+	_, err = bus.StartServer(bus.ServerConfig{DataDir: t.TempDir(), Listen: "0.0.0.0:-1", Credentials: bus.Credentials{Token: "s3cret"}, Log: zerolog.Nop()})
+	require.ErrorIs(t, err, bus.ErrTLSRequired)
 	srv, err := bus.StartServer(bus.ServerConfig{DataDir: t.TempDir(), Listen: "127.0.0.1:-1", Credentials: bus.Credentials{Token: "s3cret"}, Log: zerolog.Nop()})
 	require.NoError(t, err)
 	defer srv.Shutdown()
 	ctx := context.Background()
 	_, err = bus.Connect(ctx, bus.ConnectConfig{URL: srv.ClientURL(), Log: zerolog.Nop()})
-	require.ErrorIs(t, err, bus.ErrUnreachable, "no token, no connection")
+	require.ErrorIs(t, err, bus.ErrRefused, "no token, no connection, and the error says it was refused, not unreachable")
 	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: srv.ClientURL(), Credentials: bus.Credentials{Token: "s3cret"}, Log: zerolog.Nop()})
 	require.NoError(t, err)
 	b.NC.Close()

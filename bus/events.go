@@ -339,6 +339,18 @@ func retryable(err error) bool {
 // without error.
 var ErrFollowEnded = errors.New("stop following")
 
+// attachTimeout bounds each try to attach a follower.
+const attachTimeout = 5 * time.Second
+
+// outage reports whether err is what a request gets from a bus that is down
+// or still starting, rather than an answer.
+func outage(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, nats.ErrDisconnected)
+}
+
 // clientConsumerExpiry is how long a client's follower consumer outlives its
 // last read; the follower keeps it busy with pulls while it follows.
 const clientConsumerExpiry = 5 * time.Second
@@ -355,9 +367,6 @@ const clientConsumerExpiry = 5 * time.Second
 // so that resuming at the last event's Seq+1 misses nothing), or after the
 // terminal event.
 func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.Event) error) error {
-	if done, err := b.followEnded(ctx, job, from, fn); done || err != nil {
-		return err
-	}
 	filter, err := b.Space.JobEvents(job)
 	if err != nil {
 		return err
@@ -374,9 +383,34 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
 		cfg.OptStartSeq = from
 	}
-	cons, err := b.JS.OrderedConsumer(ctx, b.Space.JobsStream(), cfg)
-	if err != nil {
-		return fmt.Errorf("follow job %s: %w", job, err)
+	// Attaching is requests to JetStream, which a bus that is going away
+	// or coming back (a queen restarting) may not answer in time: they are
+	// tried again until ctx ends, as the follow itself rides out an outage.
+	var cons jetstream.Consumer
+	for {
+		actx, cancel := context.WithTimeout(ctx, attachTimeout)
+		done, err := b.followEnded(actx, job, from, fn)
+		if done {
+			cancel()
+			return err
+		}
+		if err == nil {
+			cons, err = b.JS.OrderedConsumer(actx, b.Space.JobsStream(), cfg)
+			if err == nil {
+				cancel()
+				break
+			}
+			err = fmt.Errorf("follow job %s: %w", job, err)
+		}
+		cancel()
+		if !outage(err) || ctx.Err() != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
 	}
 	it, err := cons.Messages()
 	if err != nil {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -192,4 +194,52 @@ func TestFollowEndsWithTheRecordWhenTheEndEventIsMissing(t *testing.T) {
 	defer wcancel()
 	err = f.Bus.Follow(wctx, "alive", 0, func(api.Event) error { return nil })
 	require.ErrorIs(t, err, context.DeadlineExceeded, "a running job is followed until it ends")
+}
+
+// A follow that starts while the bus is down (a queen restarting between a
+// job's submission and its client's attach) attaches once the bus is back,
+// however long its first requests go unanswered, and sees the job to its
+// end, instead of failing with the first request's timeout.
+func TestFollowStartedDuringAnOutageAttachesWhenTheBusIsBack(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	l.Close()
+	dir := t.TempDir()
+	start := func() *bus.Server {
+		srv, err := bus.StartServer(bus.ServerConfig{DataDir: dir, Listen: addr, Log: zerolog.Nop()})
+		require.NoError(t, err)
+		return srv
+	}
+	srv := start()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: srv.ClientURL(), Reconnect: true, Log: zerolog.Nop()})
+	require.NoError(t, err)
+	t.Cleanup(b.NC.Close)
+	require.NoError(t, b.EnsureStreams(ctx, bus.DefaultRetention()))
+	storeJob(t, b, "outage", 2, api.JobRunning)
+	srv.Shutdown()
+
+	done := make(chan error, 1)
+	var tokens atomic.Int32
+	go func() {
+		done <- b.Follow(ctx, "outage", 0, func(ev api.Event) error {
+			if ev.Token != nil {
+				tokens.Add(1)
+			}
+			return nil
+		})
+	}()
+	// Longer than a JetStream request's own timeout (5 s).
+	select {
+	case err := <-done:
+		t.Fatalf("the follow ended while the bus was down: %v", err)
+	case <-time.After(6 * time.Second):
+	}
+	srv = start()
+	t.Cleanup(srv.Shutdown)
+	require.NoError(t, b.PublishEvent(ctx, "outage", subjects.EventState, api.StateChange{State: api.JobCompleted}))
+	require.NoError(t, <-done)
+	require.EqualValues(t, 2, tokens.Load())
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/sshd"
 	"github.com/stretchr/testify/require"
@@ -181,12 +182,21 @@ func TestRemoteHiveOverRealSSH(t *testing.T) {
 	require.Contains(t, r.stderr, "over SSH")
 	require.Contains(t, r.stderr, "hive gpu1 is online")
 	require.Equal(t, api.HiveOnline, c.hiveView("gpu1").State)
+	// Its key travelled over SSH into a file only its user may read, and
+	// the command that started it names the file, not the key.
+	remoteKey := filepath.Join(prefix, "share", "rbee", "creds", "hive.nk")
+	st, err := os.Stat(remoteKey)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), st.Mode().Perm())
+	require.Equal(t, seedOf(t, c.keyFile(auth.HiveName("gpu1"))), seedOf(t, remoteKey))
 
 	r = c.mustRbee("hive", "stop", "gpu1")
 	require.Contains(t, r.stderr, "hive gpu1 stopped")
 	r = c.mustRbee("hive", "uninstall", "gpu1")
-	_, err := os.Stat(filepath.Join(prefix, "bin", "rbee-hive"))
+	_, err = os.Stat(filepath.Join(prefix, "bin", "rbee-hive"))
 	require.True(t, os.IsNotExist(err))
+	_, err = os.Stat(remoteKey)
+	require.True(t, os.IsNotExist(err), "uninstall leaves no key behind")
 }
 
 // A worker is owned by its hive: when the hive is killed outright, its

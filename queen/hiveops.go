@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/llamalib"
@@ -232,14 +233,14 @@ func (q *Queen) startRemoteHive(ctx context.Context, jobID string, entry api.Inv
 		// The hive's key goes over SSH into a file of mode 0600 there,
 		// and the command names the file: a command line is for everyone
 		// on that machine to read.
-		remoteKey := path.Join(layout.data, "creds", "hive.nk")
+		remoteKey := path.Join(remoteCredsDir(layout), "hive.nk")
 		if err := client.Upload(ctx, keyFile, remoteKey, 0o600); err != nil {
 			client.Close()
 			return nil, "", fmt.Errorf("copying the credentials of hive %s: %w", entry.Name, err)
 		}
 		credArgs = " --" + cliutil.FlagCreds + " " + remote.QuotePath(remoteKey)
 		if q.caFile != "" {
-			remoteCA := path.Join(layout.data, "creds", "ca.pem")
+			remoteCA := path.Join(remoteCredsDir(layout), "ca.pem")
 			if err := client.Upload(ctx, q.caFile, remoteCA, 0o644); err != nil {
 				client.Close()
 				return nil, "", fmt.Errorf("copying the bus's CA certificate to hive %s: %w", entry.Name, err)
@@ -453,11 +454,15 @@ func (q *Queen) runHiveUninstall(ctx context.Context, job api.Job) (any, error) 
 		}
 		q.say(ctx, job.ID, "remove", entry.Name, "removed %s from %s:%s", name, entry.Name, layout.bin)
 	}
-	if _, _, err := client.Run(ctx, "rm -rf -- "+remote.QuotePath(layout.llama)); err != nil {
+	if _, _, err := client.Run(ctx, "rm -rf -- "+remote.QuotePath(layout.llama)+" "+remote.QuotePath(remoteCredsDir(layout))); err != nil {
 		return nil, err
 	}
+	q.say(ctx, job.ID, "remove", entry.Name, "removed its credentials from %s:%s (`rbee creds revoke %s` revokes them)", entry.Name, remoteCredsDir(layout), auth.HiveName(entry.Name))
 	return nil, nil
 }
+
+// remoteCredsDir is where a remote hive's key and the bus's CA are kept.
+func remoteCredsDir(layout remotePaths) string { return path.Join(layout.data, "creds") }
 
 // --- workers and models, through their hive ---
 
