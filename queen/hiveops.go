@@ -181,7 +181,7 @@ func (q *Queen) startLocalHive(ctx context.Context, jobID string, entry api.Inve
 		return nil, "", fmt.Errorf("rbee-hive not found at %s: build it (go tool task build) or set the hive's bin dir", bin)
 	}
 	logPath := filepath.Join(q.cfg.DataDir, "logs", "hive-"+entry.Name+".log")
-	args := []string{"--id", entry.Name, "--nats", q.BusURL(), "--namespace", q.bus.Space.Namespace(),
+	args := []string{"--id", entry.Name, "--nats", q.localBusURL(), "--namespace", q.bus.Space.Namespace(),
 		"--data", filepath.Join(q.cfg.DataDir, "hives", entry.Name)}
 	env := cliutil.CredentialEnv(q.cfg.Credentials)
 	keyFile, err := q.hiveCredentials(entry.Name)

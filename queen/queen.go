@@ -7,6 +7,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sync"
@@ -369,6 +371,24 @@ func (q *Queen) BusURL() string {
 		return q.server.ClientURL()
 	}
 	return q.cfg.NATSURL
+}
+
+// localBusURL is the bus address for programs on this machine: BusURL,
+// except that an embedded bus listening on every address is reached on
+// loopback (0.0.0.0 is no address a certificate names).
+func (q *Queen) localBusURL() string {
+	if q.server == nil {
+		return q.BusURL()
+	}
+	u, err := url.Parse(q.server.ClientURL())
+	if err != nil {
+		return q.BusURL()
+	}
+	if ip := net.ParseIP(u.Hostname()); ip != nil && ip.IsUnspecified() {
+		u.Host = net.JoinHostPort("127.0.0.1", u.Port())
+		return u.String()
+	}
+	return u.String()
 }
 
 // Bus is the queen's bus connection (for the gateway and tests).

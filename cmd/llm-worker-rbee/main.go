@@ -82,7 +82,7 @@ func run(c *cli.Context) error {
 	defer stop()
 	if err := worker.Run(ctx, cfg); err != nil {
 		log.Error().Err(err).Msg("worker stopped")
-		if errors.Is(err, bus.ErrUnreachable) {
+		if errors.Is(err, bus.ErrUnreachable) || errors.Is(err, bus.ErrRefused) {
 			return cli.Exit(err.Error(), exitUnreachable)
 		}
 		return cli.Exit(err.Error(), exitFailed)

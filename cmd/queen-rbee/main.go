@@ -111,7 +111,7 @@ func run(c *cli.Context) error {
 	}
 	if err != nil {
 		log.Error().Err(err).Msg("queen stopped")
-		if errors.Is(err, bus.ErrUnreachable) {
+		if errors.Is(err, bus.ErrUnreachable) || errors.Is(err, bus.ErrRefused) {
 			return cli.Exit(err.Error(), 3)
 		}
 	}

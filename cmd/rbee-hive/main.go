@@ -138,6 +138,9 @@ func run(c *cli.Context) error {
 	defer stop()
 	if err := hive.Run(ctx, cfg); err != nil {
 		log.Error().Err(err).Msg("hive stopped")
+		if errors.Is(err, bus.ErrRefused) {
+			return cli.Exit(fmt.Sprintf("%v. `rbee hive start %s` on the queen's machine issues this hive's key and copies it here; by hand: `rbee creds issue hive %s --out FILE` there, then --creds FILE", err, cfg.ID, cfg.ID), exitUnreachable)
+		}
 		if errors.Is(err, bus.ErrUnreachable) {
 			return cli.Exit(err.Error(), exitUnreachable)
 		}
