@@ -133,12 +133,13 @@ func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions 
 		}
 		pubs = append(pubs, readStream(subjects.KVStream(hives))...)
 		pubs = append(pubs, readStream(subjects.KVStream(workers))...)
-		pubs = append(pubs, consumeStream(subjects.KVStream(workers))...)
 		group, _ := s.HiveGroup(h)
 		return &server.Permissions{
-			Publish:   &server.SubjectPermission{Allow: pubs},
-			Subscribe: &server.SubjectPermission{Allow: []string{group + ".>", ns + ".job.*.cancel", "$SRV.>", inbox}},
-			Response:  responses,
+			Publish: &server.SubjectPermission{Allow: pubs},
+			Subscribe: &server.SubjectPermission{Allow: []string{group + ".>", ns + ".job.*.cancel", "$SRV.>", inbox,
+				// Its starting workers' first beats, as they are stored.
+				subjects.KVSubject(workers, subjects.WorkerKey(h, "*"))}},
+			Response: responses,
 		}
 	case RoleWorker:
 		workers, jobsKV := s.WorkersBucket(), s.JobsBucket()

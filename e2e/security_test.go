@@ -171,7 +171,8 @@ func seedOf(t *testing.T, keyFile string) []byte {
 
 // No secret is ever on a command line (which every user of the machine can
 // read in ps), in a log, or in narration: the hive and its workers are
-// handed key files of mode 0600.
+// handed key files of mode 0600. And the roles' permissions are enough for
+// a normal run: nothing in it is refused.
 func TestCredentialsNeverAppearInCommandLinesOrLogs(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t).withDaemons()
@@ -215,6 +216,10 @@ func TestCredentialsNeverAppearInCommandLinesOrLogs(t *testing.T) {
 		for _, s := range seeds {
 			require.NotContains(t, string(data), string(s[:20]), "a key in %s", path)
 		}
+		// Each role's permissions cover all it does: in a normal run no
+		// program is refused anything (the server logs each refusal in
+		// the queen's log, the program in its own).
+		require.NotRegexp(t, `(?i)permissions? violation`, string(data), "a refusal in %s", path)
 		return nil
 	})
 	require.GreaterOrEqual(t, logs, 3, "the queen's, the hive's and the worker's logs were read")

@@ -29,8 +29,8 @@ type hive struct {
 	catalog  *catalog.Catalog
 	narrator *bus.Narrator
 	hb       *bus.Heartbeat
-	// workersKV is the workers registry: the hive watches its workers
-	// register there and purges the entry of one that died.
+	// workersKV is the workers registry: the hive reads its workers'
+	// entries there and purges the entry of one that died.
 	workersKV jetstream.KeyValue
 	started   time.Time
 	log       zerolog.Logger

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/auth"
@@ -92,12 +93,19 @@ func (h *hive) workerSpawn(ctx context.Context, args api.WorkerSpawnArgs) (api.W
 	}
 
 	id := h.newWorkerID(m.Key)
-	// Watch before starting, so a fast worker's registration is not missed.
-	watcher, err := h.workersKV.Watch(ctx, subjects.WorkerKey(h.cfg.ID, id))
-	if err != nil {
-		return api.WorkerSpawnReply{}, api.Errorf(api.CodeInternal, "watching worker %s's registration: %v", id, err)
+	// Listen before starting, so a fast worker's registration is not
+	// missed. Its beats are published on its key's subject, so a plain
+	// subscription hears them as they are stored: no consumer to make,
+	// and none to delete (a hive may delete no consumer).
+	beats := make(chan *nats.Msg, 16)
+	sub, err := h.bus.NC.ChanSubscribe(subjects.KVSubject(h.bus.Space.WorkersBucket(), subjects.WorkerKey(h.cfg.ID, id)), beats)
+	if err == nil {
+		err = h.bus.NC.FlushWithContext(ctx)
 	}
-	defer func() { _ = watcher.Stop() }()
+	if err != nil {
+		return api.WorkerSpawnReply{}, api.Errorf(api.CodeInternal, "listening for worker %s's registration: %v", id, err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
 
 	h.narrator.Say(ctx, args.JobID, "spawn", id, "starting worker %s for model %s on %s", id, m.ID, device)
 	w, err := h.startWorker(ctx, id, m, device, args)
@@ -106,7 +114,7 @@ func (h *hive) workerSpawn(ctx context.Context, args api.WorkerSpawnArgs) (api.W
 	}
 	h.narrator.Say(ctx, args.JobID, "spawn", id, "worker %s started (pid %d, log %s); loading %s (%s)",
 		id, w.proc.Pid, w.proc.Log, m.ID, catalog.HumanBytes(uint64(m.Size)))
-	st, err := h.awaitReady(ctx, w, watcher, loadTimeout)
+	st, err := h.awaitReady(ctx, w, beats, loadTimeout)
 	if err != nil {
 		h.narrator.Warn(context.WithoutCancel(ctx), args.JobID, "spawn", id, "%v", err)
 		return api.WorkerSpawnReply{}, err
@@ -248,22 +256,15 @@ func (h *hive) startWorker(ctx context.Context, id string, m api.Model, device s
 
 // awaitReady waits until the worker's registry entry says ready, the
 // process exits, the load timeout passes, or the caller gives up.
-func (h *hive) awaitReady(ctx context.Context, w *workerProc, watcher jetstream.KeyWatcher, timeout time.Duration) (api.WorkerStatus, error) {
+func (h *hive) awaitReady(ctx context.Context, w *workerProc, beats <-chan *nats.Msg, timeout time.Duration) (api.WorkerStatus, error) {
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
 		select {
-		case e, ok := <-watcher.Updates():
-			if !ok {
-				h.kill(w)
-				return api.WorkerStatus{}, api.Errorf(api.CodeInternal, "worker %s: the registry watch ended; stopped the worker", w.id)
-			}
-			if e == nil || e.Operation() != jetstream.KeyValuePut {
-				continue
-			}
+		case msg := <-beats:
 			var st api.WorkerStatus
-			if err := json.Unmarshal(e.Value(), &st); err != nil {
-				continue
+			if len(msg.Data) == 0 || json.Unmarshal(msg.Data, &st) != nil {
+				continue // a delete or purge marker, not a beat
 			}
 			if st.State == api.WorkerReady || st.State == api.WorkerBusy {
 				w.ready.Store(true)
