@@ -122,7 +122,7 @@ type ServerConfig struct {
 	Credentials Credentials
 	// Authority, when set, is the only way in: every connection must
 	// present an rbee credential it knows, and gets that role's
-	// permissions. Credentials is then the in-process client's own.
+	// permissions (Credentials, a token or a user, is then not used).
 	Authority *auth.Authority
 	// TLS, when set, is required of every TCP client.
 	TLS *tls.Config

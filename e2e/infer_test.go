@@ -57,17 +57,27 @@ var (
 // engine the worker uses, so a test knows each prompt's own answer.
 func greedy(t *testing.T, prompt string, maxTokens int) string {
 	t.Helper()
+	return greedyOn(t, "tiny", prompt, maxTokens)
+}
+
+// greedyOn is greedy on one of the generated models ("tiny" or "large").
+func greedyOn(t *testing.T, model, prompt string, maxTokens int) string {
+	t.Helper()
 	goldenMu.Lock()
 	defer goldenMu.Unlock()
-	m, ok := goldenModels["tiny"]
+	m, ok := goldenModels[model]
 	if !ok {
-		path := filepath.Join(t.TempDir(), "tiny.gguf")
-		require.NoError(t, gguf.SynthFile(path, gguf.Tiny()))
+		cfg := gguf.Tiny()
+		if model == "large" {
+			cfg = gguf.Large()
+		}
+		path := filepath.Join(t.TempDir(), model+".gguf")
+		require.NoError(t, gguf.SynthFile(path, cfg))
 		llama, err := engine.NewLlama("")
 		require.NoError(t, err)
 		m, err = llama.Load(context.Background(), path, engine.LoadOptions{ContextSize: 2048, Threads: 1, Device: "cpu"})
 		require.NoError(t, err)
-		goldenModels["tiny"] = m
+		goldenModels[model] = m
 	}
 	text, _, err := engine.Complete(context.Background(), m, engine.Request{Prompt: prompt, MaxTokens: maxTokens})
 	require.NoError(t, err)

@@ -322,6 +322,9 @@ func (q *Queen) connect(ctx context.Context) error {
 		}
 	} else {
 		sc := bus.ServerConfig{DataDir: q.cfg.DataDir, Listen: q.cfg.Listen, Credentials: q.cfg.Credentials, Log: q.log}
+		if host, _, err := net.SplitHostPort(q.cfg.Listen); q.cfg.OpenBus && err == nil && !bus.IsLoopback(host) {
+			return fmt.Errorf("%w: --open-bus (no credentials, no permissions) is for loopback only, not %s", bus.ErrCredentialsRequired, q.cfg.Listen)
+		}
 		if !q.cfg.OpenBus {
 			a, err := q.openAuthority()
 			if err != nil {
