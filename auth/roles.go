@@ -83,8 +83,15 @@ func (p Principal) Validate() error {
 func InboxPrefix(pub string) string { return "_INBOX_" + pub }
 
 // responses lets a service answer the requests it was sent, on whatever
-// reply subject each names, without a publish permission on inboxes.
-var responses = &server.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
+// reply subject each names, without a publish permission on inboxes. The
+// right to answer lasts as long as the longest request a service may take
+// (a hive downloading a model answers when the download is done), and goes
+// with the one answer.
+var responses = &server.ResponsePermission{MaxMsgs: 1, Expires: ResponseWindow}
+
+// ResponseWindow is how long after a request its answer is still let
+// through.
+const ResponseWindow = time.Hour
 
 // Permissions are the subjects the holder of key pub, acting as p, may
 // publish and subscribe to in space s.
