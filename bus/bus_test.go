@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -216,6 +217,22 @@ func TestDeregisterRemovesAtOnce(t *testing.T) {
 	require.NoError(t, err)
 	_, err = kv.Get(ctx, "h2")
 	require.ErrorIs(t, err, jetstream.ErrKeyNotFound)
+}
+
+// A beat that comes after the leaving (a worker's last state change racing
+// its shutdown) does not bring the entry back: the worker would look alive
+// for a TTL after it exited.
+func TestABeatAfterDeregisterDoesNotBringTheEntryBack(t *testing.T) {
+	f := busfix.Start(t)
+	ctx := context.Background()
+	hb := f.Bus.NewHeartbeat(f.Bus.Space.WorkersBucket(), "h1.w1", time.Second, func() ([]byte, error) { return []byte(`{}`), nil })
+	require.NoError(t, hb.Register(ctx))
+	require.NoError(t, hb.Deregister(ctx))
+	require.NoError(t, hb.Beat(ctx))
+	kv, err := f.Bus.KV(ctx, f.Bus.Space.WorkersBucket())
+	require.NoError(t, err)
+	_, err = kv.Get(ctx, "h1.w1")
+	require.True(t, errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted), "entry back after the leaving: %v", err)
 }
 
 func TestNonLoopbackListenRequiresCredentials(t *testing.T) {

@@ -43,6 +43,11 @@ type Heartbeat struct {
 
 	mu  sync.Mutex
 	rev uint64
+	// beating holds one beat, registration or deregistration at a time,
+	// so a beat can neither outrun the leaving nor come after it; left
+	// (guarded by it) says the entry was deleted for good.
+	beating sync.Mutex
+	left    bool
 }
 
 // DefaultHeartbeatInterval is how often components beat unless configured.
@@ -89,6 +94,12 @@ func (h *Heartbeat) TTL() time.Duration { return h.ttl }
 // Register claims the entry. It fails with ErrDuplicate while a live entry
 // written by another process exists.
 func (h *Heartbeat) Register(ctx context.Context) error {
+	h.beating.Lock()
+	defer h.beating.Unlock()
+	return h.register(ctx)
+}
+
+func (h *Heartbeat) register(ctx context.Context) error {
 	stream, err := h.bus.JS.Stream(ctx, subjects.KVStream(h.bucket))
 	if err != nil {
 		return fmt.Errorf("registry bucket %s: %w", h.bucket, err)
@@ -115,15 +126,22 @@ func isTombstone(hdr nats.Header) bool {
 }
 
 // Beat rewrites the entry once. When the entry changed under it (it expired
-// during a network partition, or the bus restarted) it re-registers.
+// during a network partition, or the bus restarted) it re-registers. After
+// Deregister it does nothing: a beat that came after the leaving would
+// otherwise bring the entry back.
 func (h *Heartbeat) Beat(ctx context.Context) error {
+	h.beating.Lock()
+	defer h.beating.Unlock()
+	if h.left {
+		return nil
+	}
 	h.mu.Lock()
 	rev := h.rev
 	h.mu.Unlock()
 	err := h.publish(ctx, rev)
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
-		return h.Register(ctx)
+		return h.register(ctx)
 	}
 	return err
 }
@@ -179,6 +197,9 @@ func (h *Heartbeat) Run(ctx context.Context, onError func(error)) error {
 // Deregister deletes the entry, so watchers see the component leave at once
 // instead of one TTL later. It deletes only the entry this process wrote.
 func (h *Heartbeat) Deregister(ctx context.Context) error {
+	h.beating.Lock()
+	defer h.beating.Unlock()
+	h.left = true
 	kv, err := h.bus.KV(ctx, h.bucket)
 	if err != nil {
 		return err
