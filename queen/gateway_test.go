@@ -502,7 +502,7 @@ func TestGatewayShutdownCancelsInFlightStreams(t *testing.T) {
 	stop()
 	select {
 	case end := <-ended:
-		require.Equal(t, api.JobCancelled, end.State)
+		require.Equal(t, api.JobCancelled, end.State, "%+v", end)
 		require.Contains(t, end.Error, "shut down")
 	case <-ctx.Done():
 		t.Fatal("the in-flight job was not cancelled at shutdown")
