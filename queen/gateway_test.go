@@ -830,11 +830,17 @@ func TestGatewayMetrics(t *testing.T) {
 
 	var families map[string]*dto.MetricFamily
 	// The latency histograms are fed by the state event, which reaches
-	// the metrics watcher independently of the HTTP answer.
+	// the metrics watcher independently of the HTTP answer, and one after
+	// the other: a scrape may come between the two.
 	require.Eventually(t, func() bool {
 		families = scrape(t, q)
-		f, ok := families["rbee_time_to_first_token_seconds"]
-		return ok && f.GetMetric()[0].GetHistogram().GetSampleCount() == 1
+		for _, name := range []string{"rbee_time_to_first_token_seconds", "rbee_tokens_per_second"} {
+			f, ok := families[name]
+			if !ok || f.GetMetric()[0].GetHistogram().GetSampleCount() != 1 {
+				return false
+			}
+		}
+		return true
 	}, 5*time.Second, 20*time.Millisecond)
 
 	for _, name := range []string{
