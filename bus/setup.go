@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -19,7 +20,17 @@ type Retention struct {
 	MaxEventsPerSubject int64
 	// MaxJobBytes bounds the whole job event stream.
 	MaxJobBytes int64
+	// Replicas is how many servers keep a copy of every stream and bucket.
+	// 0 chooses: DefaultClusterReplicas on a cluster whose JetStream can
+	// place them, 1 otherwise (the embedded bus is one server). A chosen
+	// count only ever grows an existing stream, never shrinks it: a queen
+	// started while a node is down must not halve what the cluster keeps.
+	Replicas int
 }
+
+// DefaultClusterReplicas is the copies a cluster keeps unless told
+// otherwise: three survive the loss of any one server with a quorum left.
+const DefaultClusterReplicas = 3
 
 // DefaultRetention is what a cluster keeps unless told otherwise.
 func DefaultRetention() Retention {
@@ -43,7 +54,14 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		r.MaxJobBytes = DefaultRetention().MaxJobBytes
 	}
 	s := b.Space
-	if _, err := b.JS.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	rep := &replication{want: r.Replicas, explicit: r.Replicas > 0}
+	if !rep.explicit {
+		rep.want = 1
+		if b.NC.ConnectedClusterName() != "" {
+			rep.want = DefaultClusterReplicas
+		}
+	}
+	if err := b.ensureStream(ctx, rep, jetstream.StreamConfig{
 		Name:              s.JobsStream(),
 		Description:       "rbee job events: narration, tokens and state changes of every job",
 		Subjects:          s.JobsStreamSubjects(),
@@ -58,9 +76,9 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		// small for the few events that do.
 		Duplicates: 30 * time.Second,
 	}); err != nil {
-		return fmt.Errorf("create stream %s: %w", s.JobsStream(), err)
+		return err
 	}
-	if _, err := b.JS.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	if err := b.ensureStream(ctx, rep, jetstream.StreamConfig{
 		Name:        s.InferStream(),
 		Description: "rbee inference requests waiting for a worker with a free slot",
 		Subjects:    []string{s.InferAll()},
@@ -70,9 +88,9 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		MaxAge:  r.JobEvents,
 		Storage: jetstream.FileStorage,
 	}); err != nil {
-		return fmt.Errorf("create stream %s: %w", s.InferStream(), err)
+		return err
 	}
-	if _, err := b.JS.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	if err := b.ensureStream(ctx, rep, jetstream.StreamConfig{
 		Name:              s.RequestsStream(),
 		Description:       "rbee inference requests, whole, one per job: the job record keeps an excerpt",
 		Subjects:          []string{s.RequestsAll()},
@@ -83,7 +101,7 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		Discard:           jetstream.DiscardOld,
 		Storage:           jetstream.FileStorage,
 	}); err != nil {
-		return fmt.Errorf("create stream %s: %w", s.RequestsStream(), err)
+		return err
 	}
 	buckets := []jetstream.KeyValueConfig{
 		{Bucket: s.HivesBucket(), Description: "live hives: one heartbeat entry per hive with a per-beat TTL", History: 1, LimitMarkerTTL: HeartbeatMarkerTTL, Storage: jetstream.FileStorage},
@@ -94,11 +112,99 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		{Bucket: s.InventoryBucket(), Description: "hives the user added: name and how to reach the machine", History: 1, Storage: jetstream.FileStorage},
 	}
 	for _, cfg := range buckets {
-		if _, err := b.JS.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-			return fmt.Errorf("create bucket %s: %w", cfg.Bucket, err)
+		if err := b.ensureBucket(ctx, rep, cfg); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// replication is the replica count EnsureStreams settles on, once for all
+// streams and buckets, so they survive the same failures.
+type replication struct {
+	want     int
+	explicit bool
+	// downgraded is set once a chosen count could not be placed.
+	downgraded bool
+}
+
+// cannotPlace reports whether err says the cluster has too few JetStream
+// servers (up) for the replicas asked.
+func cannotPlace(err error) bool {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) {
+		return false
+	}
+	switch apiErr.ErrorCode {
+	case 10005, // no suitable peers for placement
+		10023, // insufficient resources
+		10074: // replicas > 1 not supported in non-clustered mode
+		return true
+	}
+	return false
+}
+
+// replicas is the count for a stream that has existing (0: new).
+func (r *replication) replicas(existing int) int {
+	if r.explicit || existing <= r.want {
+		return r.want
+	}
+	return existing
+}
+
+// place runs create with the settled count; a count chosen (not asked
+// for) that the cluster cannot place falls back to 1, said once.
+func (b *Bus) place(r *replication, what string, existing int, create func(replicas int) error) error {
+	n := r.replicas(existing)
+	err := create(n)
+	if err != nil && cannotPlace(err) && !r.explicit && n > 1 && existing <= 1 {
+		if !r.downgraded {
+			b.Log.Warn().Err(err).Int("replicas", n).
+				Msg("the cluster cannot place this many copies of rbee's streams (fewer JetStream servers up); keeping one copy until a queen starts with them all up")
+		}
+		r.downgraded, r.want = true, 1
+		n = 1
+		err = create(n)
+	}
+	if err != nil {
+		if cannotPlace(err) {
+			return fmt.Errorf("create %s with %d replicas: the cluster has fewer JetStream servers up than that (start them, or choose --replicas): %w", what, n, err)
+		}
+		return fmt.Errorf("create %s: %w", what, err)
+	}
+	return nil
+}
+
+func (b *Bus) ensureStream(ctx context.Context, r *replication, cfg jetstream.StreamConfig) error {
+	existing := 0
+	if st, err := b.JS.Stream(ctx, cfg.Name); err == nil {
+		existing = st.CachedInfo().Config.Replicas
+	} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
+		return fmt.Errorf("read stream %s: %w", cfg.Name, err)
+	}
+	return b.place(r, "stream "+cfg.Name, existing, func(n int) error {
+		cfg.Replicas = n
+		_, err := b.JS.CreateOrUpdateStream(ctx, cfg)
+		return err
+	})
+}
+
+func (b *Bus) ensureBucket(ctx context.Context, r *replication, cfg jetstream.KeyValueConfig) error {
+	existing := 0
+	if kv, err := b.JS.KeyValue(ctx, cfg.Bucket); err == nil {
+		if st, err := kv.Status(ctx); err == nil {
+			if s, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+				existing = s.StreamInfo().Config.Replicas
+			}
+		}
+	} else if !errors.Is(err, jetstream.ErrBucketNotFound) {
+		return fmt.Errorf("read bucket %s: %w", cfg.Bucket, err)
+	}
+	return b.place(r, "bucket "+cfg.Bucket, existing, func(n int) error {
+		cfg.Replicas = n
+		_, err := b.JS.CreateOrUpdateKeyValue(ctx, cfg)
+		return err
+	})
 }
 
 // KV opens a bucket that EnsureStreams created.
