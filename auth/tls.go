@@ -49,17 +49,52 @@ func ServerTLS(dir string, hosts []string) (*tls.Config, error) {
 	if cert, err := tls.LoadX509KeyPair(certPath, keyPath); err == nil && covers(cert, hosts) {
 		return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err := issueCert(ca, caKey, certPath, keyPath, "rbee bus", hosts, x509.ExtKeyUsageServerAuth); err != nil {
+		return nil, err
+	}
+	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
 	if err != nil {
 		return nil, err
 	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
+}
+
+// NodeTLS makes, in dir, the CA (when missing) and a certificate for one
+// server of a NATS cluster named name, reached at hosts: it serves clients
+// and leaf nodes, and authenticates the server to its routes, so it is
+// good for both ends of a TLS handshake. It returns the certificate's and
+// key's paths.
+func NodeTLS(dir, name string, hosts []string) (certPath, keyPath string, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", "", err
+	}
+	ca, caKey, err := loadOrMakeCA(dir)
+	if err != nil {
+		return "", "", err
+	}
+	hosts = append([]string{"localhost", "127.0.0.1", "::1"}, hosts...)
+	certPath, keyPath = filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem")
+	if cert, err := tls.LoadX509KeyPair(certPath, keyPath); err == nil && covers(cert, hosts) {
+		return certPath, keyPath, nil
+	}
+	err = issueCert(ca, caKey, certPath, keyPath, "rbee bus "+name, hosts, x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
+	return certPath, keyPath, err
+}
+
+// issueCert signs a certificate for hosts (names or IP addresses) with the
+// CA and writes it and its key.
+func issueCert(ca *x509.Certificate, caKey *ecdsa.PrivateKey, certPath, keyPath, cn string, hosts []string, usage ...x509.ExtKeyUsage) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: "rbee bus"},
+		Subject:      pkix.Name{CommonName: cn},
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().AddDate(10, 0, 0),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		ExtKeyUsage:  usage,
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
@@ -70,23 +105,16 @@ func ServerTLS(dir string, hosts []string) (*tls.Config, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 	if err != nil {
-		return nil, fmt.Errorf("sign the bus's certificate: %w", err)
+		return fmt.Errorf("sign a certificate for %s: %w", cn, err)
 	}
 	if err := writePEM(certPath, "CERTIFICATE", der); err != nil {
-		return nil, err
+		return err
 	}
 	kder, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if err := writePEM(keyPath, "EC PRIVATE KEY", kder); err != nil {
-		return nil, err
-	}
-	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
-	if err != nil {
-		return nil, err
-	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
+	return writePEM(keyPath, "EC PRIVATE KEY", kder)
 }
 
 // covers reports whether cert names every host.

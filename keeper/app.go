@@ -54,6 +54,7 @@ func App() *cli.App {
 			workerCommand(),
 			traceCommand(),
 			credsCommand(),
+			clusterCommand(),
 		},
 		CommandNotFound: func(c *cli.Context, name string) {
 			fmt.Fprintf(os.Stderr, "rbee: unknown command %q; see `%s --help`\n", name, commandName(c))
