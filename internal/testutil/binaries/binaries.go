@@ -27,6 +27,13 @@ import (
 // Names of the programs under cmd/.
 var Names = []string{"rbee", "queen-rbee", "rbee-hive", "llm-worker-rbee"}
 
+// NATSServer is upstream nats-server, built from the module at the version
+// go.mod pins (the one rbee embeds), for tests of a real cluster.
+const NATSServer = "nats-server"
+
+// packages maps a program that is not under cmd/ to its package.
+var packages = map[string]string{NATSServer: "github.com/nats-io/nats-server/v2"}
+
 // dirPattern names the temporary directories, for os.MkdirTemp and sweep.
 const dirPattern = "rbee-bin-"
 
@@ -108,10 +115,15 @@ func build(name string) error {
 		return err
 	}
 	args := []string{"build", "-o", filepath.Join(dir, name)}
-	if raceEnabled && os.Getenv("RBEE_RACE_BINARIES") != "" {
+	pkg, upstream := packages[name]
+	if !upstream {
+		pkg = "./cmd/" + name
+	}
+	// Upstream's server is not what the race detector is run for here.
+	if raceEnabled && os.Getenv("RBEE_RACE_BINARIES") != "" && !upstream {
 		args = append(args, "-race")
 	}
-	args = append(args, "./cmd/"+name)
+	args = append(args, pkg)
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
