@@ -136,12 +136,16 @@ func (s *Store) Create(ctx context.Context, job api.Job) (api.Job, error) {
 	if err != nil {
 		return api.Job{}, err
 	}
-	rev, err := s.kv.Create(ctx, job.ID, data)
+	var rev uint64
+	err = bus.WhileElecting(ctx, func() (err error) {
+		rev, err = s.kv.Create(ctx, job.ID, data)
+		return err
+	})
 	if errors.Is(err, jetstream.ErrKeyExists) {
 		return api.Job{}, fmt.Errorf("create job %s: %w", job.ID, ErrExists)
 	}
 	if err != nil {
-		return api.Job{}, fmt.Errorf("create job %s: %w", job.ID, err)
+		return api.Job{}, fmt.Errorf("create job %s: %w", job.ID, bus.StoreErr(err))
 	}
 	job.Revision = rev
 	s.publishState(ctx, job, "")
@@ -158,7 +162,7 @@ func (s *Store) Get(ctx context.Context, id string) (api.Job, error) {
 		return api.Job{}, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	if err != nil {
-		return api.Job{}, fmt.Errorf("read job %s: %w", id, err)
+		return api.Job{}, fmt.Errorf("read job %s: %w", id, bus.StoreErr(err))
 	}
 	return decode(e)
 }
@@ -177,7 +181,7 @@ func decode(e jetstream.KeyValueEntry) (api.Job, error) {
 func (s *Store) List(ctx context.Context, state api.JobState) ([]api.Job, error) {
 	w, err := s.kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, fmt.Errorf("list jobs: %w", err)
+		return nil, fmt.Errorf("list jobs: %w", bus.StoreErr(err))
 	}
 	defer func() { _ = w.Stop() }()
 	var out []api.Job
@@ -215,13 +219,17 @@ func (s *Store) CompareAndSwap(ctx context.Context, job api.Job) (api.Job, error
 	if job.State.Terminal() {
 		opts = append(opts, jetstream.WithMsgTTL(s.retention))
 	}
-	ack, err := s.bus.JS.PublishMsg(ctx, msg, opts...)
+	var ack *jetstream.PubAck
+	err = bus.WhileElecting(ctx, func() (err error) {
+		ack, err = s.bus.JS.PublishMsg(ctx, msg, opts...)
+		return err
+	})
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
 		return api.Job{}, fmt.Errorf("%w: %s (revision %d)", ErrConflict, job.ID, job.Revision)
 	}
 	if err != nil {
-		return api.Job{}, fmt.Errorf("write job %s: %w", job.ID, err)
+		return api.Job{}, fmt.Errorf("write job %s: %w", job.ID, bus.StoreErr(err))
 	}
 	job.Revision = ack.Sequence
 	return job, nil

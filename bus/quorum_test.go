@@ -1,0 +1,58 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rbee-dev/rbee/api"
+	"github.com/stretchr/testify/require"
+)
+
+// A write that reached no stream leader is tried again until one is
+// elected; any other error, which may have been stored, is not.
+func TestWhileElectingRetriesOnlyWritesNobodyTook(t *testing.T) {
+	calls := 0
+	err := WhileElecting(context.Background(), func() error {
+		calls++
+		if calls < 3 {
+			return jetstream.ErrNoStreamResponse
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	require.Equal(t, 3, calls)
+
+	calls = 0
+	other := errors.New("nats: timeout")
+	err = WhileElecting(context.Background(), func() error { calls++; return other })
+	require.ErrorIs(t, err, other)
+	require.Equal(t, 1, calls, "a write that may have been stored is never sent twice")
+	require.NotErrorIs(t, err, ErrNoQuorum)
+}
+
+// A bus that stays without quorum answers with the reason, for programs
+// (unavailable, HTTP 503) and for people.
+func TestNoQuorumIsAnAnswerWithItsReason(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	calls := 0
+	err := WhileElecting(ctx, func() error {
+		calls++
+		if calls == 2 {
+			cancel()
+		}
+		return nats.ErrNoResponders
+	})
+	require.ErrorIs(t, err, ErrNoQuorum)
+	require.Equal(t, api.ReasonUnavailable, api.ReasonOf(err))
+	require.Equal(t, api.CodeUnavailable, api.AsError(err).Code)
+	require.Contains(t, err.Error(), "no quorum")
+	require.Contains(t, err.Error(), "no responders", "the bus's own words stay for whoever debugs it")
+
+	unavailable := &jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}
+	require.ErrorIs(t, StoreErr(unavailable), ErrNoQuorum)
+	require.NotErrorIs(t, StoreErr(jetstream.ErrKeyExists), ErrNoQuorum)
+	require.NoError(t, StoreErr(nil))
+}
