@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -128,13 +130,55 @@ type ServerConfig struct {
 	TLS *tls.Config
 	// ServerName names the server in logs and monitoring.
 	ServerName string
+	// NkeyUsers, when set, are the public keys of the only users this
+	// server accepts: each connection proves its key by signing the
+	// server's nonce. A hive's leaf uses it to let in only the holder of
+	// the hive's key (see LeafRemote).
+	NkeyUsers []string
+	// Leaf, when set, makes this server a leaf node of a hub that it dials
+	// out to: one outbound connection carries all its clients' traffic,
+	// so a machine behind NAT needs no inbound port. Such a server has no
+	// JetStream of its own (DataDir is not used): its clients' JetStream
+	// API requests, KV writes and watches, stream and work-queue consumers
+	// and acknowledgements all reach the hub's JetStream over the leaf
+	// connection.
+	Leaf *LeafRemote
+	// LeafListen, when set, is host:port where this server accepts leaf
+	// nodes (a hub's side); port -1 picks a free one. Beyond loopback it
+	// needs TLS and credentials, as Listen does. A leaf authenticates like
+	// a client (a token, a user, or an nkey of the global authorization)
+	// and the user's permissions hold for everything it sends and asks
+	// to receive.
+	LeafListen string
 	Log        zerolog.Logger
 }
 
+// LeafRemote is the hub a leaf node joins.
+type LeafRemote struct {
+	// URLs are the hub's leaf-node listeners (nats-leaf://, nats:// or
+	// tls://host:7422; a token or a user may travel in the URL). The leaf
+	// dials them in turn and redials for ever while the link is down.
+	URLs []string
+	// Credentials authenticate the leaf connection: KeyFile's nkey signs
+	// the hub's nonce (on a hub configured from `rbee creds
+	// server-config`, the hive's user, whose permissions also cover its
+	// workers); CAFile verifies the hub's TLS certificate.
+	Credentials Credentials
+	// ReconnectInterval is the pause between dials while the link is down
+	// (default DefaultLeafReconnect).
+	ReconnectInterval time.Duration
+}
+
+// DefaultLeafReconnect is how long a leaf waits between dials to a hub it
+// lost: short, so a link that comes back after a cut is used within a
+// fraction of a heartbeat TTL.
+const DefaultLeafReconnect = 250 * time.Millisecond
+
 // Server is an embedded nats-server with JetStream.
 type Server struct {
-	srv *server.Server
-	cfg ServerConfig
+	srv  *server.Server
+	cfg  ServerConfig
+	opts *server.Options
 }
 
 // StartServer starts an embedded nats-server with JetStream on file storage
@@ -144,11 +188,13 @@ type Server struct {
 func StartServer(cfg ServerConfig) (*Server, error) {
 	opts := &server.Options{
 		ServerName:         cfg.ServerName,
-		JetStream:          true,
-		StoreDir:           filepath.Join(cfg.DataDir, "jetstream"),
+		JetStream:          cfg.Leaf == nil,
 		NoSigs:             true,
 		MaxPayload:         8 << 20,
 		JetStreamMaxMemory: 256 << 20,
+	}
+	if opts.JetStream {
+		opts.StoreDir = filepath.Join(cfg.DataDir, "jetstream")
 	}
 	if opts.ServerName == "" {
 		opts.ServerName = "rbee-queen"
@@ -161,13 +207,9 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 		if listen == "" {
 			listen = net.JoinHostPort("127.0.0.1", strconv.Itoa(DefaultPort))
 		}
-		host, portStr, err := net.SplitHostPort(listen)
+		host, port, err := splitListen(listen)
 		if err != nil {
-			return nil, fmt.Errorf("listen address %q: %w", listen, err)
-		}
-		port, err := strconv.Atoi(portStr)
-		if err != nil {
-			return nil, fmt.Errorf("listen address %q: port %q is not a number", listen, portStr)
+			return nil, fmt.Errorf("listen address: %w", err)
 		}
 		if !isLoopback(host) && cfg.Authority == nil && cfg.Credentials.Empty() {
 			return nil, fmt.Errorf("%w: set a token (--nats-token or RBEE_NATS_TOKEN) or a user and password to listen on %s", ErrCredentialsRequired, listen)
@@ -176,6 +218,40 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 			return nil, fmt.Errorf("%w: listening on %s", ErrTLSRequired, listen)
 		}
 		opts.Host, opts.Port = host, port
+	}
+	if cfg.LeafListen != "" {
+		host, port, err := splitListen(cfg.LeafListen)
+		if err != nil {
+			return nil, fmt.Errorf("leaf listen address: %w", err)
+		}
+		if !isLoopback(host) && cfg.Authority == nil && cfg.Credentials.Empty() && len(cfg.NkeyUsers) == 0 {
+			return nil, fmt.Errorf("%w: to accept leaf nodes on %s", ErrCredentialsRequired, cfg.LeafListen)
+		}
+		if !isLoopback(host) && cfg.TLS == nil {
+			return nil, fmt.Errorf("%w: accepting leaf nodes on %s", ErrTLSRequired, cfg.LeafListen)
+		}
+		opts.LeafNode.Host, opts.LeafNode.Port = host, port
+		opts.JsAccDefaultDomain = map[string]string{server.DEFAULT_GLOBAL_ACCOUNT: ""}
+		if cfg.TLS != nil {
+			opts.LeafNode.TLSConfig = cfg.TLS
+			opts.LeafNode.TLSTimeout = 2
+		}
+	}
+	if cfg.Leaf != nil {
+		remote, err := cfg.Leaf.options()
+		if err != nil {
+			return nil, err
+		}
+		opts.LeafNode.Remotes = []*server.RemoteLeafOpts{remote}
+		// JetStream is the hub's, in its default (empty) domain: without
+		// this nats-server denies $JS.API.>, $KV.> and $OBJ.> across a
+		// leaf connection of a non-system account, so that two
+		// JetStreams do not answer one request. This leaf has none.
+		opts.JsAccDefaultDomain = map[string]string{server.DEFAULT_GLOBAL_ACCOUNT: ""}
+		opts.LeafNode.ReconnectInterval = cfg.Leaf.ReconnectInterval
+		if opts.LeafNode.ReconnectInterval <= 0 {
+			opts.LeafNode.ReconnectInterval = DefaultLeafReconnect
+		}
 	}
 	if cfg.TLS != nil {
 		opts.TLSConfig = cfg.TLS
@@ -186,13 +262,19 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 	case cfg.Authority != nil:
 		opts.CustomClientAuthentication = cfg.Authority
 		opts.AlwaysEnableNonce = true
+	case len(cfg.NkeyUsers) > 0:
+		for _, pub := range cfg.NkeyUsers {
+			opts.Nkeys = append(opts.Nkeys, &server.NkeyUser{Nkey: pub})
+		}
 	case cfg.Credentials.Token != "":
 		opts.Authorization = cfg.Credentials.Token
 	case cfg.Credentials.User != "":
 		opts.Username, opts.Password = cfg.Credentials.User, cfg.Credentials.Password
 	}
-	if err := os.MkdirAll(opts.StoreDir, 0o700); err != nil {
-		return nil, fmt.Errorf("create JetStream directory: %w", err)
+	if opts.JetStream {
+		if err := os.MkdirAll(opts.StoreDir, 0o700); err != nil {
+			return nil, fmt.Errorf("create JetStream directory: %w", err)
+		}
 	}
 	srv, err := server.NewServer(opts)
 	if err != nil {
@@ -207,7 +289,82 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 		srv.Shutdown()
 		return nil, fmt.Errorf("embedded NATS server did not become ready on %s within 10s (is the port in use?)", cfg.Listen)
 	}
-	return &Server{srv: srv, cfg: cfg}, nil
+	return &Server{srv: srv, cfg: cfg, opts: opts}, nil
+}
+
+// options are the nats-server remote options that dial the hub.
+func (l *LeafRemote) options() (*server.RemoteLeafOpts, error) {
+	if len(l.URLs) == 0 {
+		return nil, errors.New("a leaf node needs the URL of its hub's leaf-node listener")
+	}
+	remote := &server.RemoteLeafOpts{}
+	secure := false
+	for _, raw := range l.URLs {
+		u, err := url.Parse(strings.TrimSpace(raw))
+		if err != nil || u.Host == "" {
+			return nil, fmt.Errorf("hub URL %q: want nats-leaf://HOST:PORT, nats://… or tls://…", raw)
+		}
+		secure = secure || u.Scheme == "tls"
+		if u.Port() == "" {
+			u.Host = net.JoinHostPort(u.Hostname(), "7422")
+		}
+		remote.URLs = append(remote.URLs, u)
+	}
+	cr := l.Credentials
+	if cr.KeyFile != "" {
+		kp, err := auth.ReadKeyFile(cr.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("%w: reading the credentials %s: %v", ErrRefused, cr.KeyFile, err)
+		}
+		// nats-server's remote takes the seed itself and signs the hub's
+		// nonce with it (a SignatureCB would be sent as a JWT user, which
+		// a hub of plain nkey users does not know).
+		seed, err := kp.Seed()
+		if err != nil {
+			return nil, fmt.Errorf("%w: the credentials %s hold no seed: %v", ErrRefused, cr.KeyFile, err)
+		}
+		remote.Nkey = string(seed)
+	}
+	// TLS is set up where asked for (a tls:// URL, a CA given): the
+	// remote's TLS configuration forces TLS, so the CA that travels in a
+	// key file is not enough to ask for it on a plain hub (tests on
+	// loopback).
+	if cr.CAFile != "" {
+		secure = true
+	}
+	if secure {
+		cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+		ca := auth.KeyFileCA(cr.KeyFile)
+		if cr.CAFile != "" {
+			pem, err := os.ReadFile(cr.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("the hub's CA certificate: %w", err)
+			}
+			ca = pem
+		}
+		if ca != nil {
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(ca) {
+				return nil, fmt.Errorf("the hub's CA certificate (%s) holds no certificate", cr.Describe())
+			}
+			cfg.RootCAs = pool
+		}
+		remote.TLS, remote.TLSConfig, remote.TLSTimeout = true, cfg, 2
+	}
+	return remote, nil
+}
+
+// splitListen reads host:port, port -1 meaning any free port.
+func splitListen(listen string) (string, int, error) {
+	host, portStr, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "", 0, fmt.Errorf("%q: %w", listen, err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		return "", 0, fmt.Errorf("%q: port %q is not a number", listen, portStr)
+	}
+	return host, port, nil
 }
 
 // IsLoopback reports whether host (a name or an address) is this machine's
@@ -229,6 +386,20 @@ func (s *Server) ClientURL() string {
 	}
 	return s.srv.ClientURL()
 }
+
+// LeafURL is the URL leaf nodes dial to join this server, or "" when it
+// accepts none (ServerConfig.LeafListen).
+func (s *Server) LeafURL() string {
+	if s.cfg.LeafListen == "" {
+		return ""
+	}
+	// nats-server wrote the port it bound back into its options.
+	return fmt.Sprintf("nats-leaf://%s", net.JoinHostPort(s.opts.LeafNode.Host, strconv.Itoa(s.opts.LeafNode.Port)))
+}
+
+// LeafConnections is how many leaf connections the server holds: on a
+// leaf, 1 while the link to its hub is up.
+func (s *Server) LeafConnections() int { return s.srv.NumLeafNodes() }
 
 // InProcessOptions returns the options for a client inside this process; it
 // needs no socket. Its credentials are the ConnectConfig's.
