@@ -73,7 +73,19 @@ type Status struct {
 	Jobs      map[JobState]int `json:"jobs"`
 	// Queues is the number of inference requests waiting per model.
 	Queues map[string]int `json:"queues"`
+	// Queen is the id of the queen that answered, Role whether it leads
+	// (runs the scheduler) or stands by, and Leader the id of the queen
+	// that leads as far as it knows ("" when none holds the lease).
+	Queen  string `json:"queen,omitempty"`
+	Role   string `json:"role,omitempty"`
+	Leader string `json:"leader,omitempty"`
 }
+
+// Roles of a queen among the queens of one bus.
+const (
+	QueenLeader  = "leader"
+	QueenStandby = "standby"
+)
 
 // --- hives ---
 

@@ -98,7 +98,17 @@ func statusAction(c *cli.Context) error {
 }
 
 func printStatus(out io.Writer, st api.Status) {
-	fmt.Fprintf(out, "queen %s, up %s\n\n", st.Version, time.Duration(st.Uptime))
+	fmt.Fprintf(out, "queen %s, up %s\n", st.Version, time.Duration(st.Uptime))
+	switch {
+	case st.Queen == "":
+	case st.Role == api.QueenLeader:
+		fmt.Fprintf(out, "answered by queen %s, which leads (runs the scheduler)\n", st.Queen)
+	case st.Leader != "":
+		fmt.Fprintf(out, "answered by queen %s, standing by; queen %s leads\n", st.Queen, st.Leader)
+	default:
+		fmt.Fprintf(out, "answered by queen %s, standing by; no queen leads right now\n", st.Queen)
+	}
+	fmt.Fprintln(out)
 	w := tabwriter.NewWriter(out, 0, 2, 2, ' ', 0)
 	fmt.Fprintln(w, "HIVE\tSTATE\tADDRESS\tDEVICES\tRAM FREE\tWORKERS")
 	for _, h := range st.Hives {

@@ -10,18 +10,26 @@ import (
 	"github.com/rbee-dev/rbee/jobs"
 )
 
-// deadlineKeeper fails jobs that outlive their deadline. One goroutine owns
-// a heap of deadlines fed through a channel; entries leave the heap when
-// they fire, so it holds at most the jobs of one timeout window.
+// deadlineKeeper fails jobs that outlive their deadline. It is the
+// leader's: any queen may submit a job, so deadlines are armed from the job
+// records the leader watches (a new term arms every open record's), not by
+// the queen that took the submit. One goroutine owns a heap of deadlines
+// fed through a channel; arming a job again is harmless (armed says which
+// deadline of a job counts), and entries leave the heap when they fire, so
+// it holds at most the jobs of one timeout window.
 type deadlineKeeper struct {
-	q   *Queen
-	add chan deadline
+	q     *Queen
+	t     *term
+	add   chan deadline
+	armed map[string]time.Time // owned by run
 }
 
 type deadline struct {
 	job     string
 	at      time.Time
 	timeout time.Duration
+	// disarm drops the job's deadline: it ended.
+	disarm bool
 }
 
 type deadlineHeap []deadline
@@ -37,14 +45,28 @@ func (h *deadlineHeap) Pop() any {
 	return x
 }
 
-func newDeadlineKeeper(q *Queen) *deadlineKeeper {
-	return &deadlineKeeper{q: q, add: make(chan deadline, 1024)}
+func newDeadlineKeeper(q *Queen, t *term) *deadlineKeeper {
+	return &deadlineKeeper{q: q, t: t, add: make(chan deadline, 1024), armed: map[string]time.Time{}}
 }
 
-func (d *deadlineKeeper) addDeadline(job string, at time.Time, timeout time.Duration) {
+// watch arms or drops a job's deadline as its record is now; ctx is the
+// term's.
+func (d *deadlineKeeper) watch(ctx context.Context, job api.Job) {
+	dl := deadline{job: job.ID, disarm: job.State.Terminal() || job.Deadline == nil}
+	if !dl.disarm {
+		dl.at, dl.timeout = *job.Deadline, job.Deadline.Sub(job.CreatedAt)
+	}
 	select {
-	case d.add <- deadline{job: job, at: at, timeout: timeout}:
-	case <-d.q.runCtx.Done():
+	case d.add <- dl:
+	case <-ctx.Done():
+	}
+}
+
+// forget drops the deadline of a record that is gone.
+func (d *deadlineKeeper) forget(ctx context.Context, job string) {
+	select {
+	case d.add <- deadline{job: job, disarm: true}:
+	case <-ctx.Done():
 	}
 }
 
@@ -62,11 +84,22 @@ func (d *deadlineKeeper) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case dl := <-d.add:
-			heap.Push(&h, dl)
+			at, armed := d.armed[dl.job]
+			switch {
+			case dl.disarm:
+				delete(d.armed, dl.job)
+			case !armed || !at.Equal(dl.at):
+				d.armed[dl.job] = dl.at
+				heap.Push(&h, dl)
+			}
 		case <-timer.C:
 			now := time.Now()
 			for len(h) > 0 && !h[0].at.After(now) {
 				dl := heap.Pop(&h).(deadline)
+				if at, ok := d.armed[dl.job]; !ok || !at.Equal(dl.at) {
+					continue // the job ended, or its deadline moved
+				}
+				delete(d.armed, dl.job)
 				go d.expire(ctx, dl)
 			}
 		}
@@ -76,6 +109,9 @@ func (d *deadlineKeeper) run(ctx context.Context) {
 func (d *deadlineKeeper) expire(ctx context.Context, dl deadline) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	if d.q.fence(ctx, d.t, "timeout", dl.job) != nil {
+		return
+	}
 	why := api.Fail(api.ReasonTimeout, "", "timed out after %s", dl.timeout.Round(time.Millisecond))
 	_, err := d.q.cancelJob(ctx, dl.job, why, api.JobFailed)
 	switch {

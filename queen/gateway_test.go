@@ -764,7 +764,7 @@ func TestGatewayQueueFull(t *testing.T) {
 			stream.Close()
 		}
 	}()
-	require.Eventually(t, func() bool { return q.sched.Depth("tiny") == 1 }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return q.queueDepth(context.Background(), "tiny", "tiny") == 1 }, 10*time.Second, 20*time.Millisecond)
 	queued, err := q.jobs.List(first, api.JobQueued)
 	require.NoError(t, err)
 	require.Len(t, queued, 1)

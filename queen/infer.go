@@ -73,7 +73,7 @@ func (q *Queen) admitInfer(ctx context.Context, raw json.RawMessage) error {
 			}
 		}
 	}
-	if depth := q.sched.Depth(args.Model); depth >= q.cfg.MaxQueue {
+	if depth := q.queueDepth(ctx, args.Model, key); depth >= q.cfg.MaxQueue {
 		return api.Fail(api.ReasonQueueFull, "", "queue full: %d requests already wait for model %s (limit %d); try again later", depth, args.Model, q.cfg.MaxQueue)
 	}
 	return nil
@@ -430,10 +430,11 @@ func (q *Queen) spawnWorker(ctx context.Context, jobID string, a api.WorkerSpawn
 	return "", err
 }
 
-// watchJobs feeds the scheduler every infer record as it changes: the
-// records of before the start first (that is its reconcile), then each
-// change. The watch resumes by itself across reconnects.
-func (q *Queen) watchJobs(ctx context.Context) error {
+// watchJobs feeds term t every record as it changes: the records of before
+// the term first (that is its reconcile), then each change. Infer records go
+// to the scheduler; every record arms or drops its deadline. The watch
+// resumes by itself across reconnects.
+func (q *Queen) watchJobs(ctx context.Context, t *term) error {
 	w, err := q.jobs.Watch(ctx)
 	if err != nil {
 		return err
@@ -448,18 +449,28 @@ func (q *Queen) watchJobs(ctx context.Context) error {
 				return nil
 			}
 			if e == nil {
-				q.sched.Replayed()
+				t.sched.Replayed()
+				// A term that began after the liveness grace ended is
+				// told now, with every record known, so the running jobs
+				// of workers that died with the old leader are judged.
+				if q.registry.Settled() {
+					t.sched.Settled(true)
+				}
 				continue
 			}
 			if e.Operation() != jetstream.KeyValuePut {
-				q.sched.JobChanged(sched.Job{ID: e.Key()}, true)
+				t.sched.JobChanged(sched.Job{ID: e.Key()}, true)
+				t.deadlines.forget(ctx, e.Key())
 				continue
 			}
 			job, err := jobs.Decode(e)
-			if err != nil || job.Op.Kind != api.OpInfer {
+			if err != nil {
 				continue
 			}
-			q.sched.JobChanged(schedJob(job), false)
+			t.deadlines.watch(ctx, job)
+			if job.Op.Kind == api.OpInfer {
+				t.sched.JobChanged(schedJob(job), false)
+			}
 		}
 	}
 }
@@ -475,24 +486,105 @@ func schedJob(job api.Job) sched.Job {
 	return j
 }
 
-// newScheduler wires the scheduler to the queen's registry and effects.
-func (q *Queen) newScheduler() *sched.Scheduler {
+// newScheduler wires a scheduler for term t to the queen's registry and
+// effects. Every effect is fenced by the lease: a term that lost it (its
+// queen paused past the TTL, cut off, or replaced) does nothing.
+func (q *Queen) newScheduler(t *term) *sched.Scheduler {
 	return sched.New(sched.Config{SpawnTimeout: q.cfg.WorkerStartTimeout + 30*time.Second},
 		func() sched.View { return q.registry.Snapshot() },
 		sched.Effects{
-			Spawn:   q.spawnFor,
-			Recover: q.recoverJob,
+			Spawn: func(ctx context.Context, o sched.SpawnOrder) (string, error) {
+				if err := q.fence(ctx, t, "spawn", o.Job); err != nil {
+					return "", err
+				}
+				return q.spawnFor(ctx, o)
+			},
+			Recover: func(ctx context.Context, j sched.Job, why string) {
+				if q.fence(ctx, t, "recover", j.ID) == nil {
+					q.recoverJob(ctx, j, why)
+				}
+			},
 			// The scheduler fails a waiting job only when no worker can be
 			// had for it: no hive with the model, or no spawn succeeded.
 			Fail: func(ctx context.Context, id, reason string) {
-				q.failJobWith(ctx, id, api.Fail(api.ReasonNoCapacity, "", "%s", reason))
+				if q.fence(ctx, t, "fail", id) == nil {
+					q.failJobWith(ctx, id, api.Fail(api.ReasonNoCapacity, "", "%s", reason))
+				}
 			},
 			Narrate: func(job, action, target, text string) {
-				if job != "" {
+				// A term that is over tells nobody what it decided
+				// (only this queen's own bookkeeping is read: narration
+				// must not block).
+				if epoch, held := q.lease.Epoch(); job != "" && held && epoch == t.epoch {
 					q.narrator.Post(job, action, target, nil, "%s", text)
 				}
 			},
 		})
+}
+
+// fence returns nil when term t may act on job now (see Lease.Check), and
+// logs the effect with the term's epoch either way, so an operator, or a
+// test, can tell which leader did what and that a lost one did nothing.
+func (q *Queen) fence(ctx context.Context, t *term, effect, job string) error {
+	err := q.lease.Check(ctx, t.epoch)
+	if err != nil {
+		q.log.Warn().Err(err).Uint64("epoch", t.epoch).Str("effect", effect).Str("job", job).Msg("leader effect refused: the lease is lost")
+		return err
+	}
+	q.log.Info().Uint64("epoch", t.epoch).Str("effect", effect).Str("job", job).Msg("leader effect")
+	return nil
+}
+
+// queueDepth is the number of inference requests waiting for model (work
+// queue key). The leader's scheduler counts the queued jobs by their
+// records. A standby has no scheduler; it counts the requests on the
+// model's work queue that no worker has taken: the same jobs seen from the
+// queue's side, plus any copy a reconcile queued again (a worker drops
+// those), so a standby may refuse a little early under a full queue, never
+// admit past the limit by much. 0 when the queue cannot be read: admission
+// must not fail on a figure.
+func (q *Queen) queueDepth(ctx context.Context, model, key string) int {
+	if t := q.term.Load(); t != nil {
+		return t.sched.Depth(model)
+	}
+	subject, err := q.bus.Space.Infer(key)
+	if err != nil {
+		return 0
+	}
+	return int(q.workQueueDepths(ctx, subject)[subject])
+}
+
+// queueDepths is the number of waiting inference requests per model: the
+// scheduler's by model id while leading, else the work queue's by model
+// key (see queueDepth).
+func (q *Queen) queueDepths(ctx context.Context) map[string]int {
+	if t := q.term.Load(); t != nil {
+		return t.sched.Depths()
+	}
+	out := map[string]int{}
+	prefix := strings.TrimSuffix(q.bus.Space.InferAll(), "*")
+	for subject, n := range q.workQueueDepths(ctx, q.bus.Space.InferAll()) {
+		if key, ok := strings.CutPrefix(subject, prefix); ok && n > 0 {
+			out[key] = int(n)
+		}
+	}
+	return out
+}
+
+// workQueueDepths reads the messages per subject of the work queue stream
+// that match filter.
+func (q *Queen) workQueueDepths(ctx context.Context, filter string) map[string]uint64 {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	stream, err := q.bus.JS.Stream(ctx, q.bus.Space.InferStream())
+	if err != nil {
+		return nil
+	}
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return nil
+	}
+	return info.State.Subjects
 }
 
 // workerWhy says how a worker was lost, truthfully: the queen knows only

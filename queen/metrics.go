@@ -152,10 +152,16 @@ var (
 		"Inference slots busy across all live workers.", nil, nil)
 	descSlotsTotal = prometheus.NewDesc("rbee_worker_slots_total",
 		"Inference slots across all live workers.", nil, nil)
+	descLeader = prometheus.NewDesc("rbee_queen_leader",
+		"1 while this queen leads (holds the scheduler lease and runs the scheduler), 0 while it stands by.",
+		[]string{"queen"}, nil)
+	descLeaseEpoch = prometheus.NewDesc("rbee_queen_lease_epoch",
+		"The scheduler lease's revision when this queen's current term as the leader began (0 while standing by).",
+		[]string{"queen"}, nil)
 )
 
 func (c *clusterCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descJobs, descQueueDepth, descHives, descWorkersOnline, descSlotsBusy, descSlotsTotal} {
+	for _, d := range []*prometheus.Desc{descJobs, descQueueDepth, descHives, descWorkersOnline, descSlotsBusy, descSlotsTotal, descLeader, descLeaseEpoch} {
 		ch <- d
 	}
 }
@@ -179,7 +185,7 @@ func (c *clusterCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, model := range q.registry.Snapshot().modelNames() {
 		depths[model] = 0
 	}
-	for model, n := range q.sched.Depths() {
+	for model, n := range q.queueDepths(ctx) {
 		depths[model] += n
 	}
 	for model, n := range depths {
@@ -207,4 +213,11 @@ func (c *clusterCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descWorkersOnline, prometheus.GaugeValue, float64(len(snap.Workers)))
 	ch <- prometheus.MustNewConstMetric(descSlotsBusy, prometheus.GaugeValue, float64(busy))
 	ch <- prometheus.MustNewConstMetric(descSlotsTotal, prometheus.GaugeValue, float64(total))
+
+	leading, epoch := 0.0, 0.0
+	if t := q.term.Load(); t != nil {
+		leading, epoch = 1, float64(t.epoch)
+	}
+	ch <- prometheus.MustNewConstMetric(descLeader, prometheus.GaugeValue, leading, q.id)
+	ch <- prometheus.MustNewConstMetric(descLeaseEpoch, prometheus.GaugeValue, epoch, q.id)
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/queen/sched"
+	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rs/zerolog"
 )
 
@@ -84,6 +85,17 @@ type Config struct {
 	SSHKnownHosts string
 	GatewayAddr   string
 	APIKey        string
+	// QueenID names this queen among several on one bus ("" = the id kept
+	// in <data>/queen-id, made on first start), so a queen restarted on
+	// the same data directory takes back its own lease at once.
+	QueenID string
+	// LeaseTTL is how long the scheduler lease outlives its holder's last
+	// renewal: the longest a standby queen waits to take over from a
+	// leader that died (DefaultLeaseTTL). The leases bucket keeps the TTL
+	// of the queen that made it, and every queen on the bus uses that one.
+	LeaseTTL time.Duration
+	// LeaseReplicas is how many servers keep the leases bucket (default 1).
+	LeaseReplicas int
 	Log           zerolog.Logger
 	// Ready, when set, is called once the queen serves requests.
 	Ready func(*Queen)
@@ -117,6 +129,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxQueue <= 0 {
 		c.MaxQueue = DefaultMaxQueue
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = DefaultLeaseTTL
 	}
 	if c.LivenessGrace <= 0 {
 		c.LivenessGrace = bus.TTLForInterval(bus.DefaultHeartbeatInterval)
@@ -160,18 +175,40 @@ type Queen struct {
 	store *auth.Store
 	// caFile is the CA that signed the embedded bus's certificate ("" when
 	// the bus speaks plain TCP on loopback).
-	caFile    string
-	sched     *sched.Scheduler
-	deadlines *deadlineKeeper
-	gateway   *gateway
+	caFile  string
+	gateway *gateway
+
+	// id is this queen's identity on the bus; lease says whether it leads,
+	// and term is its current term as the leader (nil while standing by).
+	id    string
+	lease *Lease
+	term  atomic.Pointer[term]
+	// firstTry closes once this queen has either led a first term through
+	// its reconcile or found another queen leading, so it is ready to
+	// serve as either.
+	firstTry     chan struct{}
+	firstTryOnce sync.Once
+	// localOps are the queen-side operations this process runs (by job
+	// id): reconcile must not fail them as left over by a dead queen.
+	localOps sync.Map
 }
 
 // Run starts the queen and serves until ctx ends, then shuts down cleanly:
-// stop taking requests, let in-flight ones answer, stop job goroutines,
-// close the bus (and the embedded server).
+// stop taking requests, let in-flight ones answer, end its term as the
+// leader (releasing the lease), stop job goroutines, close the bus (and the
+// embedded server).
+//
+// Every queen on a bus answers the endpoints and serves the gateway; only
+// the one that holds the scheduler lease runs the leader's duties (see
+// lead), each time it takes the lease, through the same reconcile as a
+// restart.
 func Run(ctx context.Context, cfg Config) error {
 	cfg.defaults()
-	q := &Queen{cfg: cfg, started: time.Now().UTC(), log: cfg.Log}
+	id, err := loadQueenID(cfg.DataDir, cfg.QueenID)
+	if err != nil {
+		return err
+	}
+	q := &Queen{cfg: cfg, started: time.Now().UTC(), log: cfg.Log.With().Str("queen", id).Logger(), id: id, firstTry: make(chan struct{})}
 	if err := q.connect(ctx); err != nil {
 		return err
 	}
@@ -186,7 +223,6 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := q.bus.EnsureStreams(setupCtx, cfg.Retention); err != nil {
 		return err
 	}
-	var err error
 	actor := api.Actor{Component: "queen"}
 	if q.jobs, err = jobs.Open(setupCtx, q.bus, actor, cfg.Retention.JobEvents); err != nil {
 		return err
@@ -194,11 +230,17 @@ func Run(ctx context.Context, cfg Config) error {
 	if q.inventory, err = q.bus.KV(setupCtx, q.bus.Space.InventoryBucket()); err != nil {
 		return err
 	}
+	if q.lease, err = q.openLease(setupCtx); err != nil {
+		return err
+	}
 	q.narrator = q.bus.Narrator(actor, "", "")
 	q.registry = newRegistry(q.bus, cfg.LivenessGrace)
-	q.sched = q.newScheduler()
+	// Every queen watches the registry (its endpoints and gateway read
+	// it); only the leader's scheduler hears of losses.
 	q.registry.OnWorkerLost = func(id string, last api.WorkerStatus, why string) {
-		q.sched.WorkerLost(last, why)
+		if t := q.term.Load(); t != nil {
+			t.sched.WorkerLost(last, why)
+		}
 		// A worker its hive saw exit is gone for good; one whose beats
 		// stopped (paused, cut off) may come back, and keeps its key.
 		if _, died := q.registry.Snapshot().Exited(id); died {
@@ -206,29 +248,28 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 	q.registry.OnWorkerGone = func(_ string, last api.WorkerStatus) {
-		q.sched.WorkerGone(last)
+		if t := q.term.Load(); t != nil {
+			t.sched.WorkerGone(last)
+		}
 		q.workerGone(last)
 	}
-	q.registry.OnSettled = func() { q.sched.Settled(true) }
-	q.registry.OnFlush = q.sched.ViewChanged
+	q.registry.OnSettled = func() {
+		if t := q.term.Load(); t != nil {
+			t.sched.Settled(true)
+		}
+	}
+	q.registry.OnFlush = func() {
+		if t := q.term.Load(); t != nil {
+			t.sched.ViewChanged()
+		}
+	}
 	busBack := func() {
-		q.sched.Settled(false)
+		if t := q.term.Load(); t != nil {
+			t.sched.Settled(false)
+		}
 		q.registry.BusBack()
 	}
 	q.busBack.Store(&busBack)
-	schedDone := make(chan struct{})
-	go func() {
-		defer close(schedDone)
-		q.sched.Run(runCtx)
-	}()
-	defer func() { cancelRuns(); <-schedDone }()
-	if q.authority != nil {
-		q.runs.Add(1)
-		go func() {
-			defer q.runs.Done()
-			q.runCredentials(runCtx)
-		}()
-	}
 	regDone := make(chan error, 1)
 	go func() { regDone <- q.registry.run(runCtx) }()
 	select {
@@ -239,18 +280,20 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("registry watch did not start: %w", setupCtx.Err())
 	}
 
-	q.deadlines = newDeadlineKeeper(q)
-	go q.deadlines.run(runCtx)
-	if err := q.reconcile(setupCtx); err != nil {
-		q.log.Warn().Err(err).Msg("reconciling jobs after start")
-	}
-	q.runs.Add(1)
+	leaseDone := make(chan struct{})
 	go func() {
-		defer q.runs.Done()
-		if err := q.watchJobs(runCtx); err != nil {
-			q.log.Error().Err(err).Msg("watching job records")
-		}
+		defer close(leaseDone)
+		q.lease.Run(runCtx, q.lead)
 	}()
+	defer func() { cancelRuns(); <-leaseDone }()
+	// A queen that can lead at once (alone on the bus, or restarted within
+	// its own lease) is ready once its first term has reconciled, as a
+	// queen was before there were several.
+	select {
+	case <-q.firstTry:
+	case <-setupCtx.Done():
+		return fmt.Errorf("the first try for the scheduler lease did not end: %w", setupCtx.Err())
+	}
 
 	q.endpoints = bus.NewEndpoints(256, 30*time.Second)
 	q.endpoints.Log = func(ep string, err error) { q.log.Error().Err(err).Str("endpoint", ep).Msg("request failed") }
@@ -271,7 +314,11 @@ func Run(ctx context.Context, cfg Config) error {
 			return err
 		}
 	}
-	q.log.Info().Str("bus", q.BusURL()).Str("gateway", cfg.GatewayAddr).Str("version", version.Version).Msg("queen ready")
+	role := "standby"
+	if q.term.Load() != nil {
+		role = "leader"
+	}
+	q.log.Info().Str("bus", q.BusURL()).Str("gateway", cfg.GatewayAddr).Str("version", version.Version).Str("role", role).Msg("queen ready")
 	if cfg.Ready != nil {
 		cfg.Ready(q)
 	}
@@ -291,7 +338,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	cancelRuns()
 	done := make(chan struct{})
-	go func() { q.runs.Wait(); close(done) }()
+	go func() { <-leaseDone; q.runs.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-shutCtx.Done():
@@ -299,6 +346,88 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	return nil
 }
+
+// term is one tenure of this queen as the leader: the scheduler and what
+// feeds it, the deadline keeper, and (with the embedded authority) the
+// credential sweep. It begins when the queen takes the lease and ends when
+// it loses it; epoch, the lease's revision when it began, tells the terms
+// apart in logs.
+type term struct {
+	epoch     uint64
+	sched     *sched.Scheduler
+	deadlines *deadlineKeeper
+}
+
+// lead runs the leader's duties for one term, until ctx ends (the lease was
+// lost, or the queen stops). A new term starts from the bus alone, as a
+// restarted queen does: a fresh scheduler fed the job records from the
+// start, deadlines armed from those records, waiting inferences queued
+// again.
+func (q *Queen) lead(ctx context.Context, epoch uint64) {
+	t := &term{epoch: epoch}
+	t.sched = q.newScheduler(t)
+	t.deadlines = newDeadlineKeeper(q, t)
+	log := q.log.With().Uint64("epoch", epoch).Logger()
+	log.Info().Msg("leading: a scheduler term begins")
+	var duties sync.WaitGroup
+	duty := func(f func()) {
+		duties.Add(1)
+		go func() {
+			defer duties.Done()
+			f()
+		}()
+	}
+	duty(func() { t.sched.Run(ctx) })
+	duty(func() { t.deadlines.run(ctx) })
+	if q.authority != nil {
+		duty(func() { q.runCredentials(ctx) })
+	}
+	// Published before the grace can end, so the registry's OnSettled
+	// reaches this scheduler; one that ended before is told once the
+	// records are replayed (watchJobs).
+	q.term.Store(t)
+	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	if err := q.reconcile(rctx, t); err != nil && ctx.Err() == nil {
+		log.Warn().Err(err).Msg("reconciling jobs at the start of a term")
+	}
+	cancel()
+	duty(func() {
+		if err := q.watchJobs(ctx, t); err != nil {
+			log.Error().Err(err).Msg("watching job records")
+		}
+	})
+	q.firstTryOnce.Do(func() { close(q.firstTry) })
+	<-ctx.Done()
+	q.term.CompareAndSwap(t, nil)
+	duties.Wait()
+	log.Info().Msg("the scheduler term ended")
+}
+
+// openLease opens this queen's side of the scheduler lease. A queen with
+// the embedded authority is alone by construction: its bus ends with it,
+// so no other queen could outlive it to take over, and the credentials it
+// issues give the queen role no leases bucket. It leads at once, with no
+// key to renew.
+func (q *Queen) openLease(ctx context.Context) (*Lease, error) {
+	var l *Lease
+	if q.authority != nil {
+		l = newLease(nil, subjects.SchedulerLease, q.id, q.cfg.LeaseTTL, q.log)
+	} else {
+		kv, ttl, err := openLeaseBucket(ctx, q.bus.JS, q.bus.Space.LeasesBucket(), q.cfg.LeaseTTL, q.cfg.LeaseReplicas, q.log)
+		if err != nil {
+			return nil, err
+		}
+		l = newLease(kv, subjects.SchedulerLease, q.id, ttl, q.log)
+	}
+	l.onStandby = func() { q.firstTryOnce.Do(func() { close(q.firstTry) }) }
+	return l, nil
+}
+
+// ID is this queen's identity among the queens of its bus.
+func (q *Queen) ID() string { return q.id }
+
+// Leading reports whether this queen runs the scheduler now.
+func (q *Queen) Leading() bool { return q.term.Load() != nil }
 
 func (q *Queen) connect(ctx context.Context) error {
 	cc := bus.ConnectConfig{
@@ -312,6 +441,8 @@ func (q *Queen) connect(ctx context.Context) error {
 	}
 	if q.cfg.NATSURL != "" {
 		cc.URL = q.cfg.NATSURL
+		// Hives this queen starts verify the external bus with the same CA.
+		q.caFile = cc.Credentials.CAFile
 		q.store = q.externalStore()
 		if q.store != nil && cc.Credentials.Empty() {
 			// The queen's own key, which `rbee creds server-config` made

@@ -7,14 +7,23 @@ import (
 	"github.com/rbee-dev/rbee/api"
 )
 
-// reconcile brings jobs left unfinished by an earlier queen back under
-// control: deadlines are re-armed, queued inferences are queued again (a
+// reconcile brings jobs left unfinished by an earlier leader (this queen
+// before a restart, or another queen that died or was cut off) back under
+// control at the start of term t: queued inferences are queued again (a
 // copy of a request already on the work queue is harmless: only one
 // worker can take an attempt), and queen-side operations that died with
-// the old queen fail. Running inferences are the scheduler's: it reads
-// every record at start and judges their workers once the liveness grace
-// is over.
-func (q *Queen) reconcile(ctx context.Context) error {
+// their queen fail. Running inferences are the scheduler's: it reads every
+// record when the term begins and judges their workers once the liveness
+// grace is over; deadlines are armed from the same records (watchJobs).
+//
+// A queen-side operation runs in the queen that took its submit. Those of
+// this process go on; any other is taken for dead. With two queens that is
+// exact (the other one is the leader that was lost); with more, a standby's
+// operation that runs through a change of leader is failed, and its own
+// end is then refused as a change to a finished job.
+//
+// Each write is fenced by the lease: a term that lost it stops here.
+func (q *Queen) reconcile(ctx context.Context, t *term) error {
 	open, err := q.jobs.List(ctx, "")
 	if err != nil {
 		return err
@@ -23,13 +32,15 @@ func (q *Queen) reconcile(ctx context.Context) error {
 		if job.State.Terminal() {
 			continue
 		}
-		if job.Deadline != nil {
-			timeout := job.Deadline.Sub(job.CreatedAt)
-			q.deadlines.addDeadline(job.ID, *job.Deadline, timeout)
+		if _, mine := q.localOps.Load(job.ID); mine {
+			continue
 		}
 		switch {
 		case job.Op.Kind == api.OpInfer && job.State == api.JobQueued:
-			q.log.Info().Str("job", job.ID).Msg("queueing a waiting job again after restart")
+			if err := q.fence(ctx, t, "requeue", job.ID); err != nil {
+				return err
+			}
+			q.log.Info().Str("job", job.ID).Uint64("epoch", t.epoch).Msg("queueing a waiting job again at the start of a term")
 			args, err := q.request(ctx, job.ID)
 			if err == nil {
 				err = q.enqueue(ctx, job.ID, args, job.Attempts+1)
@@ -39,6 +50,9 @@ func (q *Queen) reconcile(ctx context.Context) error {
 			}
 		case job.Op.Kind == api.OpInfer:
 		default:
+			if err := q.fence(ctx, t, "fail-orphan", job.ID); err != nil {
+				return err
+			}
 			fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			_, _ = q.jobs.Transition(fctx, job.ID, api.JobFailed, func(j *api.Job) {
 				j.Error = "the queen restarted while this operation ran; run it again"

@@ -79,8 +79,12 @@ func (q *Queen) submit(ctx context.Context, req api.SubmitRequest) (api.SubmitRe
 	if req.Timeout > 0 {
 		timeout = time.Duration(req.Timeout)
 	}
-	deadline := time.Now().Add(timeout).UTC()
-	job := api.Job{ID: req.JobID, Op: req.Op, Deadline: &deadline}
+	// The deadline is armed by the leader from the record (it watches
+	// them all, whichever queen took the submit), with the timeout read
+	// back as the deadline less the creation time.
+	now := time.Now().UTC()
+	deadline := now.Add(timeout)
+	job := api.Job{ID: req.JobID, Op: req.Op, CreatedAt: now, Deadline: &deadline}
 	if job.ID == "" {
 		job.ID = jobs.NewID()
 	} else if err := jobs.ValidID(job.ID); err != nil {
@@ -90,7 +94,13 @@ func (q *Queen) submit(ctx context.Context, req api.SubmitRequest) (api.SubmitRe
 	if req.Op.Kind == api.OpInfer {
 		job, err = q.submitInfer(ctx, job)
 	} else {
-		job, err = q.jobs.Create(ctx, job)
+		// Marked as this process's before the record exists, so a
+		// term beginning meanwhile does not take it for a dead queen's.
+		id := job.ID
+		q.localOps.Store(id, struct{}{})
+		if job, err = q.jobs.Create(ctx, job); err != nil {
+			q.localOps.Delete(id)
+		}
 	}
 	if errors.Is(err, jobs.ErrExists) {
 		return api.SubmitReply{}, api.Fail(api.ReasonConflict, "job_id", "job id %s is taken: submit again without one, or with a new one", req.JobID)
@@ -98,7 +108,6 @@ func (q *Queen) submit(ctx context.Context, req api.SubmitRequest) (api.SubmitRe
 	if err != nil {
 		return api.SubmitReply{}, err
 	}
-	q.deadlines.addDeadline(job.ID, deadline, timeout)
 	if req.Op.Kind != api.OpInfer {
 		q.startLocal(job, op.run)
 	}
@@ -112,6 +121,7 @@ func (q *Queen) startLocal(job api.Job, run func(context.Context, api.Job) (any,
 	q.runs.Add(1)
 	go func() {
 		defer q.runs.Done()
+		defer q.localOps.Delete(job.ID)
 		ctx, cancel := context.WithCancel(q.runCtx)
 		defer cancel()
 		if job.Deadline != nil {
@@ -259,8 +269,17 @@ func (q *Queen) status(ctx context.Context, _ struct{}) (api.Status, error) {
 	sort.Slice(workers, func(i, j int) bool { return workers[i].ID < workers[j].ID })
 	return api.Status{
 		Version: version.Version, StartedAt: q.started, Uptime: api.Duration(time.Since(q.started).Round(time.Second)),
-		BusURL: q.BusURL(), Hives: hives, Workers: workers, Jobs: counts, Queues: q.sched.Depths(),
+		BusURL: q.BusURL(), Hives: hives, Workers: workers, Jobs: counts, Queues: q.queueDepths(ctx),
+		Queen: q.id, Leader: q.lease.Leader(), Role: q.role(),
 	}, nil
+}
+
+// role says whether this queen leads (runs the scheduler) or stands by.
+func (q *Queen) role() string {
+	if q.Leading() {
+		return api.QueenLeader
+	}
+	return api.QueenStandby
 }
 
 // --- hive inventory ---

@@ -250,6 +250,15 @@ func (s Space) JobsBucket() string { return s.ns + "_jobs" }
 // the machine), so a restarted queen still knows them.
 func (s Space) InventoryBucket() string { return s.ns + "_inventory" }
 
+// LeasesBucket holds the leases that choose one queen among several for a
+// duty only one may do at a time. Its MaxAge is the lease TTL: a lease its
+// holder stops renewing expires by itself.
+func (s Space) LeasesBucket() string { return s.ns + "_leases" }
+
+// SchedulerLease is the key in LeasesBucket of the queen that leads: it runs
+// the scheduler, the deadlines and reconcile.
+const SchedulerLease = "scheduler"
+
 // KVStream is the stream behind a KV bucket.
 func KVStream(bucket string) string { return "KV_" + bucket }
 

@@ -36,6 +36,7 @@ const (
 	KindHive      Kind = "hive id"
 	KindWorker    Kind = "worker id"
 	KindModelKey  Kind = "model key"
+	KindQueen     Kind = "queen id"
 	KindNamespace Kind = "namespace"
 )
 

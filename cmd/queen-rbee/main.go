@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
@@ -47,6 +48,8 @@ func main() {
 			&cli.StringFlag{Name: "bin-dir", EnvVars: []string{"RBEE_BIN_DIR"}, Usage: "directory holding rbee-hive and llm-worker-rbee (default: next to queen-rbee)"},
 			&cli.StringSliceFlag{Name: "hive-arg", EnvVars: []string{"RBEE_HIVE_ARGS"}, Usage: "extra argument for locally started hives (repeatable; comma-separated in RBEE_HIVE_ARGS)"},
 			&cli.StringFlag{Name: "ssh-config", Usage: "ssh config file for remote hives", Value: "", EnvVars: []string{"RBEE_SSH_CONFIG"}},
+			&cli.StringFlag{Name: "queen-id", EnvVars: []string{"RBEE_QUEEN_ID"}, Usage: "this queen's name among several on one bus (default: one made on first start and kept in <data>/queen-id)"},
+			&cli.DurationFlag{Name: "lease-ttl", EnvVars: []string{"RBEE_LEASE_TTL"}, Usage: "how long the scheduler lease outlives its holder's last renewal: the longest a standby queen waits to take over from a dead leader (the lease bucket keeps the first queen's)", Value: queen.DefaultLeaseTTL},
 			&cli.StringFlag{Name: "ssh-known-hosts", Usage: "known_hosts file for remote hives", EnvVars: []string{"RBEE_SSH_KNOWN_HOSTS"}},
 		),
 		Action: run,
@@ -62,6 +65,9 @@ func main() {
 }
 
 func run(c *cli.Context) error {
+	if d := c.Duration("lease-ttl"); d < time.Second {
+		return cli.Exit(fmt.Sprintf("--lease-ttl: must be at least 1s (the bus expires keys about once a second), got %s", d), 2)
+	}
 	if n := c.Int("worker-slots"); n < 0 || n > 256 {
 		return cli.Exit(fmt.Sprintf("--worker-slots: must be between 1 and 256 (0: each worker chooses), got %d", n), 2)
 	}
@@ -93,6 +99,7 @@ func run(c *cli.Context) error {
 		AdvertiseURL: c.String("advertise"), BinDir: c.String("bin-dir"), HiveArgs: c.StringSlice("hive-arg"),
 		SSHConfigFile: c.String("ssh-config"), SSHKnownHosts: c.String("ssh-known-hosts"),
 		GatewayAddr: gateway, APIKey: c.String("api-key"), Log: log,
+		QueenID: c.String("queen-id"), LeaseTTL: c.Duration("lease-ttl"),
 	}
 	pidFile := cliutil.QueenPIDFile(data)
 	cfg.Ready = func(*queen.Queen) {
