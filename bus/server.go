@@ -157,7 +157,9 @@ type ServerConfig struct {
 type LeafRemote struct {
 	// URLs are the hub's leaf-node listeners (nats-leaf://, nats:// or
 	// tls://host:7422; a token or a user may travel in the URL). The leaf
-	// dials them in turn and redials for ever while the link is down.
+	// dials them in turn and redials for ever while the link is down; it
+	// uses these only, never the listeners the hub advertises, so list
+	// every node of a hub cluster.
 	URLs []string
 	// Credentials authenticate the leaf connection: KeyFile's nkey signs
 	// the hub's nonce (on a hub configured from `rbee creds
@@ -297,7 +299,10 @@ func (l *LeafRemote) options() (*server.RemoteLeafOpts, error) {
 	if len(l.URLs) == 0 {
 		return nil, errors.New("a leaf node needs the URL of its hub's leaf-node listener")
 	}
-	remote := &server.RemoteLeafOpts{}
+	// Only the URLs given: a hub advertises its leaf listeners as it sees
+	// them (private addresses, the far side of a proxy), which a leaf
+	// behind NAT may not reach, or must not use.
+	remote := &server.RemoteLeafOpts{IgnoreDiscoveredServers: true}
 	secure := false
 	for _, raw := range l.URLs {
 		u, err := url.Parse(strings.TrimSpace(raw))
@@ -307,6 +312,16 @@ func (l *LeafRemote) options() (*server.RemoteLeafOpts, error) {
 		secure = secure || u.Scheme == "tls"
 		if u.Port() == "" {
 			u.Host = net.JoinHostPort(u.Hostname(), "7422")
+		}
+		// A hub set up by hand (a token, a user) reads them from the URL.
+		if u.User == nil {
+			switch cr := l.Credentials; {
+			case cr.KeyFile != "":
+			case cr.Token != "":
+				u.User = url.User(cr.Token)
+			case cr.User != "":
+				u.User = url.UserPassword(cr.User, cr.Password)
+			}
 		}
 		remote.URLs = append(remote.URLs, u)
 	}

@@ -89,6 +89,12 @@ type Config struct {
 	Credentials bus.Credentials
 	Namespace   string
 	BusOptions  []nats.Option
+	// Leaf, when set, are the URLs of a hub's leaf-node listener: the hive
+	// joins the bus through one outbound leaf connection instead of
+	// NATSURL (which must then be empty), from a bus of its own on
+	// loopback that its workers connect to (see leaf.go). Credentials
+	// authenticate the leaf connection to the hub.
+	Leaf []string
 	// Heartbeat is the registry beat interval (default 1 s); workers
 	// beat at the same interval.
 	Heartbeat time.Duration
@@ -141,6 +147,9 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("--data %q: %w", c.DataDir, err)
 	}
 	c.DataDir = abs
+	if len(c.Leaf) > 0 && c.NATSURL != "" {
+		return c, errors.New("--leaf and --nats are exclusive: a hive joins through a leaf connection or connects to the bus, not both")
+	}
 	if c.Heartbeat < 0 {
 		return c, fmt.Errorf("--heartbeat must be positive, got %s", c.Heartbeat)
 	}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/rbee-dev/rbee/api"
@@ -29,6 +30,9 @@ type hive struct {
 	catalog  *catalog.Catalog
 	narrator *bus.Narrator
 	hb       *bus.Heartbeat
+	// leaf is the hive's own bus server when it joins through a leaf
+	// connection (Config.Leaf); nil otherwise.
+	leaf *leaf
 	// workersKV is the workers registry: the hive reads its workers'
 	// entries there and purges the entry of one that died.
 	workersKV jetstream.KeyValue
@@ -89,13 +93,26 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 
-	h.bus, err = bus.Connect(ctx, bus.ConnectConfig{
+	cc := bus.ConnectConfig{
 		URL: cfg.NATSURL, Credentials: cfg.Credentials, Namespace: cfg.Namespace,
 		Name: "rbee-hive " + cfg.ID, Reconnect: true, Extra: cfg.BusOptions, Log: h.log,
 		// After a reconnect the registry may have lost the entry (a queen
 		// restarted with a fresh bus); beat at once rather than wait.
 		OnReconnect: h.kickBeat,
-	})
+	}
+	if len(cfg.Leaf) > 0 {
+		if h.leaf, err = startLeaf(ctx, cfg, h.log); err != nil {
+			return err
+		}
+		// Deferred first, so it runs last: the hive's goodbye crosses it.
+		defer h.leaf.Shutdown()
+		// The hive talks through its own leaf, in process; its workers
+		// get the leaf's loopback URL.
+		h.cfg.NATSURL = h.leaf.URL()
+		cc.URL, cc.Credentials = h.leaf.URL(), h.leaf.local
+		cc.Extra = append(append([]nats.Option{}, cfg.BusOptions...), h.leaf.srv.InProcessOptions()...)
+	}
+	h.bus, err = bus.Connect(ctx, cc)
 	if err != nil {
 		return err
 	}
@@ -143,6 +160,16 @@ func Run(ctx context.Context, cfg Config) error {
 	beatCtx, stopBeats := context.WithCancel(context.WithoutCancel(ctx))
 	var beats sync.WaitGroup
 	lost := make(chan error, 1)
+	if h.leaf != nil {
+		// The hive's connection to its leaf never drops: the leaf's link
+		// to the hub is what comes and goes, and its return is when the
+		// registry must hear from this hive again.
+		beats.Add(1)
+		go func() {
+			defer beats.Done()
+			h.leaf.watch(beatCtx, h.kickBeat)
+		}()
+	}
 	beats.Add(2)
 	go func() {
 		defer beats.Done()

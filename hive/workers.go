@@ -500,6 +500,10 @@ func waitClosed(ctx context.Context, ch <-chan struct{}, d time.Duration) bool {
 // (a token, a user) passes what it has, in the environment. Neither is
 // ever on a command line, which every user of the machine can read.
 func (h *hive) workerCredentials(ctx context.Context, id, modelKey string) (args, env []string, keyFile string, err error) {
+	if h.leaf != nil {
+		args, env = h.leaf.workerCredentials()
+		return args, env, "", nil
+	}
 	cr := h.cfg.Credentials
 	if cr.CAFile != "" {
 		args = append(args, "--"+cliutil.FlagCA, cr.CAFile)

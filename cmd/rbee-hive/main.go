@@ -51,6 +51,7 @@ func main() {
 		Version: version.Version,
 		Flags: append(append(cliutil.BusFlags(), cliutil.LogFlags()...),
 			&cli.StringFlag{Name: "id", Usage: "hive id (A-Z a-z 0-9 _ -); required"},
+			&cli.StringFlag{Name: "leaf", Usage: "join the bus through one outbound leaf-node connection to the hub's leaf listener at `URL` (nats-leaf://HOST:7422, or tls://HOST:7422 with --ca; comma-separated for several), for a machine behind NAT that accepts no inbound connection: the hive runs a bus of its own on loopback for its workers, and --creds authenticates the link as this hive. Excludes --nats", EnvVars: []string{"RBEE_LEAF_URL"}},
 			&cli.StringFlag{Name: "data", Usage: "data directory: catalog, worker logs (default $RBEE_HOME/hives/<id>, else ~/.local/share/rbee/hives/<id>)"},
 			&cli.DurationFlag{Name: "heartbeat", Usage: "registry heartbeat interval (also given to workers)", Value: bus.DefaultHeartbeatInterval},
 			&cli.StringFlag{Name: "worker-bin", Usage: "llm-worker-rbee executable (default: next to rbee-hive)"},
@@ -85,6 +86,9 @@ func run(c *cli.Context) error {
 	if err := subjects.ValidateID(subjects.KindHive, id); err != nil {
 		return cli.Exit(fmt.Sprintf("--id: %v", err), exitBadFlags)
 	}
+	if c.String("leaf") != "" && c.String(cliutil.FlagNATS) != "" {
+		return cli.Exit("--leaf and --nats are exclusive: a hive joins the hub through a leaf connection, or connects to the bus", exitBadFlags)
+	}
 	if c.Duration("heartbeat") <= 0 {
 		return cli.Exit(fmt.Sprintf("--heartbeat must be positive, got %s", c.Duration("heartbeat")), exitBadFlags)
 	}
@@ -109,7 +113,7 @@ func run(c *cli.Context) error {
 	}
 	cfg := hive.Config{
 		ID: id, DataDir: data,
-		NATSURL: c.String(cliutil.FlagNATS), Credentials: cliutil.Credentials(c), Namespace: c.String(cliutil.FlagNamespace),
+		NATSURL: c.String(cliutil.FlagNATS), Leaf: leafURLs(c.String("leaf")), Credentials: cliutil.Credentials(c), Namespace: c.String(cliutil.FlagNamespace),
 		Heartbeat: c.Duration("heartbeat"), WorkerBin: c.String("worker-bin"), LlamaLib: c.String("llama-lib"),
 		HubBase: c.String("hub-base"), NvidiaSMI: c.String("nvidia-smi"),
 		IgnoreShutdown: c.Bool("ignore-shutdown"), RAMFreeCap: ramCap,
@@ -147,6 +151,17 @@ func run(c *cli.Context) error {
 		return cli.Exit(err.Error(), exitFailed)
 	}
 	return nil
+}
+
+// leafURLs splits a comma-separated --leaf.
+func leafURLs(s string) []string {
+	var out []string
+	for _, u := range strings.Split(s, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 // parseBytes reads "1048576", "512M", "2Gi" and the like; "" is 0.

@@ -1,0 +1,163 @@
+package hive
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/rbee-dev/rbee/auth"
+	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/cliutil"
+	"github.com/rs/zerolog"
+)
+
+// A hive behind NAT joins the bus as a leaf node: it embeds a nats-server
+// that dials out to the hub's leaf-node listener (Config.Leaf) and listens
+// on loopback, at a free port, for the hive itself and its workers. The
+// machine opens no inbound port, and everything the hive and its workers
+// say on the bus crosses one outbound connection. The leaf has no
+// JetStream: KV, streams, consumers and the work queue are the hub's,
+// reached over the link (bus.ServerConfig.Leaf).
+//
+// Who may do what is decided at the hub, which authorizes the link as the
+// hive's user (its nkey, the one in Credentials.KeyFile) and holds
+// everything crossing it to that user's permissions, which also cover the
+// hive's workers (`rbee creds server-config`). The local leaf still asks
+// for a credential, because loopback is shared by every user of the
+// machine: an open listener would let any local process speak as the
+// hive. It accepts the hive's own key and nothing else, so workers use the
+// hive's key file (a per-worker key from the queen is known to the queen's
+// embedded bus only, and a worker's inbox must be one the hive's user may
+// receive on at the hub). A hive that reaches the hub with a token or a
+// user instead guards its leaf with a random token of its own, handed to
+// its workers in their environment.
+
+// Settings of the leaf, in one place.
+const (
+	// leafJoinTimeout bounds the wait for the first link to the hub at
+	// start: a hub that cannot be reached (or refuses the hive) is
+	// reported rather than waited for.
+	leafJoinTimeout = 15 * time.Second
+	// leafWatchInterval is how often the link is looked at, so the hive
+	// beats as soon as it is back rather than at its next interval.
+	leafWatchInterval = 100 * time.Millisecond
+)
+
+// leaf is the hive's own bus server, a leaf node of the hub.
+type leaf struct {
+	srv *bus.Server
+	// local is what the hive and its workers present to the leaf.
+	local bus.Credentials
+	// refused is set when the hub refused the link's credentials.
+	refused atomic.Bool
+	log     zerolog.Logger
+}
+
+// startLeaf starts the hive's leaf server and waits, boundedly, until its
+// link to the hub is up.
+func startLeaf(ctx context.Context, cfg Config, log zerolog.Logger) (*leaf, error) {
+	l := &leaf{log: log}
+	sc := bus.ServerConfig{
+		Listen:     "127.0.0.1:-1",
+		ServerName: "rbee-hive-" + cfg.ID,
+		Leaf:       &bus.LeafRemote{URLs: cfg.Leaf, Credentials: cfg.Credentials},
+		// The hub's refusal reaches us only as a log line of the leaf
+		// server: note it, so the hive can say why it cannot join.
+		Log: log.Hook(zerolog.HookFunc(func(_ *zerolog.Event, _ zerolog.Level, msg string) {
+			if strings.Contains(msg, "Authorization Violation") {
+				l.refused.Store(true)
+			}
+		})),
+	}
+	if cfg.Credentials.KeyFile != "" {
+		kp, err := auth.ReadKeyFile(cfg.Credentials.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("%w: reading the credentials %s: %v", bus.ErrRefused, cfg.Credentials.KeyFile, err)
+		}
+		pub, err := kp.PublicKey()
+		if err != nil {
+			return nil, err
+		}
+		sc.NkeyUsers = []string{pub}
+		l.local = bus.Credentials{KeyFile: cfg.Credentials.KeyFile}
+	} else {
+		var b [24]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return nil, err
+		}
+		l.local = bus.Credentials{Token: hex.EncodeToString(b[:])}
+		sc.Credentials = l.local
+	}
+	srv, err := bus.StartServer(sc)
+	if err != nil {
+		return nil, fmt.Errorf("hive %s: starting its leaf bus: %w", cfg.ID, err)
+	}
+	l.srv = srv
+	joinCtx, cancel := context.WithTimeout(ctx, leafJoinTimeout)
+	defer cancel()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for srv.LeafConnections() == 0 {
+		select {
+		case <-joinCtx.Done():
+			srv.Shutdown()
+			hub := strings.Join(cfg.Leaf, ",")
+			if l.refused.Load() {
+				return nil, fmt.Errorf("%w: the hub at %s refused the leaf connection of hive %s (%s)", bus.ErrRefused, hub, cfg.ID, cfg.Credentials.Describe())
+			}
+			return nil, fmt.Errorf("%w: hive %s could not join the hub at %s through a leaf connection within %s", bus.ErrUnreachable, cfg.ID, hub, leafJoinTimeout)
+		case <-t.C:
+		}
+	}
+	log.Info().Str("hub", strings.Join(cfg.Leaf, ",")).Str("local", srv.ClientURL()).Msg("joined the hub through a leaf connection")
+	return l, nil
+}
+
+// URL is where the hive's workers reach the bus.
+func (l *leaf) URL() string { return l.srv.ClientURL() }
+
+// workerCredentials are the arguments and environment that let a worker
+// into the leaf (see the comment at the top of this file).
+func (l *leaf) workerCredentials() (args, env []string) {
+	if l.local.KeyFile != "" {
+		return []string{"--" + cliutil.FlagCreds, l.local.KeyFile}, nil
+	}
+	return nil, cliutil.CredentialEnv(l.local)
+}
+
+// watch reports the link's losses and returns, and calls back when it is
+// back (the hive beats at once), until ctx ends. nats-server redials the
+// hub by itself; the hive's and its workers' connections to the leaf never
+// drop, so no reconnect handler of theirs would tell them.
+func (l *leaf) watch(ctx context.Context, back func()) {
+	t := time.NewTicker(leafWatchInterval)
+	defer t.Stop()
+	up, since := true, time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		switch now := l.srv.LeafConnections() > 0; {
+		case up && !now:
+			up, since = false, time.Now()
+			l.log.Warn().Msg("lost the link to the hub; redialling")
+		case !up && now:
+			up = true
+			l.log.Info().Dur("down", time.Since(since).Round(time.Millisecond)).Msg("the link to the hub is back")
+			back()
+		}
+	}
+}
+
+// Shutdown stops the leaf server: the hive's last word has crossed by then.
+func (l *leaf) Shutdown() {
+	if l != nil {
+		l.srv.Shutdown()
+	}
+}
