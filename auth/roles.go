@@ -104,12 +104,16 @@ func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions 
 		for _, b := range buckets(s) {
 			pubs = append(pubs, "$KV."+b+".>")
 		}
+		subs := []string{ns + ".>", "$SRV.>", inbox}
 		for _, st := range streams(s) {
 			pubs = append(pubs, ownStream(st)...)
+			// A cluster's leader elections: the registry judges no
+			// expiry of the elections' making.
+			subs = append(subs, subjects.LeaderElected(st))
 		}
 		return &server.Permissions{
 			Publish:   &server.SubjectPermission{Allow: pubs},
-			Subscribe: &server.SubjectPermission{Allow: []string{ns + ".>", "$SRV.>", inbox}},
+			Subscribe: &server.SubjectPermission{Allow: subs},
 			Response:  responses,
 		}
 	case RoleClient:

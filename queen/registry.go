@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
@@ -203,6 +205,18 @@ func (r *Registry) run(ctx context.Context) error {
 		return err
 	}
 	defer func() { _ = ww.Stop() }()
+	// On a cluster, a bucket whose leader died takes no beats until
+	// another is elected (seconds, longer than a heartbeat's TTL), and the
+	// new leader then expires every entry that could not beat meanwhile:
+	// an election is a bus outage of its own, and starts a grace too.
+	elected := make(chan *nats.Msg, 16)
+	for _, st := range []string{subjects.KVStream(r.bus.Space.HivesBucket()), subjects.KVStream(r.bus.Space.WorkersBucket())} {
+		sub, err := r.bus.NC.ChanSubscribe(subjects.LeaderElected(st), elected)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = sub.Unsubscribe() }()
+	}
 	refresh := time.NewTimer(refreshEvery)
 	refresh.Stop()
 	armed := false
@@ -224,6 +238,12 @@ func (r *Registry) run(ctx context.Context) error {
 			r.graceUntil = time.Now().Add(r.grace)
 			graceEnd.Reset(r.grace)
 			r.bus.Log.Info().Str("grace", r.grace.String()).Msg("bus back; judging liveness after the grace")
+			continue
+		case m := <-elected:
+			r.graceUntil = time.Now().Add(r.grace)
+			graceEnd.Reset(r.grace)
+			r.bus.Log.Info().Str("stream", strings.TrimPrefix(m.Subject, subjects.LeaderElected(""))).Str("grace", r.grace.String()).
+				Msg("a registry bucket elected a new leader; judging liveness after the grace")
 			continue
 		case <-graceEnd.C:
 			if r.loading {
