@@ -32,7 +32,7 @@ func StoreErr(err error) error {
 	if err == nil || errors.Is(err, ErrNoQuorum) {
 		return err
 	}
-	if notStored(err) {
+	if NotStored(err) {
 		return fmt.Errorf("%w (%v)", ErrNoQuorum, err)
 	}
 	return err
@@ -44,32 +44,50 @@ func StoreErr(err error) error {
 // a keeper waits for the queen's answer, so the keeper hears the reason.
 const QuorumWait = 10 * time.Second
 
+// attemptTimeout bounds one try of a write: a stream whose leader just
+// died still has interest on its subjects (its followers), so a publish
+// to it is not refused but left unanswered.
+const attemptTimeout = 2 * time.Second
+
+// A Write is one try of a write to a stream, bounded by its context.
+// retried is set on every try after the first: a write whose earlier try
+// may have been stored (its answer lost) then checks whether it was.
+type Write func(ctx context.Context, retried bool) error
+
 // WhileElecting runs write until it succeeds, fails for another reason,
-// or QuorumWait (or ctx) runs out, retrying only the errors that prove
-// nothing was written: no server took the message (a stream without a
-// leader has no responder), so a retry can never store it twice.
-func WhileElecting(ctx context.Context, write func() error) error {
+// or QuorumWait (or ctx) runs out. It retries the errors that prove
+// nothing was written (no server took the message: a stream without a
+// leader has no responder) and, when the write is idempotent (a message
+// id, or a check on retry that it was stored), a try that timed out,
+// which a dying leader leaves.
+func WhileElecting(ctx context.Context, idempotent bool, write Write) error {
 	deadline := time.Now().Add(QuorumWait)
 	backoff := 50 * time.Millisecond
-	for {
-		err := write()
-		if err == nil || !notStored(err) {
+	for retried := false; ; retried = true {
+		actx, cancel := context.WithTimeout(ctx, attemptTimeout)
+		err := write(actx, retried)
+		timedOut := actx.Err() != nil && ctx.Err() == nil
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if !NotStored(err) && !(idempotent && timedOut) {
 			return err
 		}
-		if time.Now().Add(backoff).After(deadline) {
-			return StoreErr(err)
+		if time.Now().Add(backoff).After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("%w (%v)", ErrNoQuorum, err)
 		}
 		select {
 		case <-ctx.Done():
-			return StoreErr(err)
+			return fmt.Errorf("%w (%v)", ErrNoQuorum, err)
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, time.Second)
 	}
 }
 
-// notStored reports whether err proves a write reached no stream leader.
-func notStored(err error) bool {
+// NotStored reports whether err proves a write reached no stream leader.
+func NotStored(err error) bool {
 	var apiErr *jetstream.APIError
 	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) ||
 		errors.As(err, &apiErr) && apiErr.Code == api.CodeUnavailable

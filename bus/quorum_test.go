@@ -15,7 +15,7 @@ import (
 // elected; any other error, which may have been stored, is not.
 func TestWhileElectingRetriesOnlyWritesNobodyTook(t *testing.T) {
 	calls := 0
-	err := WhileElecting(context.Background(), func() error {
+	err := WhileElecting(context.Background(), false, func(context.Context, bool) error {
 		calls++
 		if calls < 3 {
 			return jetstream.ErrNoStreamResponse
@@ -27,7 +27,7 @@ func TestWhileElectingRetriesOnlyWritesNobodyTook(t *testing.T) {
 
 	calls = 0
 	other := errors.New("nats: timeout")
-	err = WhileElecting(context.Background(), func() error { calls++; return other })
+	err = WhileElecting(context.Background(), false, func(context.Context, bool) error { calls++; return other })
 	require.ErrorIs(t, err, other)
 	require.Equal(t, 1, calls, "a write that may have been stored is never sent twice")
 	require.NotErrorIs(t, err, ErrNoQuorum)
@@ -38,7 +38,7 @@ func TestWhileElectingRetriesOnlyWritesNobodyTook(t *testing.T) {
 func TestNoQuorumIsAnAnswerWithItsReason(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	calls := 0
-	err := WhileElecting(ctx, func() error {
+	err := WhileElecting(ctx, false, func(context.Context, bool) error {
 		calls++
 		if calls == 2 {
 			cancel()

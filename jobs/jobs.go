@@ -6,6 +6,7 @@
 package jobs
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base32"
@@ -137,8 +138,20 @@ func (s *Store) Create(ctx context.Context, job api.Job) (api.Job, error) {
 		return api.Job{}, err
 	}
 	var rev uint64
-	err = bus.WhileElecting(ctx, func() (err error) {
+	err = bus.WhileElecting(ctx, true, func(ctx context.Context, retried bool) (err error) {
 		rev, err = s.kv.Create(ctx, job.ID, data)
+		if retried && errors.Is(err, jetstream.ErrKeyExists) {
+			// An earlier try may have been stored with its answer lost:
+			// ours if the record is what we wrote; unknown (try again)
+			// while the record cannot be read.
+			e, gerr := s.kv.Get(ctx, job.ID)
+			switch {
+			case gerr != nil:
+				return gerr
+			case bytes.Equal(e.Value(), data):
+				rev, err = e.Revision(), nil
+			}
+		}
 		return err
 	})
 	if errors.Is(err, jetstream.ErrKeyExists) {
@@ -220,8 +233,19 @@ func (s *Store) CompareAndSwap(ctx context.Context, job api.Job) (api.Job, error
 		opts = append(opts, jetstream.WithMsgTTL(s.retention))
 	}
 	var ack *jetstream.PubAck
-	err = bus.WhileElecting(ctx, func() (err error) {
+	err = bus.WhileElecting(ctx, true, func(ctx context.Context, retried bool) (err error) {
 		ack, err = s.bus.JS.PublishMsg(ctx, msg, opts...)
+		var apiErr *jetstream.APIError
+		if retried && errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+			// An earlier try may have been stored with its answer lost.
+			e, gerr := s.kv.Get(ctx, job.ID)
+			switch {
+			case gerr != nil:
+				return gerr
+			case bytes.Equal(e.Value(), data):
+				ack, err = &jetstream.PubAck{Sequence: e.Revision()}, nil
+			}
+		}
 		return err
 	})
 	var apiErr *jetstream.APIError
@@ -344,6 +368,10 @@ func (s *Store) Update(ctx context.Context, id string, mutate func(*api.Job) err
 
 func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState) {
 	ev := job.Change(from, s.actor, time.Now().UTC())
+	// The record is what counts; its event is for followers, and must not
+	// hold a write up for long while a stream elects its leader.
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
 	publish := func() error { return s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev) }
 	if job.State == api.JobRunning {
 		// A job starting is on the path to its first token: the record
