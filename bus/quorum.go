@@ -86,9 +86,16 @@ func WhileElecting(ctx context.Context, idempotent bool, write Write) error {
 	}
 }
 
-// NotStored reports whether err proves a write reached no stream leader.
+// ErrUnsettled is what a Write returns when the stream's answers contradict
+// each other (a write refused as a duplicate of a record nobody can read):
+// a stream that lost its quorum, still answering from one server. It is
+// tried again, like a write that reached no leader.
+var ErrUnsettled = errors.New("the stream has not settled the write")
+
+// NotStored reports whether err proves a write reached no stream leader,
+// or left nothing settled.
 func NotStored(err error) bool {
 	var apiErr *jetstream.APIError
-	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) ||
+	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, ErrUnsettled) ||
 		errors.As(err, &apiErr) && apiErr.Code == api.CodeUnavailable
 }

@@ -37,6 +37,9 @@ type cluster struct {
 	// slots is the slot count of the workers the test starts (0: each
 	// worker's own choice), set by oneSlot.
 	slots int
+	// natsURLs and caFile, when set, are the servers of an external NATS
+	// cluster every program uses (see startNATSCluster) and its CA.
+	natsURLs, caFile string
 }
 
 // freePort hands out a loopback port a test's program will listen on. A
@@ -62,6 +65,33 @@ const (
 	portBase = 20000
 	portSpan = 12000
 )
+
+// freePortRun hands out n consecutive free loopback ports and returns the
+// first, for a program that numbers its ports from a base (`rbee cluster
+// config` puts nodes that share a host on consecutive ports).
+func freePortRun(t *testing.T, n int) int {
+	t.Helper()
+	for range portSpan {
+		first := portBase + (int(nextPort.Add(int32(n)))-n+1)%portSpan
+		if first+n > portBase+portSpan {
+			continue
+		}
+		free := true
+		for p := first; p < first+n && free; p++ {
+			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+			if err != nil {
+				free = false
+				continue
+			}
+			l.Close()
+		}
+		if free {
+			return first
+		}
+	}
+	t.Fatal("no run of free loopback ports below the ephemeral range")
+	return 0
+}
 
 // nextPort starts at a place of its own per process, so two test
 // processes rarely try the same ports.
@@ -93,7 +123,12 @@ func (c *cluster) withDaemons() *cluster {
 	return c
 }
 
-func (c *cluster) url() string { return fmt.Sprintf("nats://127.0.0.1:%d", c.port) }
+func (c *cluster) url() string {
+	if c.natsURLs != "" {
+		return c.natsURLs
+	}
+	return fmt.Sprintf("nats://127.0.0.1:%d", c.port)
+}
 
 type result struct {
 	stdout, stderr string
@@ -171,7 +206,7 @@ func (c *cluster) connectAs(keyFile string) *bus.Bus {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: c.url(), Name: "e2e", Credentials: bus.Credentials{KeyFile: keyFile}, Reconnect: true, Log: zerolog.Nop()})
+	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: c.url(), Name: "e2e", Credentials: bus.Credentials{KeyFile: keyFile, CAFile: c.caFile}, Reconnect: true, Log: zerolog.Nop()})
 	require.NoError(c.t, err)
 	c.t.Cleanup(func() { b.NC.Close() })
 	return b

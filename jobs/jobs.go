@@ -146,6 +146,8 @@ func (s *Store) Create(ctx context.Context, job api.Job) (api.Job, error) {
 			// while the record cannot be read.
 			e, gerr := s.kv.Get(ctx, job.ID)
 			switch {
+			case errors.Is(gerr, jetstream.ErrKeyNotFound):
+				return fmt.Errorf("%w: %v, yet job %s cannot be read", bus.ErrUnsettled, err, job.ID)
 			case gerr != nil:
 				return gerr
 			case bytes.Equal(e.Value(), data):
@@ -240,6 +242,8 @@ func (s *Store) CompareAndSwap(ctx context.Context, job api.Job) (api.Job, error
 			// An earlier try may have been stored with its answer lost.
 			e, gerr := s.kv.Get(ctx, job.ID)
 			switch {
+			case errors.Is(gerr, jetstream.ErrKeyNotFound):
+				return fmt.Errorf("%w: %v, yet job %s cannot be read", bus.ErrUnsettled, err, job.ID)
 			case gerr != nil:
 				return gerr
 			case bytes.Equal(e.Value(), data):
