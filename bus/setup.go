@@ -119,6 +119,10 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 	return nil
 }
 
+// placementWait is how long a replica count the cluster cannot place yet
+// is tried again: its servers may still be finding each other.
+const placementWait = 10 * time.Second
+
 // replication is the replica count EnsureStreams settles on, once for all
 // streams and buckets, so they survive the same failures.
 type replication struct {
@@ -157,6 +161,12 @@ func (r *replication) replicas(existing int) int {
 func (b *Bus) place(r *replication, what string, existing int, create func(replicas int) error) error {
 	n := r.replicas(existing)
 	err := create(n)
+	// A cluster still forming knows fewer peers than it has for a few
+	// seconds; a count that never fits (two servers) is known after that.
+	for deadline := time.Now().Add(placementWait); err != nil && cannotPlace(err) && n > 1 && time.Now().Before(deadline); {
+		time.Sleep(250 * time.Millisecond)
+		err = create(n)
+	}
 	if err != nil && cannotPlace(err) && !r.explicit && n > 1 && existing <= 1 {
 		if !r.downgraded {
 			b.Log.Warn().Err(err).Int("replicas", n).

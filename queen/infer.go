@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/queen/sched"
 	"github.com/rbee-dev/rbee/subjects"
@@ -250,8 +251,23 @@ func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
 	select {
 	case <-stored.Ok():
 	case err = <-stored.Err():
+	case <-time.After(2 * time.Second):
+		// A stream whose leader just died leaves a publish unanswered.
+		err = jetstream.ErrAsyncPublishTimeout
 	case <-ctx.Done():
 		err = ctx.Err()
+	}
+	if bus.NotStored(err) || errors.Is(err, jetstream.ErrAsyncPublishTimeout) {
+		// Store it again once the stream has a leader. Taken means an
+		// earlier try was stored: the record's create made the id ours.
+		err = bus.WhileElecting(ctx, true, func(ctx context.Context, _ bool) error {
+			_, err := q.bus.JS.Publish(ctx, subject, full, jetstream.WithExpectLastSequencePerSubject(0))
+			var apiErr *jetstream.APIError
+			if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+				return nil
+			}
+			return err
+		})
 	}
 	if err == nil {
 		err = q.enqueue(ctx, job.ID, args, 1)
@@ -280,7 +296,12 @@ func (q *Queen) enqueue(ctx context.Context, id string, args api.InferArgs, atte
 	// The message id dedupes a re-publish of the same attempt (a
 	// restarted queen queueing its waiting jobs again) within the
 	// stream's duplicate window; past it, the worker drops the copy.
-	if _, err := q.bus.JS.Publish(ctx, subject, data, jetstream.WithMsgID(fmt.Sprintf("%s-%d", id, attempt))); err != nil {
+	// A stream electing its leader (a cluster that lost a server) took
+	// nothing; the message id makes any retry safe anyway.
+	if err := bus.WhileElecting(ctx, true, func(ctx context.Context, _ bool) error {
+		_, err := q.bus.JS.Publish(ctx, subject, data, jetstream.WithMsgID(fmt.Sprintf("%s-%d", id, attempt)))
+		return err
+	}); err != nil {
 		return fmt.Errorf("could not queue the request: %w", err)
 	}
 	return nil
