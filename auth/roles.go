@@ -200,7 +200,9 @@ func streams(s subjects.Space) []string {
 }
 
 func buckets(s subjects.Space) []string {
-	return []string{s.HivesBucket(), s.WorkersBucket(), s.JobsBucket(), s.InventoryBucket()}
+	// The leases bucket is the queens' alone: on a NATS several queens
+	// share, they choose the one that schedules with it.
+	return []string{s.HivesBucket(), s.WorkersBucket(), s.JobsBucket(), s.InventoryBucket(), s.LeasesBucket()}
 }
 
 // readStream is reading a stream's configuration and its messages by

@@ -217,6 +217,17 @@ func (b *Bus) ensureBucket(ctx context.Context, r *replication, cfg jetstream.Ke
 	})
 }
 
+// Replicas is the copies the bus keeps of rbee's streams (those of the job
+// event stream, which EnsureStreams settled), for a bucket made beside
+// them; 1 when it cannot be read.
+func (b *Bus) Replicas(ctx context.Context) int {
+	st, err := b.JS.Stream(ctx, b.Space.JobsStream())
+	if err != nil {
+		return 1
+	}
+	return max(1, st.CachedInfo().Config.Replicas)
+}
+
 // KV opens a bucket that EnsureStreams created.
 func (b *Bus) KV(ctx context.Context, bucket string) (jetstream.KeyValue, error) {
 	kv, err := b.JS.KeyValue(ctx, bucket)

@@ -94,7 +94,8 @@ type Config struct {
 	// leader that died (DefaultLeaseTTL). The leases bucket keeps the TTL
 	// of the queen that made it, and every queen on the bus uses that one.
 	LeaseTTL time.Duration
-	// LeaseReplicas is how many servers keep the leases bucket (default 1).
+	// LeaseReplicas is how many servers keep the leases bucket (default:
+	// as many as keep the streams).
 	LeaseReplicas int
 	Log           zerolog.Logger
 	// Ready, when set, is called once the queen serves requests.
@@ -413,7 +414,12 @@ func (q *Queen) openLease(ctx context.Context) (*Lease, error) {
 	if q.authority != nil {
 		l = newLease(nil, subjects.SchedulerLease, q.id, q.cfg.LeaseTTL, q.log)
 	} else {
-		kv, ttl, err := openLeaseBucket(ctx, q.bus.JS, q.bus.Space.LeasesBucket(), q.cfg.LeaseTTL, q.cfg.LeaseReplicas, q.log)
+		replicas := q.cfg.LeaseReplicas
+		if replicas <= 0 {
+			// As many copies as the streams: a lease must survive what they do.
+			replicas = q.bus.Replicas(ctx)
+		}
+		kv, ttl, err := openLeaseBucket(ctx, q.bus.JS, q.bus.Space.LeasesBucket(), q.cfg.LeaseTTL, replicas, q.log)
 		if err != nil {
 			return nil, err
 		}

@@ -45,6 +45,7 @@ func main() {
 			&cli.IntFlag{Name: "max-queue", EnvVars: []string{"RBEE_MAX_QUEUE"}, Usage: "inference requests allowed to wait per model", Value: queen.DefaultMaxQueue},
 			&cli.IntFlag{Name: "worker-slots", EnvVars: []string{"RBEE_WORKER_SLOTS"}, Usage: "slots of the workers the queen starts for inference requests (default: each worker fits them to its machine's free memory)"},
 			&cli.DurationFlag{Name: "retention", EnvVars: []string{"RBEE_RETENTION"}, Usage: "how long finished jobs and their events are kept", Value: bus.DefaultRetention().JobEvents},
+			&cli.IntFlag{Name: "replicas", EnvVars: []string{"RBEE_REPLICAS"}, Usage: "copies of every stream and bucket a NATS cluster keeps (default: 3 on a cluster that can place them, else 1; a chosen count never shrinks existing streams)"},
 			&cli.StringFlag{Name: "bin-dir", EnvVars: []string{"RBEE_BIN_DIR"}, Usage: "directory holding rbee-hive and llm-worker-rbee (default: next to queen-rbee)"},
 			&cli.StringSliceFlag{Name: "hive-arg", EnvVars: []string{"RBEE_HIVE_ARGS"}, Usage: "extra argument for locally started hives (repeatable; comma-separated in RBEE_HIVE_ARGS)"},
 			&cli.StringFlag{Name: "ssh-config", Usage: "ssh config file for remote hives", Value: "", EnvVars: []string{"RBEE_SSH_CONFIG"}},
@@ -89,6 +90,9 @@ func run(c *cli.Context) error {
 	}
 	retention := bus.DefaultRetention()
 	retention.JobEvents = c.Duration("retention")
+	if retention.Replicas = c.Int("replicas"); retention.Replicas < 0 || retention.Replicas > 5 {
+		return cli.Exit(fmt.Sprintf("--replicas: must be between 1 and 5 (NATS keeps at most 5 copies; 0 chooses), got %d", retention.Replicas), 2)
+	}
 	cfg := queen.Config{
 		DataDir: data, Listen: c.String("listen"), NATSURL: c.String(cliutil.FlagNATS),
 		Credentials: cliutil.Credentials(c), Namespace: c.String(cliutil.FlagNamespace), Retention: retention,
