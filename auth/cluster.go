@@ -176,6 +176,9 @@ func NodeConfig(spec ClusterSpec, i int) ([]byte, error) {
 		fmt.Fprintf(&b, "  tls { %s, timeout: 5 }\n", tlsBlock)
 	}
 	b.WriteString("}\n")
+	// A leaf of the global account is denied $JS.API.>, $KV.> and $OBJ.>
+	// unless the hub serves its JetStream to leaves in the default domain.
+	b.WriteString("default_js_domain: { \"$G\": \"\" }\n")
 	b.Write(spec.Authorization)
 	return b.Bytes(), nil
 }
