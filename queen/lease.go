@@ -90,8 +90,7 @@ type Lease struct {
 }
 
 // newLease is the lease of queen holder in kv under key, with the bucket's
-// ttl. A nil kv is a lease nobody contests: it is held at once and always
-// (a queen alone on its own embedded bus, see Queen.openLease).
+// ttl.
 func newLease(kv leaseKV, key, holder string, ttl time.Duration, log zerolog.Logger) *Lease {
 	if ttl <= 0 {
 		ttl = DefaultLeaseTTL
@@ -144,9 +143,6 @@ func (l *Lease) Run(ctx context.Context, lead func(ctx context.Context, epoch ui
 		if _, held := l.Epoch(); !held {
 			endTerm()
 		}
-		if l.kv == nil {
-			wait = time.Hour // nothing to renew
-		}
 		timer.Reset(wait)
 	}
 }
@@ -195,8 +191,6 @@ func (l *Lease) Check(ctx context.Context, epoch uint64) error {
 	switch {
 	case term == "" || held != epoch:
 		return fmt.Errorf("%w (term %d is over)", ErrLeaseLost, epoch)
-	case l.kv == nil:
-		return nil
 	case l.now().Sub(renewed) >= l.ttl:
 		return fmt.Errorf("%w: last renewed %s ago, the lease lasts %s", ErrLeaseLost, l.now().Sub(renewed).Round(time.Millisecond), l.ttl)
 	}
@@ -219,10 +213,6 @@ func (l *Lease) Check(ctx context.Context, epoch uint64) error {
 func (l *Lease) acquire(ctx context.Context) (uint64, bool) {
 	term := newTerm()
 	since := time.Now().UTC()
-	if l.kv == nil {
-		l.hold(term, 1, 1, since, l.now())
-		return 1, true
-	}
 	data, _ := json.Marshal(leaseValue{Queen: l.holder, Term: term, Since: since})
 	ctx, cancel := context.WithTimeout(ctx, l.ttl/3)
 	defer cancel()
@@ -311,7 +301,7 @@ func (l *Lease) release() {
 	term, rev := l.term, l.rev
 	l.term = ""
 	l.mu.Unlock()
-	if term == "" || l.kv == nil {
+	if term == "" {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -2,7 +2,6 @@ package queen
 
 import (
 	"context"
-	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -242,17 +241,6 @@ func TestLeaseIsReclaimedAtOnceBySameQueen(t *testing.T) {
 	first.lease.mu.Unlock()
 	require.ErrorIs(t, first.lease.Check(context.Background(), epoch1), ErrLeaseLost)
 	requireNone(t, other.terms, "another queen took a lease its holder renewed")
-}
-
-// Without a bucket (a queen alone on its embedded bus) the lease is held at
-// once, and a term that is over is still refused.
-func TestSoleLeaseIsHeldAtOnce(t *testing.T) {
-	c := contend(t, nil, "alone")
-	epoch := awaitEpoch(t, c.terms, time.Second, "a sole queen did not lead at once")
-	require.NoError(t, c.lease.Check(context.Background(), epoch))
-	require.ErrorIs(t, c.lease.Check(context.Background(), epoch+1), ErrLeaseLost)
-	c.stop()
-	require.True(t, errors.Is(c.lease.Check(context.Background(), epoch), ErrLeaseLost))
 }
 
 // The identity a queen keeps in its data directory is the same on every

@@ -404,27 +404,22 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 	log.Info().Msg("the scheduler term ended")
 }
 
-// openLease opens this queen's side of the scheduler lease. A queen with
-// the embedded authority is alone by construction: its bus ends with it,
-// so no other queen could outlive it to take over, and the credentials it
-// issues give the queen role no leases bucket. It leads at once, with no
-// key to renew.
+// openLease opens this queen's side of the scheduler lease. A queen on its
+// own embedded bus takes part too: it is alone there unless another queen
+// is given a queen credential for that bus, and then the two must not both
+// schedule. Alone, it takes the lease at its first try, and back its own
+// at once after a restart.
 func (q *Queen) openLease(ctx context.Context) (*Lease, error) {
-	var l *Lease
-	if q.authority != nil {
-		l = newLease(nil, subjects.SchedulerLease, q.id, q.cfg.LeaseTTL, q.log)
-	} else {
-		replicas := q.cfg.LeaseReplicas
-		if replicas <= 0 {
-			// As many copies as the streams: a lease must survive what they do.
-			replicas = q.bus.Replicas(ctx)
-		}
-		kv, ttl, err := openLeaseBucket(ctx, q.bus.JS, q.bus.Space.LeasesBucket(), q.cfg.LeaseTTL, replicas, q.log)
-		if err != nil {
-			return nil, err
-		}
-		l = newLease(kv, subjects.SchedulerLease, q.id, ttl, q.log)
+	replicas := q.cfg.LeaseReplicas
+	if replicas <= 0 {
+		// As many copies as the streams: a lease must survive what they do.
+		replicas = q.bus.Replicas(ctx)
 	}
+	kv, ttl, err := openLeaseBucket(ctx, q.bus.JS, q.bus.Space.LeasesBucket(), q.cfg.LeaseTTL, replicas, q.log)
+	if err != nil {
+		return nil, err
+	}
+	l := newLease(kv, subjects.SchedulerLease, q.id, ttl, q.log)
 	l.onStandby = func() { q.firstTryOnce.Do(func() { close(q.firstTry) }) }
 	return l, nil
 }
