@@ -305,3 +305,46 @@ func TestALeafIsHeldToItsHivesPermissions(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	require.Zero(t, stranger.LeafConnections(), "the hub let in a leaf with a key it does not know")
 }
+
+// Beyond loopback a hub's leaf listener speaks TLS: a leaf given the CA
+// joins over it (a CA makes the link TLS even for a nats-leaf:// URL), and
+// one without the CA cannot verify the hub and never joins.
+func TestALeafJoinsAHubOverTLS(t *testing.T) {
+	dir := t.TempDir()
+	tlsCfg, err := auth.ServerTLS(dir, nil)
+	require.NoError(t, err)
+	hub, err := bus.StartServer(bus.ServerConfig{DataDir: t.TempDir(), Listen: "127.0.0.1:-1", LeafListen: "127.0.0.1:-1", TLS: tlsCfg, ServerName: "hub", Log: zerolog.Nop()})
+	require.NoError(t, err)
+	t.Cleanup(hub.Shutdown)
+	hiveKey := newKeyFile(t, "hive-h1", auth.Principal{Role: auth.RoleHive, Hive: "h1"})
+	kp, err := auth.ReadKeyFile(hiveKey)
+	require.NoError(t, err)
+	pub, err := kp.PublicKey()
+	require.NoError(t, err)
+	start := func(cr bus.Credentials) *bus.Server {
+		leaf, err := bus.StartServer(bus.ServerConfig{
+			Listen: "127.0.0.1:-1", NkeyUsers: []string{pub},
+			Leaf: &bus.LeafRemote{URLs: []string{hub.LeafURL()}, Credentials: cr}, Log: zerolog.Nop(),
+		})
+		require.NoError(t, err)
+		t.Cleanup(leaf.Shutdown)
+		return leaf
+	}
+	leaf := start(bus.Credentials{CAFile: auth.CAFile(dir)})
+	awaitLink(t, leaf)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	queen, err := bus.Connect(ctx, bus.ConnectConfig{URL: hub.ClientURL(), Credentials: bus.Credentials{CAFile: auth.CAFile(dir)}, Log: zerolog.Nop()})
+	require.NoError(t, err)
+	t.Cleanup(queen.NC.Close)
+	require.NoError(t, queen.EnsureStreams(ctx, bus.DefaultRetention()))
+	local := connectTo(t, leaf.ClientURL(), hiveKey)
+	hives, err := local.KV(ctx, local.Space.HivesBucket())
+	require.NoError(t, err)
+	_, err = hives.Put(ctx, "h1", []byte(`{}`))
+	require.NoError(t, err, "a KV write crosses the TLS link")
+
+	blind := start(bus.Credentials{})
+	time.Sleep(2 * time.Second)
+	require.Zero(t, blind.LeafConnections(), "a leaf that cannot verify the hub joined it")
+}

@@ -160,6 +160,7 @@ func Run(ctx context.Context, cfg Config) error {
 	beatCtx, stopBeats := context.WithCancel(context.WithoutCancel(ctx))
 	var beats sync.WaitGroup
 	lost := make(chan error, 1)
+	refused := make(chan error, 1)
 	if h.leaf != nil {
 		// The hive's connection to its leaf never drops: the leaf's link
 		// to the hub is what comes and goes, and its return is when the
@@ -167,7 +168,9 @@ func Run(ctx context.Context, cfg Config) error {
 		beats.Add(1)
 		go func() {
 			defer beats.Done()
-			h.leaf.watch(beatCtx, h.kickBeat)
+			if err := h.leaf.watch(beatCtx, h.kickBeat); err != nil {
+				refused <- err
+			}
 		}()
 	}
 	beats.Add(2)
@@ -218,6 +221,11 @@ func Run(ctx context.Context, cfg Config) error {
 	select {
 	case <-ctx.Done():
 	case jobID = <-h.shutdown:
+	case err := <-refused:
+		// The hub refuses this hive's key now (revoked): it cannot be
+		// itself on the bus any more, so it stops, as a hive whose own
+		// connection is refused does.
+		runErr = fmt.Errorf("hive %s: %w", cfg.ID, err)
 	case err := <-lost:
 		lost <- err // leave() looks too
 		// Another process owns the entry now (this hive's entry expired

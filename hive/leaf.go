@@ -52,24 +52,39 @@ type leaf struct {
 	srv *bus.Server
 	// local is what the hive and its workers present to the leaf.
 	local bus.Credentials
-	// refused is set when the hub refused the link's credentials.
-	refused atomic.Bool
-	log     zerolog.Logger
+	// refused is set when the hub refused the link's credentials;
+	// describe names them.
+	refused  atomic.Bool
+	describe string
+	log      zerolog.Logger
 }
 
 // startLeaf starts the hive's leaf server and waits, boundedly, until its
 // link to the hub is up.
 func startLeaf(ctx context.Context, cfg Config, log zerolog.Logger) (*leaf, error) {
-	l := &leaf{log: log}
+	l := &leaf{log: log, describe: cfg.Credentials.Describe()}
+	serverLog := log
+	if log.GetLevel() > zerolog.ErrorLevel {
+		// The refusal below is heard at error level: a quieter logger
+		// would hear nothing.
+		serverLog = log.Level(zerolog.ErrorLevel)
+	}
 	sc := bus.ServerConfig{
 		Listen:     "127.0.0.1:-1",
 		ServerName: "rbee-hive-" + cfg.ID,
 		Leaf:       &bus.LeafRemote{URLs: cfg.Leaf, Credentials: cfg.Credentials},
 		// The hub's refusal reaches us only as a log line of the leaf
 		// server: note it, so the hive can say why it cannot join.
-		Log: log.Hook(zerolog.HookFunc(func(_ *zerolog.Event, _ zerolog.Level, msg string) {
-			if strings.Contains(msg, "Authorization Violation") {
+		Log: serverLog.Hook(zerolog.HookFunc(func(e *zerolog.Event, _ zerolog.Level, msg string) {
+			switch {
+			case strings.Contains(msg, "Authorization Violation"):
 				l.refused.Store(true)
+			case strings.Contains(msg, "default_js_domain"):
+				// nats-server's warning, at every start, that the
+				// option serving the hub's JetStream to this leaf is
+				// meant for old configurations: chosen here, and
+				// nothing an operator can act on.
+				e.Discard()
 			}
 		})),
 	}
@@ -101,19 +116,22 @@ func startLeaf(ctx context.Context, cfg Config, log zerolog.Logger) (*leaf, erro
 	defer cancel()
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
+	hub := strings.Join(cfg.Leaf, ",")
 	for srv.LeafConnections() == 0 {
+		// A refusal is the hub's answer to this key (unknown, revoked):
+		// redialling will not change it, so the hive says so at once.
+		if l.refused.Load() {
+			srv.Shutdown()
+			return nil, fmt.Errorf("%w: the hub at %s refused the leaf connection of hive %s (%s)", bus.ErrRefused, hub, cfg.ID, cfg.Credentials.Describe())
+		}
 		select {
 		case <-joinCtx.Done():
 			srv.Shutdown()
-			hub := strings.Join(cfg.Leaf, ",")
-			if l.refused.Load() {
-				return nil, fmt.Errorf("%w: the hub at %s refused the leaf connection of hive %s (%s)", bus.ErrRefused, hub, cfg.ID, cfg.Credentials.Describe())
-			}
 			return nil, fmt.Errorf("%w: hive %s could not join the hub at %s through a leaf connection within %s", bus.ErrUnreachable, cfg.ID, hub, leafJoinTimeout)
 		case <-t.C:
 		}
 	}
-	log.Info().Str("hub", strings.Join(cfg.Leaf, ",")).Str("local", srv.ClientURL()).Msg("joined the hub through a leaf connection")
+	log.Info().Str("hub", hub).Str("local", srv.ClientURL()).Msg("joined the hub through a leaf connection")
 	return l, nil
 }
 
@@ -130,18 +148,23 @@ func (l *leaf) workerCredentials() (args, env []string) {
 }
 
 // watch reports the link's losses and returns, and calls back when it is
-// back (the hive beats at once), until ctx ends. nats-server redials the
-// hub by itself; the hive's and its workers' connections to the leaf never
-// drop, so no reconnect handler of theirs would tell them.
-func (l *leaf) watch(ctx context.Context, back func()) {
+// back (the hive beats at once), until ctx ends or the hub refuses the
+// hive's key (revoked), which it returns: the hive can no longer be
+// itself on the bus, as one whose direct connection is refused. nats-server
+// redials the hub by itself; the hive's and its workers' connections to
+// the leaf never drop, so no reconnect handler of theirs would tell them.
+func (l *leaf) watch(ctx context.Context, back func()) error {
 	t := time.NewTicker(leafWatchInterval)
 	defer t.Stop()
 	up, since := true, time.Now()
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return nil
 		case <-t.C:
+		}
+		if l.refused.Load() {
+			return fmt.Errorf("%w: the hub refused this hive's leaf connection (%s)", bus.ErrRefused, l.describe)
 		}
 		switch now := l.srv.LeafConnections() > 0; {
 		case up && !now:
