@@ -144,7 +144,8 @@ type ServerConfig struct {
 	// connection.
 	Leaf *LeafRemote
 	// LeafListen, when set, is host:port where this server accepts leaf
-	// nodes (a hub's side); port -1 picks a free one. Beyond loopback it
+	// nodes (a hub's side; not with an Authority); port -1 picks a free
+	// one. Beyond loopback it
 	// needs TLS and credentials, as Listen does. A leaf authenticates like
 	// a client (a token, a user, or an nkey of the global authorization)
 	// and the user's permissions hold for everything it sends and asks
@@ -222,6 +223,12 @@ func StartServer(cfg ServerConfig) (*Server, error) {
 		opts.Host, opts.Port = host, port
 	}
 	if cfg.LeafListen != "" {
+		if cfg.Authority != nil {
+			// The authority vets client connections; a leaf it let in
+			// would get no account and no permissions of a role. Hives
+			// behind NAT join an external hub instead.
+			return nil, errors.New("an embedded bus with an authority does not accept leaf nodes")
+		}
 		host, port, err := splitListen(cfg.LeafListen)
 		if err != nil {
 			return nil, fmt.Errorf("leaf listen address: %w", err)

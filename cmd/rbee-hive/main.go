@@ -4,6 +4,10 @@
 // shutdown endpoint stop it gracefully: workers first, then its registry
 // entry, exit 0.
 //
+// With --leaf it joins the bus through one outbound leaf-node connection to
+// a hub (a machine behind NAT opens no port): it runs a bus of its own on
+// loopback that its workers use (see hive/leaf.go).
+//
 // Test hooks, not for production use:
 //
 //	--ignore-shutdown      ignore the shutdown endpoint and SIGTERM, so the
