@@ -79,6 +79,10 @@ type Status struct {
 	Queen  string `json:"queen,omitempty"`
 	Role   string `json:"role,omitempty"`
 	Leader string `json:"leader,omitempty"`
+	// Problems says what the queen could not read for this report (a
+	// bus without quorum keeps job records and the inventory out of
+	// reach); what it knows without them is reported all the same.
+	Problems []string `json:"problems,omitempty"`
 }
 
 // Roles of a queen among the queens of one bus.

@@ -294,6 +294,11 @@ func TestClusterWithoutQuorumRefusesWritesAndResumes(t *testing.T) {
 	require.Equal(t, 1, r.code, "stdout:\n%s\nstderr:\n%s", r.stdout, r.stderr)
 	require.Contains(t, r.stderr, "no quorum", "the refusal says why")
 	require.Less(t, time.Since(start), 15*time.Second, "refused, not left hanging")
+	// What a person runs next answers too, saying what it cannot read.
+	st := c.rbeeWithin(30*time.Second, "status")
+	require.Equal(t, 0, st.code, "stdout:\n%s\nstderr:\n%s", st.stdout, st.stderr)
+	require.Contains(t, st.stdout, "warning: job records cannot be read now")
+	require.Contains(t, st.stdout, "no quorum")
 
 	nc.start(1)
 	eventually(t, 60*time.Second, func() bool { return c.rbee(short...).code == 0 }, "writes did not resume with two servers of three")

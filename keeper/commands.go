@@ -108,6 +108,9 @@ func printStatus(out io.Writer, st api.Status) {
 	default:
 		fmt.Fprintf(out, "answered by queen %s, standing by; no queen leads right now\n", st.Queen)
 	}
+	for _, p := range st.Problems {
+		fmt.Fprintf(out, "warning: %s\n", p)
+	}
 	fmt.Fprintln(out)
 	w := tabwriter.NewWriter(out, 0, 2, 2, ' ', 0)
 	fmt.Fprintln(w, "HIVE\tSTATE\tADDRESS\tDEVICES\tRAM FREE\tWORKERS")

@@ -252,14 +252,29 @@ func (q *Queen) jobCancel(ctx context.Context, req api.JobRequest) (api.Job, err
 	return job, jobErr(err)
 }
 
+// statusReadTimeout bounds each store read of a status report, well inside
+// the keeper's 15 s wait for the whole answer.
+const statusReadTimeout = 3 * time.Second
+
 func (q *Queen) status(ctx context.Context, _ struct{}) (api.Status, error) {
-	counts, err := q.jobs.Counts(ctx)
-	if err != nil {
-		return api.Status{}, err
+	// Status is what a person runs when something is wrong: a store that
+	// does not answer (no quorum) bounds each read, and the report says
+	// what it lacks instead of timing out whole.
+	var problems []string
+	unreadable := func(what string, err error) {
+		problems = append(problems, fmt.Sprintf("%s cannot be read now (the bus's JetStream does not answer: no quorum, or a leader being elected): %v", what, err))
 	}
-	hives, err := q.hiveViews(ctx)
+	rctx, cancel := context.WithTimeout(ctx, statusReadTimeout)
+	counts, err := q.jobs.Counts(rctx)
+	cancel()
 	if err != nil {
-		return api.Status{}, err
+		unreadable("job records", err)
+	}
+	rctx, cancel = context.WithTimeout(ctx, statusReadTimeout)
+	hives, err := q.hiveViews(rctx)
+	cancel()
+	if err != nil {
+		unreadable("the hive inventory", err)
 	}
 	snap := q.registry.Snapshot()
 	workers := make([]api.WorkerStatus, 0, len(snap.Workers))
@@ -270,7 +285,7 @@ func (q *Queen) status(ctx context.Context, _ struct{}) (api.Status, error) {
 	return api.Status{
 		Version: version.Version, StartedAt: q.started, Uptime: api.Duration(time.Since(q.started).Round(time.Second)),
 		BusURL: q.BusURL(), Hives: hives, Workers: workers, Jobs: counts, Queues: q.queueDepths(ctx),
-		Queen: q.id, Leader: q.lease.Leader(), Role: q.role(),
+		Queen: q.id, Leader: q.lease.Leader(), Role: q.role(), Problems: problems,
 	}, nil
 }
 
