@@ -129,6 +129,7 @@ var benchmarks = []benchmark{
 	{7, "Recovery at the boundaries", benchRecovery},
 	{8, "Concurrency", benchConcurrency},
 	{9, "Security", benchSecurity},
+	{10, "Many machines", benchManyMachines},
 }
 
 // handWritten starts the part of the report that is written by hand and

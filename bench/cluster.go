@@ -31,6 +31,9 @@ type cluster struct {
 	queenArgs []string
 	b         *bus.Bus
 	hives     map[string]*process
+	// issued, when set, is told of each key the bench issues (a NATS
+	// cluster learns of keys only from its configuration).
+	issued func(keyFile string) error
 }
 
 // connectBus dials url, retrying until within passes.
@@ -55,6 +58,8 @@ func connectBus(ctx context.Context, url, name string, within time.Duration) (*b
 type queenSpec struct {
 	// NATSURL, when set, makes the queen use that server instead of embedding.
 	NATSURL string
+	// Home is the queen's data directory (default: a new one).
+	Home    string
 	Gateway bool
 	Args    []string
 }
@@ -66,7 +71,11 @@ func (e *env) startQueen(ctx context.Context, spec queenSpec) (*cluster, time.Du
 	if err != nil {
 		return nil, 0, err
 	}
-	c := &cluster{e: e, home: e.dir("queen"), hives: map[string]*process{}}
+	home := spec.Home
+	if home == "" {
+		home = e.dir("queen")
+	}
+	c := &cluster{e: e, home: home, hives: map[string]*process{}}
 	args := []string{"--data", c.home, "--log-level", "warn"}
 	if spec.NATSURL != "" {
 		c.natsURL = spec.NATSURL
@@ -336,6 +345,11 @@ func (c *cluster) issue(name string, p auth.Principal) ([]string, error) {
 	args := []string{"--creds", key}
 	if ca := c.creds(name).CAFile; ca != "" {
 		args = append(args, "--nats-ca", ca)
+	}
+	if c.issued != nil {
+		if err := c.issued(key); err != nil {
+			return nil, err
+		}
 	}
 	return args, nil
 }

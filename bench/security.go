@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"time"
 )
 
 // benchSecurity measures what the bus's security costs the keeper's path:
@@ -47,23 +46,11 @@ func benchSecurity(ctx context.Context, e *env) (*Table, error) {
 		}
 		clusters[i] = c
 	}
-	ttft := make([]sample, len(setups))
-	rate := make([]sample, len(setups))
-	var errs []string
-	for r := -1; r < rounds && ctx.Err() == nil; r++ {
-		for k := range setups {
-			i := (k + max(r, 0)) % len(setups)
-			g, err := clusters[i].inferBus(ctx, "tiny", n)
-			if err != nil {
-				errs = append(errs, fmt.Sprintf("%s: %v", setups[i].name, err))
-				continue
-			}
-			if r >= 0 {
-				ttft[i] = append(ttft[i], float64(g.ttft)/float64(time.Millisecond))
-				rate[i] = append(rate[i], g.decode)
-			}
-		}
+	names := make([]string, len(setups))
+	for i, s := range setups {
+		names[i] = s.name
 	}
+	ttft, rate, errs := interleave(ctx, clusters, names, "tiny", n, rounds)
 	for i, s := range setups {
 		if len(ttft[i]) == 0 {
 			t.Rows = append(t.Rows, []string{s.name, "not measured"})
@@ -83,9 +70,6 @@ func benchSecurity(ctx context.Context, e *env) (*Table, error) {
 		t.Rows = append(t.Rows, []string{s.name, ms(ttft[i].p50()), ms(ttft[i].p99()), num(rate[i].p50()), rel, added})
 	}
 	if len(errs) > 0 {
-		if len(errs) > 5 {
-			errs = append(errs[:5], fmt.Sprintf("… and %d more", len(errs)-5))
-		}
 		t.Notes = append(t.Notes, "Failed jobs: "+fmt.Sprint(errs))
 	}
 	return t, nil
