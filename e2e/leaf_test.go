@@ -90,16 +90,7 @@ func withCallerInboxes(conf []byte, callers []string) []byte {
 	for _, pub := range callers {
 		inboxes = append(inboxes, auth.InboxPrefix(pub)+".>")
 	}
-	conf = allowPublish(conf, "(hive", inboxes)
-	// The queen's lease bucket (several queens, one leader) is not yet in
-	// the queen's role; until it is, the test grants it.
-	st := subjects.KVStream(subjects.Default().LeasesBucket())
-	return allowPublish(conf, "(queen", []string{
-		"$KV." + subjects.Default().LeasesBucket() + ".>",
-		"$JS.API.STREAM.*." + st, "$JS.API.STREAM.MSG.*." + st,
-		"$JS.API.CONSUMER.*." + st, "$JS.API.CONSUMER.*." + st + ".>", "$JS.API.CONSUMER.MSG.NEXT." + st + ".*",
-		"$JS.API.DIRECT.GET." + st, "$JS.API.DIRECT.GET." + st + ".>", "$JS.ACK." + st + ".>", "$JS.FC." + st + ".>",
-	})
+	return allowPublish(conf, "(hive", inboxes)
 }
 
 // allowPublish adds subjects to the publish permission of every user of
