@@ -90,7 +90,7 @@ type Lease struct {
 }
 
 // newLease is the lease of queen holder in kv under key, with the bucket's
-// ttl.
+// ttl. Its log lines are log's, which should name the queen.
 func newLease(kv leaseKV, key, holder string, ttl time.Duration, log zerolog.Logger) *Lease {
 	if ttl <= 0 {
 		ttl = DefaultLeaseTTL
@@ -220,7 +220,7 @@ func (l *Lease) acquire(ctx context.Context) (uint64, bool) {
 	rev, err := l.kv.Create(ctx, l.key, data)
 	if err == nil {
 		l.hold(term, rev, rev, since, sent)
-		l.log.Info().Str("queen", l.holder).Uint64("epoch", rev).Msg("took the scheduler lease: this queen leads")
+		l.log.Info().Uint64("epoch", rev).Msg("took the scheduler lease: this queen leads")
 		return rev, true
 	}
 	if !errors.Is(err, jetstream.ErrKeyExists) {
@@ -247,7 +247,7 @@ func (l *Lease) acquire(ctx context.Context) (uint64, bool) {
 		return 0, false
 	}
 	l.hold(term, rev, rev, since, sent)
-	l.log.Info().Str("queen", l.holder).Uint64("epoch", rev).Msg("took back this queen's own scheduler lease: this queen leads")
+	l.log.Info().Uint64("epoch", rev).Msg("took back this queen's own scheduler lease: this queen leads")
 	return rev, true
 }
 
@@ -283,10 +283,10 @@ func (l *Lease) renew(ctx context.Context) bool {
 	case ctx.Err() != nil:
 		return false
 	case isRevisionConflict(err):
-		l.log.Warn().Str("queen", l.holder).Uint64("epoch", l.epoch).Msg("lost the scheduler lease (it expired or another queen took it): standing by")
+		l.log.Warn().Uint64("epoch", l.epoch).Msg("lost the scheduler lease (it expired or another queen took it): standing by")
 		l.term, l.leader = "", ""
 	case l.now().Sub(l.renewedAt) >= l.ttl:
-		l.log.Warn().Err(err).Str("queen", l.holder).Uint64("epoch", l.epoch).Msg("could not renew the scheduler lease within its TTL: standing by")
+		l.log.Warn().Err(err).Uint64("epoch", l.epoch).Msg("could not renew the scheduler lease within its TTL: standing by")
 		l.term, l.leader = "", ""
 	default:
 		l.log.Debug().Err(err).Msg("renewing the scheduler lease")
@@ -310,7 +310,7 @@ func (l *Lease) release() {
 		l.log.Debug().Err(err).Msg("releasing the scheduler lease")
 		return
 	}
-	l.log.Info().Str("queen", l.holder).Msg("released the scheduler lease")
+	l.log.Info().Msg("released the scheduler lease")
 }
 
 // isRevisionConflict reports whether a compare-and-swap write failed because
