@@ -23,6 +23,7 @@ func ServerConfig(s subjects.Space, creds []Credential) []byte {
 	b.WriteString("authorization {\n  users = [\n")
 	sorted := append([]Credential(nil), creds...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Name < sorted[j].Name })
+	callerInboxes := callers(sorted)
 	for _, c := range sorted {
 		if c.Principal.Role == RoleWorker {
 			continue
@@ -30,6 +31,7 @@ func ServerConfig(s subjects.Space, creds []Credential) []byte {
 		perms := Permissions(s, c.Principal, c.PublicKey)
 		if c.Principal.Role == RoleHive {
 			perms = merge(perms, hiveWorkers(s, c.Principal.Hive))
+			perms = merge(perms, &server.Permissions{Publish: &server.SubjectPermission{Allow: callerInboxes}, Subscribe: &server.SubjectPermission{}})
 		}
 		fmt.Fprintf(&b, "    # %s (%s%s)\n", c.Name, c.Principal.Role, scopeText(c.Principal))
 		fmt.Fprintf(&b, "    { nkey: %q, permissions: {\n", c.PublicKey)
@@ -66,6 +68,23 @@ func writeSubjects(b *bytes.Buffer, kind string, p *server.SubjectPermission) {
 		b.WriteString("]")
 	}
 	b.WriteString(" }\n")
+}
+
+// callers are the inboxes of those who call hives and workers (the queen,
+// clients). A hive that joins through a leaf node answers them by
+// publishing there: allow_responses, which lets a directly connected hive
+// answer, does not carry across a leaf link (the hub tells a leaf of a
+// subject only where the leaf's user may publish). The price: a hive may
+// publish into a caller's inbox unasked, where it could forge an answer to
+// a request it never received; it still cannot read one.
+func callers(creds []Credential) []string {
+	var out []string
+	for _, c := range creds {
+		if c.Principal.Role == RoleQueen || c.Principal.Role == RoleClient {
+			out = append(out, InboxPrefix(c.PublicKey)+".>")
+		}
+	}
+	return out
 }
 
 // hiveWorkers is what any worker of hive needs, for a server that knows

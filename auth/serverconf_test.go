@@ -69,6 +69,19 @@ func TestServerConfigEnforcesTheRolesOnAServerRbeeDoesNotEmbed(t *testing.T) {
 	publishRefused(t, hive, hv, subjects.KVSubject(space.WorkersBucket(), subjects.WorkerKey("h2", "w1")))
 	publishRefused(t, hive, hv, subjects.KVSubject(space.HivesBucket(), "h2"))
 	subscribeRefused(t, hive, hv, "rbee.hive.h2.>")
+	// Its answers reach its callers' inboxes even across a leaf link,
+	// where allow_responses does not carry; never another hive's.
+	clientPub, err := auth.ReadKeyFile(clientKey)
+	require.NoError(t, err)
+	clientID, err := clientPub.PublicKey()
+	require.NoError(t, err)
+	require.NoError(t, hive.NC.Publish(auth.InboxPrefix(clientID)+".x", nil))
+	require.NoError(t, hive.NC.Flush())
+	select {
+	case v := <-hv:
+		t.Fatalf("a hive's answer to a client's inbox was refused: %s", v)
+	case <-time.After(200 * time.Millisecond):
+	}
 
 	_, err = bus.Connect(ctx, bus.ConnectConfig{URL: url, Log: zerolog.Nop()})
 	require.ErrorIs(t, err, bus.ErrRefused)

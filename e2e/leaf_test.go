@@ -55,17 +55,11 @@ func (c *cluster) startLeafHub(hives ...string) *leafHub {
 	}
 	creds, err := store.List()
 	require.NoError(c.t, err)
-	var callers []string
-	for _, cr := range creds {
-		if cr.Principal.Role == auth.RoleQueen || cr.Principal.Role == auth.RoleClient {
-			callers = append(callers, cr.PublicKey)
-		}
-	}
 	dir := c.t.TempDir()
 	hub := &leafHub{leafAddr: fmt.Sprintf("127.0.0.1:%d", freePort(c.t))}
 	conf := fmt.Sprintf("listen: \"127.0.0.1:%d\"\njetstream { store_dir: %q }\n", c.port, filepath.Join(dir, "js")) +
 		fmt.Sprintf(leafHubStanza, hub.leafAddr) +
-		string(withCallerInboxes(auth.ServerConfig(subjects.Default(), creds), callers))
+		string(auth.ServerConfig(subjects.Default(), creds))
 	path := filepath.Join(dir, "hub.conf")
 	require.NoError(c.t, os.WriteFile(path, []byte(conf), 0o600))
 	opts, err := server.ProcessConfigFile(path)
@@ -77,41 +71,6 @@ func (c *cluster) startLeafHub(hives ...string) *leafHub {
 	require.True(c.t, hub.srv.ReadyForConnections(10*time.Second))
 	c.t.Cleanup(hub.srv.Shutdown)
 	return hub
-}
-
-// withCallerInboxes adds to every hive's publish permission the inboxes of
-// those who call hives and workers (the queen, clients). allow_responses,
-// which lets a directly connected hive answer, does not carry across a
-// leaf connection: the hub advertises interest in a subject to a leaf only
-// where the leaf's user may publish, so an answer would never leave the
-// leaf. Until `rbee creds server-config` grants this itself, the test does.
-func withCallerInboxes(conf []byte, callers []string) []byte {
-	var inboxes []string
-	for _, pub := range callers {
-		inboxes = append(inboxes, auth.InboxPrefix(pub)+".>")
-	}
-	return allowPublish(conf, "(hive", inboxes)
-}
-
-// allowPublish adds subjects to the publish permission of every user of
-// the rendered authorization whose comment line contains role.
-func allowPublish(conf []byte, role string, extra []string) []byte {
-	var add string
-	for _, s := range extra {
-		add += fmt.Sprintf("%q, ", s)
-	}
-	var out strings.Builder
-	in := false
-	for _, line := range strings.SplitAfter(string(conf), "\n") {
-		if strings.HasPrefix(strings.TrimSpace(line), "# ") {
-			in = strings.Contains(line, role)
-		}
-		if in && strings.HasPrefix(strings.TrimSpace(line), "publish: { allow: [") {
-			line = strings.Replace(line, "allow: [", "allow: ["+add, 1)
-		}
-		out.WriteString(line)
-	}
-	return []byte(out.String())
 }
 
 // startHubQueen starts a queen on the hub (it finds its key in its store)
