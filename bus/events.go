@@ -339,6 +339,9 @@ func retryable(err error) bool {
 // without error.
 var ErrFollowEnded = errors.New("stop following")
 
+// followHeartbeat is how often a follower's consumer proves it is alive.
+const followHeartbeat = time.Second
+
 // attachTimeout bounds each try to attach a follower.
 const attachTimeout = 5 * time.Second
 
@@ -412,7 +415,12 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
-	it, err := cons.Messages()
+	// A follower learns that its consumer is gone (the server leading the
+	// job stream died, on a cluster) only from missing heartbeats: two
+	// of them, 10 s at nats.go's default for ordered consumers, twice a
+	// stream's election. One a second costs an idle follower a small
+	// message a second and finds a lost consumer within 2 s.
+	it, err := cons.Messages(jetstream.PullHeartbeat(followHeartbeat))
 	if err != nil {
 		return fmt.Errorf("follow job %s: %w", job, err)
 	}
