@@ -55,7 +55,7 @@ func main() {
 		Version: version.Version,
 		Flags: append(append(cliutil.BusFlags(), cliutil.LogFlags()...),
 			&cli.StringFlag{Name: "id", Usage: "hive id (A-Z a-z 0-9 _ -); required"},
-			&cli.StringFlag{Name: "leaf", Usage: "join the bus through one outbound leaf-node connection to the hub's leaf listener at `URL` (nats-leaf://HOST:7422, or tls://HOST:7422 with --ca; comma-separated for several), for a machine behind NAT that accepts no inbound connection: the hive runs a bus of its own on loopback for its workers, and --creds authenticates the link as this hive. Excludes --nats", EnvVars: []string{"RBEE_LEAF_URL"}},
+			&cli.StringFlag{Name: "leaf", Usage: "join the bus through one outbound leaf-node connection to the hub's leaf listener at `URL` (nats-leaf://HOST:7422, or tls://HOST:7422 with --nats-ca; comma-separated for several), for a machine behind NAT that accepts no inbound connection: the hive runs a bus of its own on loopback for its workers, and --creds authenticates the link as this hive. Excludes --nats", EnvVars: []string{"RBEE_LEAF_URL"}},
 			&cli.StringFlag{Name: "data", Usage: "data directory: catalog, worker logs (default $RBEE_HOME/hives/<id>, else ~/.local/share/rbee/hives/<id>)"},
 			&cli.DurationFlag{Name: "heartbeat", Usage: "registry heartbeat interval (also given to workers)", Value: bus.DefaultHeartbeatInterval},
 			&cli.StringFlag{Name: "worker-bin", Usage: "llm-worker-rbee executable (default: next to rbee-hive)"},
