@@ -97,5 +97,23 @@ var ErrUnsettled = errors.New("the stream has not settled the write")
 func NotStored(err error) bool {
 	var apiErr *jetstream.APIError
 	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, ErrUnsettled) ||
-		errors.As(err, &apiErr) && apiErr.Code == api.CodeUnavailable
+		errors.As(err, &apiErr) && apiErr.Code == api.CodeUnavailable &&
+			apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabled && apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabledForAccount
+}
+
+// Starting reports whether err is what a JetStream that is not up yet
+// answers: nothing (a timeout, no responders) or "temporarily unavailable"
+// (a cluster without its meta leader). A server without JetStream at all
+// says so, and is not starting.
+func Starting(err error) bool {
+	var apiErr *jetstream.APIError
+	switch {
+	case errors.Is(err, jetstream.ErrJetStreamNotEnabled), errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount):
+		return false
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout), NotStored(err):
+		return true
+	case errors.As(err, &apiErr):
+		return apiErr.Code == api.CodeUnavailable
+	}
+	return false
 }

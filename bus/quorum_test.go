@@ -54,5 +54,8 @@ func TestNoQuorumIsAnAnswerWithItsReason(t *testing.T) {
 	unavailable := &jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}
 	require.ErrorIs(t, StoreErr(unavailable), ErrNoQuorum)
 	require.NotErrorIs(t, StoreErr(jetstream.ErrKeyExists), ErrNoQuorum)
+	require.NotErrorIs(t, StoreErr(jetstream.ErrJetStreamNotEnabled), ErrNoQuorum, "a bus without JetStream is no quorum problem")
+	require.True(t, Starting(unavailable), "a cluster without its meta leader is starting")
+	require.False(t, Starting(jetstream.ErrJetStreamNotEnabled), "a server without JetStream will not start it")
 	require.NoError(t, StoreErr(nil))
 }

@@ -307,3 +307,32 @@ func TestClusterWithoutQuorumRefusesWritesAndResumes(t *testing.T) {
 	j := c.job(beforeID)
 	require.Equal(t, "completed", string(j.State), "the job from before the outage is intact")
 }
+
+// A queen started while its cluster's JetStream cannot answer (here two of
+// three servers are down: no meta leader) waits for it, saying so, past
+// the 15 s a single try of its setup may take, and serves once a second
+// server is back, instead of exiting for a service manager to retry.
+func TestClusterQueenWaitsForItsJetStream(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	nc := c.startNATSCluster(3)
+	nc.kill(1)
+	nc.kill(2)
+	queen := exec.Command(filepath.Join(c.bin, "queen-rbee"), "--data", c.home, "--gateway", "off")
+	queen.Env = c.env
+	logs := &syncBuffer{}
+	queen.Stdout, queen.Stderr = logs, logs
+	started := time.Now()
+	require.NoError(t, queen.Start())
+	done := make(chan struct{})
+	go func() { _ = queen.Wait(); close(done) }()
+	t.Cleanup(func() { _ = queen.Process.Kill(); <-done })
+	eventually(t, 30*time.Second, func() bool { return strings.Contains(logs.String(), "waiting for it") }, "the queen did not say it waits: %s", logs)
+	select {
+	case <-done:
+		t.Fatalf("the queen exited: %s", logs)
+	case <-time.After(time.Until(started.Add(17 * time.Second))):
+	}
+	nc.start(1)
+	eventually(t, 60*time.Second, func() bool { return c.rbee("status").code == 0 }, "the queen did not serve once the cluster had a quorum: %s", logs)
+}

@@ -219,11 +219,11 @@ func Run(ctx context.Context, cfg Config) error {
 	defer cancelRuns()
 	q.runCtx = runCtx
 
-	setupCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	if err := q.bus.EnsureStreams(setupCtx, cfg.Retention); err != nil {
+	if err := q.ensureStreams(ctx); err != nil {
 		return err
 	}
+	setupCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
 	actor := api.Actor{Component: "queen"}
 	if q.jobs, err = jobs.Open(setupCtx, q.bus, actor, cfg.Retention.JobEvents); err != nil {
 		return err
@@ -402,6 +402,29 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 	q.term.CompareAndSwap(t, nil)
 	duties.Wait()
 	log.Info().Msg("the scheduler term ended")
+}
+
+// ensureStreams creates the contract's streams and buckets, waiting for a
+// bus whose JetStream is still starting (a cluster electing its first
+// leaders, a server coming up beside the queen under systemd) for as long
+// as ctx lasts, rather than exiting on the first timeout.
+func (q *Queen) ensureStreams(ctx context.Context) error {
+	for told := false; ; told = true {
+		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		err := q.bus.EnsureStreams(sctx, q.cfg.Retention)
+		cancel()
+		if err == nil || ctx.Err() != nil || !bus.Starting(err) {
+			return err
+		}
+		if !told {
+			q.log.Warn().Err(err).Msg("the bus's JetStream does not answer yet; waiting for it")
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // openLease opens this queen's side of the scheduler lease. A queen on its
