@@ -667,18 +667,8 @@ func queenFailover(ctx context.Context, e *env, first *cluster, nn *natsNodes, r
 		return t, fmt.Errorf("second queen: %w", err)
 	}
 	defer second.close()
-	// Either queen may answer a status: wait until the second one does.
-	answered := map[string]bool{}
-	if !waitFor(ctx, 30*time.Second, 20*time.Millisecond, func() bool {
-		var st api.Status
-		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		defer cancel()
-		if second.b.Call(cctx, second.b.Space.Queen(api.EpStatus), nil, &st) == nil {
-			answered[st.Queen] = true
-		}
-		return len(answered) == 2 || second.queen.exited()
-	}) || second.queen.exited() {
-		return t, fmt.Errorf("the second queen did not answer: %s", logTail(second.queen))
+	if err := bothAnswer(ctx, second); err != nil {
+		return t, err
 	}
 	if err := first.synth(ctx, "local", "tiny2", "tiny"); err != nil {
 		return t, err
@@ -708,6 +698,9 @@ func queenFailover(ctx context.Context, e *env, first *cluster, nn *natsNodes, r
 		if _, err := queens[leader].restartQueen(ctx); err != nil {
 			return t, err
 		}
+		if err := bothAnswer(ctx, queens[leader]); err != nil {
+			return t, err
+		}
 	}
 	if len(sched) == 0 {
 		return t, fmt.Errorf("no failover measured: %s", strings.Join(errs, "; "))
@@ -721,6 +714,25 @@ func queenFailover(ctx context.Context, e *env, first *cluster, nn *natsNodes, r
 	e.target(Target{Bench: 10, Claim: "a standby schedules within one lease TTL + 1 s of the leader's death", Holds: holds(sched.max() <= ttl+1000),
 		Detail: fmt.Sprintf("max %s (TTL %s)", ms(sched.max()), queen.DefaultLeaseTTL)})
 	return t, nil
+}
+
+// bothAnswer waits until two queens answer status on c's bus: either may
+// answer any request, so the one just started is serving only once its
+// own answer has come.
+func bothAnswer(ctx context.Context, c *cluster) error {
+	answered := map[string]bool{}
+	if !waitFor(ctx, 30*time.Second, 20*time.Millisecond, func() bool {
+		var st api.Status
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if c.b.Call(cctx, c.b.Space.Queen(api.EpStatus), nil, &st) == nil {
+			answered[st.Queen] = true
+		}
+		return len(answered) == 2 || c.queen.exited()
+	}) || c.queen.exited() {
+		return fmt.Errorf("a queen did not answer: %s", logTail(c.queen))
+	}
+	return nil
 }
 
 // leadingQueen is the index of the queen that leads, by the queen ids in
