@@ -141,18 +141,7 @@ func (s *Store) Create(ctx context.Context, job api.Job) (api.Job, error) {
 	err = bus.WhileElecting(ctx, true, func(ctx context.Context, retried bool) (err error) {
 		rev, err = s.kv.Create(ctx, job.ID, data)
 		if retried && errors.Is(err, jetstream.ErrKeyExists) {
-			// An earlier try may have been stored with its answer lost:
-			// ours if the record is what we wrote; unknown (try again)
-			// while the record cannot be read.
-			e, gerr := s.kv.Get(ctx, job.ID)
-			switch {
-			case errors.Is(gerr, jetstream.ErrKeyNotFound):
-				return fmt.Errorf("%w: %v, yet job %s cannot be read", bus.ErrUnsettled, err, job.ID)
-			case gerr != nil:
-				return gerr
-			case bytes.Equal(e.Value(), data):
-				rev, err = e.Revision(), nil
-			}
+			rev, err = s.storedAs(ctx, job.ID, data, err)
 		}
 		return err
 	})
@@ -220,6 +209,24 @@ func (s *Store) List(ctx context.Context, state api.JobState) ([]api.Job, error)
 	}
 }
 
+// storedAs settles a retried write refused as a duplicate (refused): an
+// earlier try may have been stored with its answer lost. It is ours, at
+// the record's revision, if the record holds what we wrote; a record that
+// cannot be read leaves the write unsettled (tried again); any other
+// record makes the refusal stand.
+func (s *Store) storedAs(ctx context.Context, id string, data []byte, refused error) (uint64, error) {
+	e, err := s.kv.Get(ctx, id)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		return 0, fmt.Errorf("%w: %v, yet job %s cannot be read", bus.ErrUnsettled, refused, id)
+	case err != nil:
+		return 0, err
+	case bytes.Equal(e.Value(), data):
+		return e.Revision(), nil
+	}
+	return 0, refused
+}
+
 // CompareAndSwap writes job if its record is still at job.Revision, and
 // returns it with the new revision. A finished job's record gets the
 // retention as its TTL, so records never accumulate.
@@ -239,15 +246,9 @@ func (s *Store) CompareAndSwap(ctx context.Context, job api.Job) (api.Job, error
 		ack, err = s.bus.JS.PublishMsg(ctx, msg, opts...)
 		var apiErr *jetstream.APIError
 		if retried && errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
-			// An earlier try may have been stored with its answer lost.
-			e, gerr := s.kv.Get(ctx, job.ID)
-			switch {
-			case errors.Is(gerr, jetstream.ErrKeyNotFound):
-				return fmt.Errorf("%w: %v, yet job %s cannot be read", bus.ErrUnsettled, err, job.ID)
-			case gerr != nil:
-				return gerr
-			case bytes.Equal(e.Value(), data):
-				ack, err = &jetstream.PubAck{Sequence: e.Revision()}, nil
+			var rev uint64
+			if rev, err = s.storedAs(ctx, job.ID, data, err); err == nil {
+				ack = &jetstream.PubAck{Sequence: rev}
 			}
 		}
 		return err
