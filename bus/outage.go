@@ -16,5 +16,5 @@ const DefaultOutage = 3 * time.Minute
 // connection down or reconnecting, no server or stream responding in time),
 // as opposed to a refusal: worth trying again once the bus is back.
 func Unavailable(err error) bool {
-	return retryable(err) || errors.Is(err, context.DeadlineExceeded)
+	return retryable(err) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrNoQuorum)
 }

@@ -33,7 +33,7 @@ func StoreErr(err error) error {
 		return err
 	}
 	if NotStored(err) {
-		return fmt.Errorf("%w (%v)", ErrNoQuorum, err)
+		return fmt.Errorf("%w (%w)", ErrNoQuorum, err)
 	}
 	return err
 }
@@ -75,11 +75,11 @@ func WhileElecting(ctx context.Context, idempotent bool, write Write) error {
 			return err
 		}
 		if time.Now().Add(backoff).After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("%w (%v)", ErrNoQuorum, err)
+			return fmt.Errorf("%w (%w)", ErrNoQuorum, err)
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%w (%v)", ErrNoQuorum, err)
+			return fmt.Errorf("%w (%w)", ErrNoQuorum, err)
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, time.Second)

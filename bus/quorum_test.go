@@ -50,6 +50,8 @@ func TestNoQuorumIsAnAnswerWithItsReason(t *testing.T) {
 	require.Equal(t, api.CodeUnavailable, api.AsError(err).Code)
 	require.Contains(t, err.Error(), "no quorum")
 	require.Contains(t, err.Error(), "no responders", "the bus's own words stay for whoever debugs it")
+	require.ErrorIs(t, err, nats.ErrNoResponders, "and its error, for code that tells outages apart")
+	require.True(t, Unavailable(err), "a writer that rides out outages (a worker ending a job) rides out this one too")
 
 	unavailable := &jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}
 	require.ErrorIs(t, StoreErr(unavailable), ErrNoQuorum)
