@@ -493,7 +493,19 @@ func failoverOnce(ctx context.Context, c *cluster, nn *natsNodes, tokens int) (t
 		}
 	}
 	if err != nil {
-		return 0, res, fmt.Errorf("follow: %w", err)
+		// Say what the job did meanwhile: a follower that waits for an end
+		// the job reached is a bug of the follow, one that waits for a job
+		// still running a bug of its end.
+		var j api.Job
+		jctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if jerr := c.b.Call(jctx, c.b.Space.Queen(api.EpJobGet), api.JobRequest{ID: reply.JobID}, &j); jerr == nil {
+			mu.Lock()
+			got := len(seen)
+			mu.Unlock()
+			return 0, res, fmt.Errorf("follow of job %s (%s, attempt %d, %q; %d tokens seen): %w", reply.JobID, j.State, j.Attempts, j.Error, got, err)
+		}
+		return 0, res, fmt.Errorf("follow of job %s: %w", reply.JobID, err)
 	}
 	res.completed = final != nil && final.State == api.JobCompleted
 	for i := range tokens {

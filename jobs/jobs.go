@@ -374,10 +374,21 @@ func (s *Store) Update(ctx context.Context, id string, mutate func(*api.Job) err
 func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState) {
 	ev := job.Change(from, s.actor, time.Now().UTC())
 	// The record is what counts; its event is for followers, and must not
-	// hold a write up for long while a stream elects its leader.
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	publish := func() error { return s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev) }
+	// hold a write up for long while a stream elects its leader, but for
+	// the job's end, which every follower waits for: that one waits out an
+	// election (a copy is harmless: a follow ends at the first end).
+	publish := func() error {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		return s.bus.PublishEvent(pctx, job.ID, subjects.EventState, ev)
+	}
+	if job.State.Terminal() {
+		publish = func() error {
+			return bus.WhileElecting(ctx, true, func(ctx context.Context, _ bool) error {
+				return s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev)
+			})
+		}
+	}
 	if job.State == api.JobRunning {
 		// A job starting is on the path to its first token: the record
 		// is already written, so the event need not hold the worker up.

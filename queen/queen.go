@@ -387,13 +387,35 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 	// reaches this scheduler; one that ended before is told once the
 	// records are replayed (watchJobs).
 	q.term.Store(t)
-	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	if err := q.reconcile(rctx, t); err != nil && ctx.Err() == nil {
+	// A term may begin while the bus cannot read (a cluster electing the
+	// leaders whose election also cost the lease): reading the records is
+	// tried again until it works or the term ends, since a scheduler that
+	// never sees the records is blind.
+	whileStarting := func(what string, read func() error) error {
+		for told := false; ; told = true {
+			err := read()
+			if err == nil || ctx.Err() != nil || !bus.Unavailable(err) && !bus.Starting(err) {
+				return err
+			}
+			if !told {
+				log.Warn().Err(err).Msgf("%s: the bus cannot read now; trying again", what)
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(time.Second):
+			}
+		}
+	}
+	if err := whileStarting("reconciling jobs at the start of a term", func() error {
+		rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
+		return q.reconcile(rctx, t)
+	}); err != nil && ctx.Err() == nil {
 		log.Warn().Err(err).Msg("reconciling jobs at the start of a term")
 	}
-	cancel()
 	duty(func() {
-		if err := q.watchJobs(ctx, t); err != nil {
+		if err := whileStarting("watching job records", func() error { return q.watchJobs(ctx, t) }); err != nil {
 			log.Error().Err(err).Msg("watching job records")
 		}
 	})

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
 )
 
 // reconcile brings jobs left unfinished by an earlier leader (this queen
@@ -45,7 +46,15 @@ func (q *Queen) reconcile(ctx context.Context, t *term) error {
 			if err == nil {
 				err = q.enqueue(ctx, job.ID, args, job.Attempts+1)
 			}
-			if err != nil {
+			switch {
+			case err == nil:
+			case bus.Unavailable(err) || bus.Starting(err):
+				// A bus that cannot store now (a cluster electing leaders,
+				// which is also what may have cost the lease) has not lost
+				// the request queued at submit: the job waits for it, or
+				// for its deadline; a later term queues it again.
+				q.log.Warn().Err(err).Str("job", job.ID).Msg("could not queue a waiting job again now; it stays queued")
+			default:
 				q.failJob(ctx, job.ID, "the queen restarted and could not queue the job again: "+err.Error())
 			}
 		case job.Op.Kind == api.OpInfer:
