@@ -117,3 +117,25 @@ func Starting(err error) bool {
 	}
 	return false
 }
+
+// WhileStarting runs read until it succeeds, fails for a reason other than
+// a bus that cannot answer yet (Starting or Unavailable), or ctx ends,
+// trying again every second; waiting is said once, through waiting. It is
+// for reads a component cannot do without (its setup, a leader's replay of
+// the records), where giving up would leave it broken or blind.
+func WhileStarting(ctx context.Context, waiting func(error), read func() error) error {
+	for told := false; ; told = true {
+		err := read()
+		if err == nil || ctx.Err() != nil || !Starting(err) && !Unavailable(err) {
+			return err
+		}
+		if !told {
+			waiting(err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}

@@ -392,20 +392,9 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 	// tried again until it works or the term ends, since a scheduler that
 	// never sees the records is blind.
 	whileStarting := func(what string, read func() error) error {
-		for told := false; ; told = true {
-			err := read()
-			if err == nil || ctx.Err() != nil || !bus.Unavailable(err) && !bus.Starting(err) {
-				return err
-			}
-			if !told {
-				log.Warn().Err(err).Msgf("%s: the bus cannot read now; trying again", what)
-			}
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-time.After(time.Second):
-			}
-		}
+		return bus.WhileStarting(ctx, func(err error) {
+			log.Warn().Err(err).Msgf("%s: the bus cannot read now; trying again", what)
+		}, read)
 	}
 	if err := whileStarting("reconciling jobs at the start of a term", func() error {
 		rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
@@ -415,7 +404,7 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 		log.Warn().Err(err).Msg("reconciling jobs at the start of a term")
 	}
 	duty(func() {
-		if err := whileStarting("watching job records", func() error { return q.watchJobs(ctx, t) }); err != nil {
+		if err := whileStarting("watching job records", func() error { return q.watchJobs(ctx, t) }); err != nil && ctx.Err() == nil {
 			log.Error().Err(err).Msg("watching job records")
 		}
 	})
@@ -431,22 +420,13 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 // leaders, a server coming up beside the queen under systemd) for as long
 // as ctx lasts, rather than exiting on the first timeout.
 func (q *Queen) ensureStreams(ctx context.Context) error {
-	for told := false; ; told = true {
+	return bus.WhileStarting(ctx, func(err error) {
+		q.log.Warn().Err(err).Msg("the bus's JetStream does not answer yet; waiting for it")
+	}, func() error {
 		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-		err := q.bus.EnsureStreams(sctx, q.cfg.Retention)
-		cancel()
-		if err == nil || ctx.Err() != nil || !bus.Starting(err) {
-			return err
-		}
-		if !told {
-			q.log.Warn().Err(err).Msg("the bus's JetStream does not answer yet; waiting for it")
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Second):
-		}
-	}
+		defer cancel()
+		return q.bus.EnsureStreams(sctx, q.cfg.Retention)
+	})
 }
 
 // openLease opens this queen's side of the scheduler lease. A queen on its
