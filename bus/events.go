@@ -370,9 +370,32 @@ const clientConsumerExpiry = 5 * time.Second
 // so that resuming at the last event's Seq+1 misses nothing), or after the
 // terminal event.
 func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.Event) error) error {
+	order := &tokenOrder{resumed: from > 0}
+	for {
+		next, err := b.follow(ctx, job, from, fn, order)
+		if !errors.Is(err, errFollowStalled) {
+			return err
+		}
+		// Its consumer went quiet while the stream holds more of the job
+		// (seen on a cluster whose stream leader died: the ordered
+		// consumer sometimes never comes back). Attach again after the
+		// last event handed over, with the tokens' order kept.
+		b.Log.Warn().Str("job", job).Uint64("from", next).Msg("a follow heard nothing while its stream holds more; attaching again")
+		from = next
+	}
+}
+
+// errFollowStalled ends one attachment of a follow whose consumer hands
+// nothing over while the stream holds events of the job after the last.
+var errFollowStalled = errors.New("follow stalled")
+
+// follow is one attachment of Follow, from stream sequence from, with the
+// follow's token order. A stalled attachment returns errFollowStalled and
+// the sequence to attach again from.
+func (b *Bus) follow(ctx context.Context, job string, from uint64, fn func(api.Event) error, order *tokenOrder) (uint64, error) {
 	filter, err := b.Space.JobEvents(job)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	// A follower killed without a goodbye leaves its consumer behind;
 	// the server drops it after this long without interest.
@@ -395,7 +418,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 		done, err := b.followEnded(actx, job, from, fn)
 		if done {
 			cancel()
-			return err
+			return 0, err
 		}
 		if err == nil {
 			cons, err = b.JS.OrderedConsumer(actx, b.Space.JobsStream(), cfg)
@@ -407,11 +430,11 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 		}
 		cancel()
 		if !outage(err) || ctx.Err() != nil {
-			return err
+			return 0, err
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return 0, ctx.Err()
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
@@ -422,7 +445,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	// message a second and finds a lost consumer within 2 s.
 	it, err := cons.Messages(jetstream.PullHeartbeat(followHeartbeat))
 	if err != nil {
-		return fmt.Errorf("follow job %s: %w", job, err)
+		return 0, fmt.Errorf("follow job %s: %w", job, err)
 	}
 	defer it.Stop()
 	// Stop leaves the server-side consumer to expire; a follower that ends
@@ -447,6 +470,7 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 	// only be one whose consumer is catching up after a reconnect), the
 	// follow ends with the record instead of waiting for ever.
 	var recordEnd atomic.Pointer[api.Event]
+	var stalled atomic.Bool
 	var seen atomic.Uint64
 	if from > 0 {
 		seen.Store(from - 1)
@@ -458,11 +482,13 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 		defer close(checked)
 		quiet := time.NewTimer(EndCheckEvery)
 		defer quiet.Stop()
+		stalls := 0
 		for {
 			select {
 			case <-stopCheck:
 				return
 			case <-active:
+				stalls = 0
 				quiet.Reset(EndCheckEvery)
 			case <-quiet.C:
 				if ev, ok := b.recordEnd(ctx, job, seen.Load()); ok {
@@ -470,12 +496,22 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 					it.Stop()
 					return
 				}
+				// Quiet for two checks in a row while the stream holds
+				// more of the job: the consumer is not coming back.
+				if behind, err := b.behind(ctx, job, seen.Load()); err == nil && behind {
+					if stalls++; stalls >= 2 {
+						stalled.Store(true)
+						it.Stop()
+						return
+					}
+				} else {
+					stalls = 0
+				}
 				quiet.Reset(EndCheckEvery)
 			}
 		}
 	}()
 	defer func() { close(stopCheck); <-checked }()
-	order := tokenOrder{resumed: from > 0}
 	var split []api.Event
 	for {
 		msg, err := it.Next()
@@ -483,15 +519,18 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 			if ev := recordEnd.Load(); ev != nil && ctx.Err() == nil {
 				for _, ev := range order.admit(*ev) {
 					if err := fn(ev); err != nil && !errors.Is(err, ErrFollowEnded) {
-						return err
+						return 0, err
 					}
 				}
-				return nil
+				return 0, nil
 			}
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return 0, ctx.Err()
 			}
-			return fmt.Errorf("follow job %s: %w", job, err)
+			if stalled.Load() {
+				return seen.Load() + 1, errFollowStalled
+			}
+			return 0, fmt.Errorf("follow job %s: %w", job, err)
 		}
 		select {
 		case active <- struct{}{}:
@@ -513,19 +552,46 @@ func (b *Bus) Follow(ctx context.Context, job string, from uint64, fn func(api.E
 			for _, ev := range order.admit(one) {
 				if err := fn(ev); err != nil {
 					if !errors.Is(err, ErrFollowEnded) {
-						return err
+						return 0, err
 					}
 					ended = true
 				}
 				if ev.Terminal() {
-					return nil
+					return 0, nil
 				}
 			}
 		}
 		if ended {
-			return nil
+			return 0, nil
 		}
 	}
+}
+
+// behind reports whether the job stream holds an event of job stored after
+// seen (the last stream sequence a follow was handed).
+func (b *Bus) behind(ctx context.Context, job string, seen uint64) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	stream, err := b.JS.Stream(ctx, b.Space.JobsStream())
+	if err != nil {
+		return false, err
+	}
+	for _, kind := range []subjects.EventKind{subjects.EventNarration, subjects.EventToken, subjects.EventState} {
+		subject, err := b.Space.JobEvent(job, kind)
+		if err != nil {
+			return false, err
+		}
+		last, err := stream.GetLastMsgForSubject(ctx, subject)
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+			continue
+		case err != nil:
+			return false, err
+		case last.Sequence > seen:
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // EndCheckEvery is how long a follow waits on a quiet stream before it reads
@@ -551,24 +617,8 @@ func (b *Bus) recordEnd(ctx context.Context, job string, seen uint64) (api.Event
 	if json.Unmarshal(e.Value(), &rec) != nil || !rec.State.Terminal() {
 		return api.Event{}, false
 	}
-	stream, err := b.JS.Stream(ctx, b.Space.JobsStream())
-	if err != nil {
-		return api.Event{}, false
-	}
-	for _, kind := range []subjects.EventKind{subjects.EventNarration, subjects.EventToken, subjects.EventState} {
-		subject, err := b.Space.JobEvent(job, kind)
-		if err != nil {
-			return api.Event{}, false
-		}
-		last, err := stream.GetLastMsgForSubject(ctx, subject)
-		switch {
-		case errors.Is(err, jetstream.ErrMsgNotFound):
-			continue
-		case err != nil:
-			return api.Event{}, false
-		case last.Sequence > seen:
-			return api.Event{}, false // still to be handed over (the end, maybe)
-		}
+	if behind, err := b.behind(ctx, job, seen); err != nil || behind {
+		return api.Event{}, false // still to be handed over (the end, maybe)
 	}
 	at := time.Now().UTC()
 	if rec.FinishedAt != nil {

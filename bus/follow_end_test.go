@@ -243,3 +243,60 @@ func TestFollowStartedDuringAnOutageAttachesWhenTheBusIsBack(t *testing.T) {
 	require.NoError(t, <-done)
 	require.EqualValues(t, 2, tokens.Load())
 }
+
+// A follow whose consumer stops handing events over while the stream holds
+// more of the job (a paused consumer: it beats, so nats.go never makes it
+// again; what an ordered consumer sometimes does after a cluster's stream
+// leader dies) attaches again after the last event it handed over and goes
+// on to the end: every token once, in order.
+func TestFollowAttachesAgainWhenItsConsumerStalls(t *testing.T) {
+	old := bus.EndCheckEvery
+	bus.EndCheckEvery = 200 * time.Millisecond
+	t.Cleanup(func() { bus.EndCheckEvery = old })
+	f := busfix.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const job, n = "stalled", 20
+	require.NoError(t, f.Bus.PublishEvent(ctx, job, subjects.EventToken, api.Token{Index: 0, Text: "t0 "}))
+	first := make(chan struct{})
+	done := make(chan error, 1)
+	var text []byte
+	go func() {
+		done <- f.Bus.Follow(ctx, job, 0, func(ev api.Event) error {
+			if ev.Token != nil {
+				text = append(text, ev.Token.Text...)
+				if ev.Token.Index == 0 {
+					close(first)
+				}
+			}
+			return nil
+		})
+	}()
+	<-first
+	// Pause the follow's consumer, then store the rest of the job.
+	stream, err := f.Bus.JS.Stream(ctx, f.Bus.Space.JobsStream())
+	require.NoError(t, err)
+	names := stream.ConsumerNames(ctx)
+	var paused int
+	for name := range names.Name() {
+		_, err := f.Bus.JS.PauseConsumer(ctx, f.Bus.Space.JobsStream(), name, time.Now().Add(time.Hour))
+		require.NoError(t, err)
+		paused++
+	}
+	require.Equal(t, 1, paused, "the follow's one consumer")
+	var want []byte
+	want = append(want, "t0 "...)
+	for i := 1; i < n; i++ {
+		tok := fmt.Sprintf("t%d ", i)
+		want = append(want, tok...)
+		require.NoError(t, f.Bus.PublishEvent(ctx, job, subjects.EventToken, api.Token{Index: i, Text: tok}))
+	}
+	require.NoError(t, f.Bus.PublishEvent(ctx, job, subjects.EventState, api.StateChange{State: api.JobCompleted}))
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-ctx.Done():
+		t.Fatal("the follow stayed stalled")
+	}
+	require.Equal(t, string(want), string(text))
+}
