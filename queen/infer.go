@@ -307,6 +307,10 @@ func (q *Queen) enqueue(ctx context.Context, id string, args api.InferArgs, atte
 	return nil
 }
 
+// errRequestGone is a job whose request is not stored: expired, or not
+// stored yet by a submit still in flight.
+var errRequestGone = errors.New("request not stored")
+
 // request reads a job's whole stored request.
 func (q *Queen) request(ctx context.Context, id string) (api.InferArgs, error) {
 	var args api.InferArgs
@@ -320,7 +324,7 @@ func (q *Queen) request(ctx context.Context, id string) (api.InferArgs, error) {
 	}
 	msg, err := stream.GetLastMsgForSubject(ctx, subject)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return args, fmt.Errorf("the request of job %s is no longer stored", id)
+		return args, fmt.Errorf("%w: the request of job %s is no longer stored", errRequestGone, id)
 	}
 	if err != nil {
 		return args, err

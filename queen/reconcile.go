@@ -2,11 +2,17 @@ package queen
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
 )
+
+// submitInFlight bounds a submit from its record's create to its queueing
+// (the endpoint's own timeout, and some): a younger waiting job may still
+// be in its submitter's hands.
+const submitInFlight = 45 * time.Second
 
 // reconcile brings jobs left unfinished by an earlier leader (this queen
 // before a restart, or another queen that died or was cut off) back under
@@ -48,6 +54,11 @@ func (q *Queen) reconcile(ctx context.Context, t *term) error {
 			}
 			switch {
 			case err == nil:
+			case errors.Is(err, errRequestGone) && time.Since(job.CreatedAt) < submitInFlight:
+				// A submit still in flight (this queen's, waiting out an
+				// election, or another queen's) writes the record before it
+				// stores and queues the request: it is that submit's job.
+				q.log.Info().Str("job", job.ID).Msg("a waiting job's request is not stored yet; its submit is still in flight")
 			case bus.Unavailable(err) || bus.Starting(err):
 				// A bus that cannot store now (a cluster electing leaders,
 				// which is also what may have cost the lease) has not lost
