@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -161,43 +160,17 @@ func engineWay(name, short string, models map[string]engine.Model) concWay {
 // submitted to the queen and its events followed until it ends.
 func (c *cluster) inferFollow(ctx context.Context, model string, r concReq) (concRun, error) {
 	seed := r.seed
-	raw, _ := json.Marshal(api.InferArgs{Model: model, Prompt: r.prompt, Sampling: api.Sampling{MaxTokens: r.n, Temperature: r.temp, Seed: &seed}})
-	var reply api.SubmitReply
-	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	err := c.b.Call(cctx, c.b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}}, &reply)
-	cancel()
-	if err != nil {
-		return concRun{}, err
-	}
-	if r.queued != nil {
-		r.queued()
-	}
-	run := concRun{arrivals: make([]time.Time, 0, r.n), ids: make([]int32, 0, r.n)}
-	var b strings.Builder
-	var final *api.StateChange
 	// Eight requests on one slot of the memory-bound model take minutes
 	// on two cores if the worker does not batch.
-	fctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-	defer cancel()
-	err = c.b.Follow(fctx, reply.JobID, 0, func(ev api.Event) error {
-		if ev.Token != nil {
-			run.arrivals = append(run.arrivals, time.Now())
-			run.ids = append(run.ids, ev.Token.ID)
-			b.WriteString(ev.Token.Text)
-		}
-		if ev.Terminal() {
-			final = ev.State
-		}
-		return nil
-	})
+	f, err := c.submitFollow(ctx, api.InferArgs{Model: model, Prompt: r.prompt, Sampling: api.Sampling{MaxTokens: r.n, Temperature: r.temp, Seed: &seed}}, 5*time.Minute, r.queued)
+	run := concRun{arrivals: f.arrivals, ids: make([]int32, 0, len(f.tokens))}
+	var b strings.Builder
+	for _, t := range f.tokens {
+		run.ids = append(run.ids, t.ID)
+		b.WriteString(t.Text)
+	}
 	run.text = b.String()
-	if err != nil {
-		return run, err
-	}
-	if final == nil || final.State != api.JobCompleted {
-		return run, fmt.Errorf("job %s did not complete: %+v", reply.JobID, final)
-	}
-	return run, nil
+	return run, err
 }
 
 // spawnWorkerSlots starts a worker for model on hive with slots slots and
@@ -248,7 +221,7 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 			"on a machine with %d cores. Four ways, all with %d slots, interleaved in rounds (order rotated per round, after warm-up waves of 4 tokens per way; up to %d rounds on the 26 M model and %d on the %s one, fewer where another round would take a model's rounds past %s and %s): "+
 			"**a** the engine (worker/engine) in the bench process, one model loaded with Slots %d, Lanes 1 (one llama context decoding all sequences in one batch per step) and Threads %d (every core), and **a1** the same with Threads 1: the limit of batching; "+
 			"**b** the engine as separate contexts, the old design: Slots %d, Lanes %d, Threads 1, one llama context per request, all decoding at once; "+
-			"**c** rbee: an `infer` job per request submitted to the queen on the bus and followed with bus.Follow, as the keeper does, run by a real llm-worker-rbee spawned with %d slots by a real rbee-hive (threads and lanes are the worker's choice). "+
+			"**c** rbee: an `infer` job per request, submitted to the queen on the bus and followed with bus.Follow as `rbee infer` does (the job named by the client and followed while it is submitted), run by a real llm-worker-rbee spawned with %d slots by a real rbee-hive (threads and lanes are the worker's choice). "+
 			"**tokens/s** is the wave's aggregate: all tokens of its N requests over the time from the submission to the last token of the last request (median over rounds); "+
 			"**TTFT** is from the submission to a request's first token, p50 and p99 over every request of every round; "+
 			"**÷ best of a, b** is the row's tokens/s over the best of a, a1 and b at the same model and N; **÷ own at 1** is the row's tokens/s over the same way's at N = 1 (how it scales).",

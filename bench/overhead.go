@@ -16,6 +16,7 @@ import (
 
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/internal/gguf"
+	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/worker/engine"
 )
 
@@ -76,7 +77,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 	t := &Table{
 		Intro: fmt.Sprintf("The same prompt (%q), greedy (temperature 0, seed %d), %d tokens, 1 llama.cpp thread, context %d, four ways (D where curl is installed), interleaved in each of %d rounds (order rotated per round, after one warm-up round): "+
 			"**A** the engine (worker/engine, llama.cpp through yzma) called in the bench process; "+
-			"**B** the keeper's path: an `infer` job submitted to the queen's `submit` endpoint on the bus and its events followed with bus.Follow, run by a warm llm-worker-rbee spawned by a real rbee-hive; "+
+			"**B** the keeper's path, as `rbee infer` runs it: the client names the job and follows its events with bus.Follow while it submits the `infer` job to the queen's `submit` endpoint on the bus, and counts a token as shown no earlier than the submit's answer; run by a warm llm-worker-rbee spawned by a real rbee-hive; "+
 			"**C** the queen's OpenAI gateway, `POST /v1/completions` with `stream: true`, read by a plain net/http SSE client; "+
 			"**D** an outside client: `curl` on a connection of its own, its time to the response's first byte (the gateway sends its headers with the first token), so only TTFT. "+
 			"TTFT is from the request to the first token; inter-token is the gap between token arrivals at the client; tokens/s is decode rate (first to last token), with end-to-end (request to last token) in brackets.",
@@ -218,7 +219,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			}
 			short := w.name[:1]
 			if len(a.submit) > 0 {
-				t.Notes = append(t.Notes, fmt.Sprintf("%s model, B: the submit round trip alone (the queen validates, writes the job record, publishes its state and enqueues the request, then answers) takes %s p50 of B's %s TTFT; the rest is the follower attaching, the worker pulling the request and marking the job running, and the first token's trip back.", m.name, ms(a.submit.p50()), ms(a.ttft.p50())))
+				t.Notes = append(t.Notes, fmt.Sprintf("%s model, B: the submit round trip alone (the queen validates, writes the job record, publishes its state and enqueues the request, then answers) takes %s p50 of B's %s TTFT; the follower attaches meanwhile, and the rest is the worker pulling the request and marking the job running, and the first token's trip back.", m.name, ms(a.submit.p50()), ms(a.ttft.p50())))
 			}
 			if len(a.toTaken) > 0 {
 				rest := a.ttft.p50() - a.toTaken.p50() - a.engine.p50()
@@ -253,43 +254,81 @@ func inferArgs(model string, n int) api.InferArgs {
 	return api.InferArgs{Model: model, Prompt: overheadPrompt, Sampling: api.Sampling{MaxTokens: n, Temperature: 0, Seed: &seed}}
 }
 
-// inferBus is B: submit as the keeper does, follow the job's events.
-func (c *cluster) inferBus(ctx context.Context, model string, n int) (genRun, error) {
-	raw, _ := json.Marshal(inferArgs(model, n))
-	arrivals := make([]time.Time, 0, n)
-	t0 := time.Now()
-	var reply api.SubmitReply
-	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	err := c.b.Call(cctx, c.b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}}, &reply)
-	cancel()
-	if err != nil {
-		return genRun{}, err
-	}
-	submitted := time.Since(t0)
-	var final *api.StateChange
-	fctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+// followed is one inference run as the keeper runs it (submitFollow).
+type followed struct {
+	id string
+	// submitted is when the queen's answer to the submit came.
+	submitted time.Time
+	// arrivals are when the keeper shows each token: as it comes, but
+	// never before the submit's answer (the keeper shows a job's events
+	// after it says the job was submitted).
+	arrivals []time.Time
+	tokens   []api.Token
+	final    *api.StateChange
+}
+
+// submitFollow runs an inference as `rbee infer` does: it names the job and
+// follows its events while the queen admits it (so the follower's consumer
+// is in place when the first token comes), and fails unless the job
+// completes. queued, if set, is called once the queen answered the submit.
+func (c *cluster) submitFollow(ctx context.Context, args api.InferArgs, follow time.Duration, queued func()) (followed, error) {
+	raw, _ := json.Marshal(args)
+	r := followed{id: jobs.NewID()}
+	fctx, cancel := context.WithTimeout(ctx, follow)
 	defer cancel()
-	err = c.b.Follow(fctx, reply.JobID, 0, func(ev api.Event) error {
+	submitted := make(chan error, 1)
+	go func() {
+		cctx, cancelCall := context.WithTimeout(ctx, 15*time.Second)
+		defer cancelCall()
+		err := c.b.Call(cctx, c.b.Space.Queen(api.EpSubmit), api.SubmitRequest{Op: api.Operation{Kind: api.OpInfer, Args: raw}, JobID: r.id}, &api.SubmitReply{})
+		r.submitted = time.Now()
+		if err != nil {
+			cancel()
+		} else if queued != nil {
+			queued()
+		}
+		submitted <- err
+	}()
+	err := c.b.Follow(fctx, r.id, 0, func(ev api.Event) error {
 		if ev.Token != nil {
-			arrivals = append(arrivals, time.Now())
+			r.arrivals = append(r.arrivals, time.Now())
+			r.tokens = append(r.tokens, *ev.Token)
 		}
 		if ev.Terminal() {
-			final = ev.State
+			r.final = ev.State
 		}
 		return nil
 	})
+	if serr := <-submitted; serr != nil {
+		return r, serr
+	}
+	for i, t := range r.arrivals {
+		if t.Before(r.submitted) {
+			r.arrivals[i] = r.submitted
+		}
+	}
+	if err != nil {
+		return r, err
+	}
+	if r.final == nil || r.final.State != api.JobCompleted {
+		return r, fmt.Errorf("job %s did not complete: %+v", r.id, r.final)
+	}
+	return r, nil
+}
+
+// inferBus is B: the keeper's way (submitFollow).
+func (c *cluster) inferBus(ctx context.Context, model string, n int) (genRun, error) {
+	t0 := time.Now()
+	r, err := c.submitFollow(ctx, inferArgs(model, n), 2*time.Minute, nil)
 	if err != nil {
 		return genRun{}, err
 	}
-	if final == nil || final.State != api.JobCompleted {
-		return genRun{}, fmt.Errorf("job %s did not complete: %+v", reply.JobID, final)
-	}
-	g, err := newGenRun(t0, arrivals)
-	g.submit = submitted
+	g, err := newGenRun(t0, r.arrivals)
+	g.submit = r.submitted.Sub(t0)
 	var j api.Job
 	jctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err == nil && c.b.Call(jctx, c.b.Space.Queen(api.EpJobGet), api.JobRequest{ID: reply.JobID}, &j) == nil && j.StartedAt != nil {
+	if err == nil && c.b.Call(jctx, c.b.Space.Queen(api.EpJobGet), api.JobRequest{ID: r.id}, &j) == nil && j.StartedAt != nil {
 		var res api.InferResult
 		if json.Unmarshal(j.Result, &res) == nil {
 			g.toTaken = j.StartedAt.Sub(t0)

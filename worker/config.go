@@ -74,10 +74,15 @@ type Config struct {
 	// ContextSize is each slot's context, in tokens.
 	ContextSize int
 	// Lanes is how many llama contexts share the slots; 0 chooses from
-	// the device and the model's size (planSlots).
+	// the device and the model's size, measuring a small model on a CPU
+	// (planSlots).
 	Lanes int
 	// Threads is CPU threads per lane; 0 shares the cores among the lanes.
 	Threads int
+	// OwnsProcess says the worker is its process's only user (the
+	// llm-worker-rbee program), so it may fit the Go runtime around its
+	// model's CPU threads (see worker.fitGoRuntime).
+	OwnsProcess bool
 	// LlamaLib is the llama.cpp library directory (llamalib.Find when empty).
 	LlamaLib string
 	// Heartbeat is the registry beat interval.
