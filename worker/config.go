@@ -79,10 +79,6 @@ type Config struct {
 	Lanes int
 	// Threads is CPU threads per lane; 0 shares the cores among the lanes.
 	Threads int
-	// OwnsProcess says the worker is its process's only user (the
-	// llm-worker-rbee program), so it may fit the Go runtime around its
-	// model's CPU threads (see worker.fitGoRuntime).
-	OwnsProcess bool
 	// LlamaLib is the llama.cpp library directory (llamalib.Find when empty).
 	LlamaLib string
 	// Heartbeat is the registry beat interval.

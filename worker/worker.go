@@ -229,34 +229,10 @@ func (w *worker) load(ctx context.Context) ([]engine.Slot, error) {
 		}
 		slots = append(slots, s)
 	}
-	goProcs := runtime.GOMAXPROCS(0)
-	if w.cfg.OwnsProcess {
-		goProcs = fitGoRuntime(w.cfg.Device, w.cfg.Lanes*w.cfg.Threads)
-	}
 	w.log.Info().Str("path", w.cfg.ModelPath).Str("device", w.cfg.Device).Int("slots", w.cfg.Slots).
 		Int("lanes", w.cfg.Lanes).Int("threads_per_lane", w.cfg.Threads).Str("kv_per_slot", bytesHuman(w.plan.KVPerSlot)).
-		Int("ctx", m.ContextSize()).Dur("took", time.Since(t0)).Str("lanes_measured", measured).Int("go_procs", goProcs).Msg("model loaded")
+		Int("ctx", m.ContextSize()).Dur("took", time.Since(t0)).Str("lanes_measured", measured).Msg("model loaded")
 	return slots, nil
-}
-
-// fitGoRuntime leaves the model's CPU threads their cores: Go runs its own
-// goroutines (publishing tokens, the bus client, heartbeats) on the cores
-// the decode does not use, at least one, and returns that count. ggml's
-// threads meet at a spinning barrier after every operation, so a goroutine
-// scheduled on a core of the decode stalls all of its threads, and Go's
-// own idle threads spinning for work do the same; with GOMAXPROCS at every
-// core, a worker decoding the 26 M model with both cores of a 2-core VM
-// reached 150 tokens/s against 350 with one (the engine alone: 390).
-// The C calls themselves need no P: lanes decode in parallel whatever
-// GOMAXPROCS is. A GOMAXPROCS set in the environment is kept; on a GPU the
-// CPU threads mostly wait, and nothing changes.
-func fitGoRuntime(device string, decodeThreads int) int {
-	if os.Getenv("GOMAXPROCS") != "" || device != DefaultDevice {
-		return runtime.GOMAXPROCS(0)
-	}
-	n := max(1, runtime.NumCPU()-decodeThreads)
-	runtime.GOMAXPROCS(n)
-	return n
 }
 
 // ensureConsumer creates (or finds) the durable consumer that every worker

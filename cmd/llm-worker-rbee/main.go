@@ -73,7 +73,7 @@ func run(c *cli.Context) error {
 		Device: c.String("device"), Slots: c.Int("slots"), ContextSize: c.Int("ctx"), Lanes: c.Int("lanes"), Threads: c.Int("threads"),
 		LlamaLib: c.String("llama-lib"), Heartbeat: c.Duration("heartbeat"), DrainGrace: c.Duration("drain-grace"),
 		NATSURL: c.String(cliutil.FlagNATS), Credentials: cliutil.Credentials(c), Namespace: c.String(cliutil.FlagNamespace),
-		Log: log, OwnsProcess: true,
+		Log: log,
 	}
 	if err := cfg.Check(); err != nil {
 		return cli.Exit(err.Error(), exitBadFlags)
