@@ -61,6 +61,12 @@ type InferRequest struct {
 	// job says so in narration.
 	Attempt    int       `json:"attempt"`
 	EnqueuedAt time.Time `json:"enqueued_at"`
+	// Record is the job's record as the queen created it, at revision
+	// RecordRevision, on a first attempt: the worker takes the job by
+	// writing against that revision without reading the record first
+	// (jobs.Store.TakeAt). Absent on a retry.
+	Record         *Job   `json:"record,omitempty"`
+	RecordRevision uint64 `json:"record_revision,omitempty"`
 }
 
 // InferResult is the result of a completed infer job. It holds no copy of

@@ -270,7 +270,7 @@ func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
 		})
 	}
 	if err == nil {
-		err = q.enqueue(ctx, job.ID, args, 1)
+		err = q.enqueue(ctx, job.ID, args, 1, &job)
 	}
 	if err != nil {
 		q.failJobWith(ctx, job.ID, api.Fail(api.ReasonUnavailable, "", "%v", err))
@@ -279,8 +279,10 @@ func (q *Queen) submitInfer(ctx context.Context, job api.Job) (api.Job, error) {
 	return job, nil
 }
 
-// enqueue puts attempt of a job on its model's work queue.
-func (q *Queen) enqueue(ctx context.Context, id string, args api.InferArgs, attempt int) error {
+// enqueue puts attempt of a job on its model's work queue; record, when
+// not nil, is the job's record as just written, handed to the worker so
+// that it takes the job without reading it first.
+func (q *Queen) enqueue(ctx context.Context, id string, args api.InferArgs, attempt int, record *api.Job) error {
 	if args.FirstTokenTimeout == 0 {
 		args.FirstTokenTimeout = api.Duration(q.cfg.FirstTokenTimeout)
 	}
@@ -292,7 +294,11 @@ func (q *Queen) enqueue(ctx context.Context, id string, args api.InferArgs, atte
 	if err != nil {
 		return err
 	}
-	data, _ := json.Marshal(api.InferRequest{JobID: id, Args: args, Attempt: attempt, EnqueuedAt: time.Now().UTC()})
+	req := api.InferRequest{JobID: id, Args: args, Attempt: attempt, EnqueuedAt: time.Now().UTC()}
+	if record != nil {
+		req.Record, req.RecordRevision = record, record.Revision
+	}
+	data, _ := json.Marshal(req)
 	// The message id dedupes a re-publish of the same attempt (a
 	// restarted queen queueing its waiting jobs again) within the
 	// stream's duplicate window; past it, the worker drops the copy.
@@ -376,7 +382,7 @@ func (q *Queen) recoverJob(ctx context.Context, j sched.Job, why string) {
 			q.narrator.Warn(ctx, j.ID, "retry", j.Worker, "%s before sending a token; retrying the job on another worker (attempt %d)", why, j.Attempt+1)
 			args, err := q.request(ctx, j.ID)
 			if err == nil {
-				err = q.enqueue(ctx, j.ID, args, j.Attempt+1)
+				err = q.enqueue(ctx, j.ID, args, j.Attempt+1, nil)
 			}
 			if err != nil {
 				q.failJobWith(ctx, j.ID, api.Fail(api.ReasonWorkerLost, "", "%s; the retry could not be queued: %v", why, err))

@@ -50,7 +50,7 @@ func (q *Queen) reconcile(ctx context.Context, t *term) error {
 			q.log.Info().Str("job", job.ID).Uint64("epoch", t.epoch).Msg("queueing a waiting job again at the start of a term")
 			args, err := q.request(ctx, job.ID)
 			if err == nil {
-				err = q.enqueue(ctx, job.ID, args, job.Attempts+1)
+				err = q.enqueue(ctx, job.ID, args, job.Attempts+1, nil)
 			}
 			switch {
 			case err == nil:

@@ -110,8 +110,9 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	w.slotTaken()
 	freeSlot := sync.OnceFunc(w.slotFreed)
 	defer freeSlot()
-	// The prompt is fed while the job is taken: taking it is two round
-	// trips to the record, which would otherwise come before the prefill
+	// The prompt is fed while the job is taken: taking it is a round
+	// trip to the record (two when the request carries no copy of it, or
+	// the copy is stale), which would otherwise come before the prefill
 	// on the way to the first token. No token is published until the
 	// take is confirmed; a request that turns out not to be ours
 	// (cancelled while queued, a redelivery, a stale attempt) stops its
@@ -122,7 +123,13 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 		defer close(generated)
 		w.generate(genCtx, cancelGen, slot, id, req, ereq, attempt, gate, freeSlot)
 	}()
-	_, err = w.store.Take(bctx, id, attempt, w.cfg.Hive)
+	if req.Record != nil && req.Record.ID == id {
+		known := *req.Record
+		known.Revision = req.RecordRevision
+		_, err = w.store.TakeAt(bctx, known, attempt, w.cfg.Hive)
+	} else {
+		_, err = w.store.Take(bctx, id, attempt, w.cfg.Hive)
+	}
 	notOurs := func() {
 		cancelGen(errNotTaken)
 		gate <- errNotTaken

@@ -1,0 +1,79 @@
+package jobs
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/stretchr/testify/require"
+
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+)
+
+// readCounter counts the record reads of a store.
+type readCounter struct {
+	jetstream.KeyValue
+	reads atomic.Int32
+}
+
+func (r *readCounter) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
+	r.reads.Add(1)
+	return r.KeyValue.Get(ctx, key)
+}
+
+// A worker handed the record as the queen created it takes the job with
+// one write and no read; a copy that is stale (the job was cancelled, or
+// retried, since) is read again and refused as Take refuses it.
+func TestTakeAtWritesWithoutReading(t *testing.T) {
+	f := busfix.Start(t)
+	ctx := context.Background()
+	s, err := Open(ctx, f.Bus, api.Actor{Component: "test"}, time.Hour)
+	require.NoError(t, err)
+	rc := &readCounter{KeyValue: s.kv}
+	s.kv = rc
+	w1 := Attempt{Number: 1, Worker: "w1"}
+
+	created, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	rc.reads.Store(0)
+	taken, err := s.TakeAt(ctx, created, w1, "h1")
+	require.NoError(t, err)
+	require.Zero(t, rc.reads.Load(), "a fresh copy is written against without a read")
+	require.Equal(t, api.JobRunning, taken.State)
+	stored, err := s.Get(ctx, created.ID)
+	require.NoError(t, err)
+	require.Equal(t, taken, stored, "the record holds the take, whole")
+	require.Equal(t, created.Deadline, stored.Deadline)
+	require.Equal(t, created.CreatedAt, stored.CreatedAt)
+
+	// Cancelled while queued: the copy is stale, the read says so.
+	cancelled, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	_, err = s.Transition(ctx, cancelled.ID, api.JobCancelled, nil)
+	require.NoError(t, err)
+	rc.reads.Store(0)
+	_, err = s.TakeAt(ctx, cancelled, w1, "h1")
+	require.ErrorIs(t, err, ErrTerminal)
+	require.NotZero(t, rc.reads.Load())
+
+	// A request of attempt 1 redelivered after the job was taken and
+	// retried: stale too.
+	retried, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	_, err = s.Take(ctx, retried.ID, w1, "h1")
+	require.NoError(t, err)
+	_, err = s.Retry(ctx, retried.ID, w1)
+	require.NoError(t, err)
+	_, err = s.TakeAt(ctx, retried, w1, "h2")
+	require.ErrorIs(t, err, ErrStale)
+
+	// Without a revision it is Take.
+	plain, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	plain.Revision = 0
+	_, err = s.TakeAt(ctx, plain, w1, "h1")
+	require.NoError(t, err)
+}
