@@ -32,20 +32,15 @@ const (
 	// memoryHeadroom is the share of free memory left to the rest of the
 	// machine (and llama.cpp's compute buffers) when planning slots.
 	memoryHeadroom = 0.2
-	// smallModelBytes: a model at most this big may be decoded faster by
-	// one single-thread context per core than by one context with every
-	// core, on a CPU, depending on the CPU (docs/BENCHMARKS.md,
-	// "Concurrency"); bigger ones are read from memory, and one context
-	// reading them once per step for every sequence wins.
+	// smallModelBytes: a model at most this big is decoded faster by one
+	// single-thread context per core than by one context with every
+	// core, on a CPU (measured in docs/BENCHMARKS.md, "Concurrency").
 	smallModelBytes = 256 << 20
 )
 
 // slotPlan is how a worker runs its model.
 type slotPlan struct {
-	// Lanes and Threads are 0 with Measure: the engine chooses them at
-	// load by measuring (engine.LoadOptions.MeasureLanes).
 	Slots, Lanes, Threads int
-	Measure               bool
 	// KVPerSlot is the bytes of KV cache one slot reserves.
 	KVPerSlot uint64
 }
@@ -90,22 +85,18 @@ func planSlots(cfg Config, f memoryFacts) (slotPlan, error) {
 	cores := max(f.Cores, 1)
 	if p.Lanes == 0 {
 		// One context decodes every sequence's token with the weights
-		// read once, which is what a GPU and a model read from memory
-		// want. A small model on a CPU sits in its cache, and there
-		// whether one context of every core or one per core (ggml's
-		// per-operation thread barriers against reading the weights
-		// once) decodes faster depends on the CPU: the engine measures
-		// it at load (Measure).
+		// read once, which is what a GPU and a big model want; a small
+		// model on a CPU is compute-bound and ggml's per-operation thread
+		// barriers make one context of N threads slower than N contexts
+		// of one.
 		p.Lanes = 1
-		if !f.OnGPU && f.ModelBytes <= smallModelBytes && p.Slots > 1 && cores > 1 && p.Threads == 0 {
-			p.Lanes, p.Measure = 0, true
+		if !f.OnGPU && f.ModelBytes <= smallModelBytes {
+			p.Lanes = min(p.Slots, cores)
 		}
 	}
-	if p.Lanes > 0 {
-		p.Lanes = min(p.Lanes, p.Slots)
-		if p.Threads == 0 {
-			p.Threads = max(1, cores/p.Lanes)
-		}
+	p.Lanes = min(p.Lanes, p.Slots)
+	if p.Threads == 0 {
+		p.Threads = max(1, cores/p.Lanes)
 	}
 	return p, nil
 }

@@ -26,25 +26,21 @@ func TestPlanSlotsFromMemory(t *testing.T) {
 		slots       int
 		lanes       int
 		threads     int
-		measure     bool // lanes and threads are left to the engine's measuring
 		errContains []string
 	}{
-		{name: "default is the cap when memory allows; a small model's lanes are measured", facts: small, slots: DefaultMaxSlots, measure: true},
-		{name: "one slot: one lane, nothing to measure", cfg: func(c Config) Config { c.Slots = 1; return c }, facts: small, slots: 1, lanes: 1, threads: 2},
-		{name: "one core: one lane, nothing to measure", facts: func() memoryFacts { f := small; f.Cores = 1; return f }(), slots: DefaultMaxSlots, lanes: 1, threads: 1},
-		{name: "asked threads: one lane of them", cfg: func(c Config) Config { c.Threads = 1; return c }, facts: small, slots: DefaultMaxSlots, lanes: 1, threads: 1},
+		{name: "default is the cap when memory allows", facts: small, slots: DefaultMaxSlots, lanes: 2, threads: 1},
 		{name: "a big model on a CPU gets one lane with every core", facts: big, slots: DefaultMaxSlots, lanes: 1, threads: 2},
 		{name: "on a GPU one lane", facts: func() memoryFacts { f := small; f.OnGPU = true; return f }(), slots: DefaultMaxSlots, lanes: 1, threads: 2},
 		{name: "default shrinks to what fits",
-			facts: func() memoryFacts { f := small; f.Free = f.ModelBytes + 100*mib; return f }(), slots: 2, measure: true},
-		{name: "asked for and fits", cfg: func(c Config) Config { c.Slots = 8; return c }, facts: small, slots: 8, measure: true},
+			facts: func() memoryFacts { f := small; f.Free = f.ModelBytes + 100*mib; return f }(), slots: 2, lanes: 2, threads: 1},
+		{name: "asked for and fits", cfg: func(c Config) Config { c.Slots = 8; return c }, facts: small, slots: 8, lanes: 2, threads: 1},
 		{name: "asked lanes and threads are kept", cfg: func(c Config) Config { c.Slots = 8; c.Lanes = 8; c.Threads = 1; return c }, facts: big, slots: 8, lanes: 8, threads: 1},
 		{name: "asked for and does not fit", cfg: func(c Config) Config { c.Slots = 64; return c },
 			facts:       func() memoryFacts { f := small; f.Free = f.ModelBytes + 1<<30; return f }(),
 			errContains: []string{"--slots 64 does not fit", "64 slots of 2048 tokens need 2.0 GiB of KV cache (32.0 MiB each)", "819.2 MiB of RAM is free after the model's 52.0 MiB", "at most 25 fit"}},
 		{name: "not even one", facts: func() memoryFacts { f := small; f.Free = f.ModelBytes + 10*mib; return f }(),
 			errContains: []string{"not even one slot fits", "choose a smaller --ctx"}},
-		{name: "unknown free memory: the cap", facts: memoryFacts{FreeIsUnknown: true, Cores: 2}, slots: DefaultMaxSlots, measure: true},
+		{name: "unknown free memory: the cap", facts: memoryFacts{FreeIsUnknown: true, Cores: 2}, slots: DefaultMaxSlots, lanes: 2, threads: 1},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := base
@@ -64,7 +60,6 @@ func TestPlanSlotsFromMemory(t *testing.T) {
 			assert.Equal(t, c.slots, p.Slots, "slots")
 			assert.Equal(t, c.lanes, p.Lanes, "lanes")
 			assert.Equal(t, c.threads, p.Threads, "threads")
-			assert.Equal(t, c.measure, p.Measure, "measure")
 			assert.Equal(t, c.facts.KVPerToken*2048, p.KVPerSlot)
 		})
 	}

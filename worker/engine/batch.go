@@ -35,12 +35,10 @@ import (
 //
 // Why several lanes and not always one: one context decodes its batch with
 // all its threads, which pays when the weights are read from memory (once
-// per step for every sequence) and on a GPU; but a small model sits in a
-// CPU's cache, and there ggml's per-operation thread barriers can make two
-// contexts of one thread each faster than one of two, on some CPUs and not
-// on others. LoadOptions.Lanes chooses, or MeasureLanes measures (shape.go);
-// a sequence joins the lane with the fewest. Lanes chosen by measuring
-// share their threads: a lane with work alone decodes with all of them.
+// per step for every sequence) and on a GPU, but on a small model that sits
+// in the CPU's cache, two contexts of one thread each beat one context of
+// two threads (ggml's per-operation thread barriers dominate tiny matrices).
+// LoadOptions.Lanes chooses; a sequence joins the lane with the fewest.
 //
 // Tokens are handed to the sequence's Generate goroutine through a queue,
 // so a slow onToken (a bus publish) never stalls the loop and the tokens of
@@ -48,16 +46,11 @@ import (
 
 // lane is one llama context and the loop that owns it.
 type lane struct {
-	m     *llamaModel
-	lctx  llama.Context
-	mem   llama.Memory
-	batch llama.Batch
-	nSeq  int // sequence capacity (n_seq_max)
-	// threads is what the context decodes with now; the loop changes it
-	// when the model shares its threads among its busy lanes.
-	threads int
-	// busy says the lane counts in its model's busy lanes.
-	busy   bool
+	m      *llamaModel
+	lctx   llama.Context
+	mem    llama.Memory
+	batch  llama.Batch
+	nSeq   int // sequence capacity (n_seq_max)
 	nCtx   int // context of each sequence, in tokens
 	budget int // tokens per step (n_batch)
 
@@ -119,39 +112,11 @@ type seqEnd struct {
 }
 
 func newLane(m *llamaModel, nSeq, threads int) (*lane, error) {
-	c, err := newContext(m, nSeq, m.ctxSize, threads)
-	if err != nil {
-		return nil, err
-	}
-	l := &lane{
-		m: m, lctx: c.lctx, mem: c.mem, nSeq: nSeq, nCtx: c.nCtxSeq, budget: c.nBatch, threads: threads,
-		batch: llama.BatchInit(int32(c.nBatch), 0, 1),
-		wake:  make(chan struct{}, 1), done: make(chan struct{}),
-		buf: make([]byte, 64),
-	}
-	for i := nSeq - 1; i >= 0; i-- {
-		l.freeIDs = append(l.freeIDs, llama.SeqId(i))
-	}
-	go l.loop()
-	return l, nil
-}
-
-// llamaContext is one llama context made for nSeq sequences.
-type llamaContext struct {
-	lctx    llama.Context
-	mem     llama.Memory
-	nBatch  int // tokens one decode takes
-	nCtxSeq int // context of each sequence, in tokens
-}
-
-// newContext makes a context of nSeq sequences of ctxSeq tokens each, with
-// the KV cache partitioned per sequence (see above).
-func newContext(m *llamaModel, nSeq, ctxSeq, threads int) (llamaContext, error) {
 	cp := llama.ContextDefaultParams()
-	cp.NCtx = uint32(ctxSeq * nSeq)
+	cp.NCtx = uint32(m.ctxSize * nSeq)
 	// One step's tokens; at least one per sequence, so that every
 	// generating sequence moves every step.
-	cp.NBatch = uint32(min(ctxSeq*nSeq, max(stepBudget, nSeq)))
+	cp.NBatch = uint32(min(m.ctxSize*nSeq, max(stepBudget, nSeq)))
 	cp.NUbatch = cp.NBatch
 	cp.NSeqMax = uint32(nSeq)
 	cp.KVUnified = 0
@@ -162,20 +127,30 @@ func newContext(m *llamaModel, nSeq, ctxSeq, threads int) (llamaContext, error) 
 	lctx, err := llama.InitFromModel(m.handle, cp)
 	logged := done()
 	if err != nil || lctx == 0 {
-		return llamaContext{}, fmt.Errorf("engine: new context for %d sequences of %d tokens: %v %s", nSeq, ctxSeq, err, logged)
+		return nil, fmt.Errorf("engine: new context for %d sequences of %d tokens: %v %s", nSeq, m.ctxSize, err, logged)
 	}
 	mem, err := llama.GetMemory(lctx)
 	if err != nil {
 		_ = llama.Free(lctx)
-		return llamaContext{}, fmt.Errorf("engine: new context: %w", err)
+		return nil, fmt.Errorf("engine: new context: %w", err)
 	}
-	c := llamaContext{lctx: lctx, mem: mem, nBatch: int(min(cp.NBatch, llama.NBatch(lctx))), nCtxSeq: ctxSeq}
 	// llama.cpp may round a sequence's context up; use no more than was
 	// asked for.
-	if n := int(llama.NCtxSeq(lctx)); n > 0 && n < ctxSeq {
-		c.nCtxSeq = n
+	nCtx := m.ctxSize
+	if n := int(llama.NCtxSeq(lctx)); n > 0 && n < nCtx {
+		nCtx = n
 	}
-	return c, nil
+	l := &lane{
+		m: m, lctx: lctx, mem: mem, nSeq: nSeq, nCtx: nCtx, budget: int(min(cp.NBatch, llama.NBatch(lctx))),
+		batch: llama.BatchInit(int32(cp.NBatch), 0, 1),
+		wake:  make(chan struct{}, 1), done: make(chan struct{}),
+		buf: make([]byte, 64),
+	}
+	for i := nSeq - 1; i >= 0; i-- {
+		l.freeIDs = append(l.freeIDs, llama.SeqId(i))
+	}
+	go l.loop()
+	return l, nil
 }
 
 // stepBudget is the most tokens one step decodes: every generating
@@ -240,8 +215,9 @@ func (l *lane) loop() {
 	// coming back, an unlocked goroutine waits for a P and resumes on
 	// whichever thread the scheduler wakes, every step. Locked, it
 	// keeps one thread (ggml's thread 0) and its CPU. Measured on the
-	// 26 M model with both cores of a 2-core VM, through a worker: 120-160
-	// tokens/s unlocked, 190-240 locked (the engine alone: 390).
+	// 26 M model through a worker of one lane with both cores of a 2-core
+	// VM (--lanes 1): 120-160 tokens/s unlocked, 190-240 locked (the
+	// engine alone: 390).
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	defer close(l.done)
@@ -265,7 +241,6 @@ func (l *lane) loop() {
 		}
 		l.dropStopped()
 		l.countKV()
-		l.setBusy(len(l.running) > 0)
 		if len(l.running) == 0 {
 			<-l.wake
 			continue
@@ -398,10 +373,6 @@ func (l *lane) step() {
 			}
 		}
 	}
-	if n := l.m.threadsPerLane(); n != l.threads {
-		llama.SetNThreads(l.lctx, int32(n), int32(n))
-		l.threads = n
-	}
 	rc, err := llama.Decode(l.lctx, *b)
 	if err == nil && rc != 0 {
 		err = fmt.Errorf("llama_decode returned %d", rc)
@@ -429,30 +400,6 @@ func (l *lane) step() {
 		}
 	}
 	l.removeStopped()
-}
-
-// setBusy counts the lane in (or out of) its model's busy lanes.
-func (l *lane) setBusy(busy bool) {
-	if busy == l.busy {
-		return
-	}
-	l.busy = busy
-	if busy {
-		l.m.busyLanes.Add(1)
-	} else {
-		l.m.busyLanes.Add(-1)
-	}
-}
-
-// threadsPerLane is what a lane decodes with: its own threads, or, where
-// the model shares its threads among the lanes that have work, an equal
-// share of them, so that one request alone decodes with every core and
-// several on their lanes with one each.
-func (m *llamaModel) threadsPerLane() int {
-	if m.sharedThreads == 0 {
-		return m.laneThreads
-	}
-	return max(1, m.sharedThreads/max(1, int(m.busyLanes.Load())))
 }
 
 // removeStopped takes the sequences finish has ended out of running.

@@ -102,29 +102,14 @@ func sameCount(want, got []run) int {
 
 // loadBatched loads path with slots sequences over lanes contexts, closed
 // at the end of the test.
-//
-// lanes sharedLanes is two lanes sharing two threads (the shape
-// MeasureLanes may choose): a lane with work alone decodes with both, so
-// a sequence's steps run with one thread or two as others come and go.
 func loadBatched(t *testing.T, path string, slots, lanes, ctx int) Model {
 	t.Helper()
 	eng, _ := tiny(t)
-	opts := LoadOptions{Threads: 1, ContextSize: ctx, Slots: slots, Lanes: lanes}
-	if lanes == sharedLanes {
-		opts = LoadOptions{Threads: 2, ContextSize: ctx, Slots: slots, MeasureLanes: true}
-		measureShape = func(*llamaModel, context.Context, int, int) (Shape, error) {
-			return Shape{Lanes: 2, Shared: true}, nil
-		}
-		defer func() { measureShape = (*llamaModel).measure }()
-	}
-	m, err := eng.Load(context.Background(), path, opts)
+	m, err := eng.Load(context.Background(), path, LoadOptions{Threads: 1, ContextSize: ctx, Slots: slots, Lanes: lanes})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = m.Close() })
 	return m
 }
-
-// sharedLanes asks loadBatched for two lanes sharing two threads.
-const sharedLanes = -2
 
 var (
 	largeOnce sync.Once
@@ -265,7 +250,7 @@ func TestBatchedEqualsSolo(t *testing.T) {
 			reqs := batchRequests(t, one, kernelSlack[mc.name], 8, mc.n)
 			want := solo(t, one, reqs)
 			sampled, sampledSame := 0, 0
-			for _, lanes := range []int{1, 2, sharedLanes} {
+			for _, lanes := range []int{1, 2} {
 				m := loadBatched(t, mc.path, 8, lanes, 256)
 				// Alone in the batched model first: the partitioned cache
 				// makes it the same as a model of one slot, sampled too.
@@ -615,55 +600,4 @@ func TestBatchedSequencesShareOnePass(t *testing.T) {
 	close(release)
 	wg.Wait()
 	assert.Equal(t, []llama.SeqId{0, 1, 2, 3, 4, 5, 6, 7}, ids)
-}
-
-// A model whose lanes share their threads gives a lane with work alone all
-// of them, and each of several busy lanes its share.
-func TestSharedThreadsFollowBusyLanes(t *testing.T) {
-	m := &llamaModel{sharedThreads: 4, laneThreads: 1}
-	for busy, want := range map[int32]int{0: 4, 1: 4, 2: 2, 3: 1, 4: 1, 5: 1} {
-		m.busyLanes.Store(busy)
-		assert.Equal(t, want, m.threadsPerLane(), "%d busy lanes", busy)
-	}
-	assert.Equal(t, 3, (&llamaModel{laneThreads: 3}).threadsPerLane(), "lanes that do not share keep their threads")
-
-	// The lanes count themselves in and out as their sequences come and
-	// go: none is busy once every request is done.
-	_, _ = tiny(t)
-	sm := loadBatched(t, tinyPath, 4, sharedLanes, 256).(*llamaModel)
-	require.Len(t, sm.lanes, 2)
-	reqs := batchRequests(t, sm, kernelSlack["tiny"], 4, 32)
-	together(sm, reqs, nil)
-	assert.Eventually(t, func() bool { return sm.busyLanes.Load() == 0 }, 5*time.Second, 5*time.Millisecond)
-}
-
-// Measuring decodes with both shapes on this machine and keeps one; the
-// model then generates as any other.
-func TestMeasureLanes(t *testing.T) {
-	eng, _ := tiny(t)
-	m, err := eng.Load(context.Background(), tinyPath, LoadOptions{Threads: 2, ContextSize: 256, Slots: 4, MeasureLanes: true})
-	require.NoError(t, err)
-	defer m.Close()
-	sh := m.(Shaped).Shape()
-	t.Logf("chosen: %+v", sh)
-	assert.Contains(t, sh.Measured, "1 lane(s): 1 seq")
-	assert.Contains(t, sh.Measured, "2 lane(s): 1 seq")
-	assert.Contains(t, sh.Measured, "4 seq")
-	if sh.Lanes == 2 {
-		assert.Equal(t, Shape{Lanes: 2, Threads: 1, Shared: true, Measured: sh.Measured}, sh)
-	} else {
-		assert.Equal(t, Shape{Lanes: 1, Threads: 2, Measured: sh.Measured}, sh)
-	}
-	one := loadBatched(t, tinyPath, 1, 1, 256)
-	reqs := batchRequests(t, one, kernelSlack["tiny"], 4, 32)
-	assertSameRuns(t, reqs, solo(t, one, reqs), together(m, reqs, nil), "measured model, 4 together")
-
-	// One slot or one thread leaves nothing to measure.
-	for _, opts := range []LoadOptions{{Threads: 2, Slots: 1}, {Threads: 1, Slots: 4}} {
-		opts.ContextSize, opts.MeasureLanes = 256, true
-		m, err := eng.Load(context.Background(), tinyPath, opts)
-		require.NoError(t, err)
-		assert.Equal(t, Shape{Lanes: 1, Threads: opts.Threads}, m.(Shaped).Shape())
-		_ = m.Close()
-	}
 }

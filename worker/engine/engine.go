@@ -69,16 +69,6 @@ type LoadOptions struct {
 	// Threads is the number of CPU threads per lane; 0 picks one per
 	// performance core.
 	Threads int
-	// MeasureLanes, with Lanes 0, chooses the lanes at load by measuring
-	// this machine: one lane decoding every sequence with all Threads, or
-	// one lane per thread sharing them (a lane alone then decodes with
-	// all of them, so one request still gets every core). Whichever
-	// decodes 1, 2, 4 and 8 sequences (up to Slots) closer to the better
-	// of the two at its worst is kept; Shaped reports it. Which wins
-	// depends on the CPU (its cache, its cores' speed against the cost
-	// of ggml's thread barriers) as much as on the model, so it is
-	// measured rather than guessed.
-	MeasureLanes bool
 	// Device is "cpu" (the default when empty) or "cuda:N" (any GPU of the
 	// loaded backends, N counted from 0).
 	Device string
@@ -110,21 +100,6 @@ type Model interface {
 	// Close closes all slots (waiting for their generation to end) and frees
 	// the model. Further calls return ErrClosed; Close is idempotent.
 	Close() error
-}
-
-// Shaped is a Model that says how its slots are decoded.
-type Shaped interface {
-	Shape() Shape
-}
-
-// Shape is how a model's slots are decoded: Lanes llama contexts of
-// Threads threads each (Shared: the lanes share Threads × Lanes threads
-// among those that have work).
-type Shape struct {
-	Lanes, Threads int
-	Shared         bool
-	// Measured is what the choice was made from (MeasureLanes), for logs.
-	Measured string
 }
 
 // KVReporter is a Model that says how many tokens its sequences hold in

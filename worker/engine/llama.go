@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -188,22 +187,7 @@ func (l *Llama) Load(ctx context.Context, path string, opts LoadOptions) (Model,
 	if threads == 0 {
 		threads = int(llama.Threads())
 	}
-	slots, lanes := max(opts.Slots, 1), max(opts.Lanes, 1)
-	m.shape = Shape{Lanes: min(lanes, slots), Threads: threads}
-	if opts.MeasureLanes && opts.Lanes == 0 {
-		if m.shape, err = measureShape(m, ctx, slots, threads); err != nil {
-			_ = llama.ModelFree(handle)
-			return nil, fmt.Errorf("%w %s: %w", ErrLoad, path, err)
-		}
-		lanes = m.shape.Lanes
-		if m.shape.Shared {
-			m.sharedThreads = threads
-			threads = max(1, threads/lanes)
-		}
-		m.shape.Threads = threads
-	}
-	m.laneThreads = threads
-	if err := m.startLanes(slots, lanes, threads); err != nil {
+	if err := m.startLanes(max(opts.Slots, 1), max(opts.Lanes, 1), threads); err != nil {
 		_ = llama.ModelFree(handle)
 		return nil, fmt.Errorf("%w %s: %w", ErrLoad, path, err)
 	}
@@ -296,14 +280,6 @@ type llamaModel struct {
 	ctxSize int
 
 	lanes []*lane
-	// laneThreads is each lane's thread count; sharedThreads, when not
-	// 0, is the threads the lanes share instead (threadsPerLane), and
-	// busyLanes how many of them have work.
-	laneThreads   int
-	sharedThreads int
-	busyLanes     atomic.Int32
-	// shape says how the lanes were chosen, for the worker's log.
-	shape Shape
 	// seqs holds one token per sequence running or waiting for its
 	// lane: a Generate beyond the model's slot count waits here.
 	seqs chan struct{}
@@ -318,9 +294,6 @@ type llamaModel struct {
 }
 
 func (m *llamaModel) ContextSize() int { return m.ctxSize }
-
-// Shape implements Shaped.
-func (m *llamaModel) Shape() Shape { return m.shape }
 
 // Slots is how many sequences the model generates at once.
 func (m *llamaModel) Slots() int { return cap(m.seqs) }
