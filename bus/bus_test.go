@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
@@ -293,4 +294,45 @@ func TestFollowOrdersTokensByIndexAndDropsCopies(t *testing.T) {
 		}
 	}
 	require.Equal(t, "t0 t1 t2 t3 t4 t5 ", text.String())
+}
+
+// A beat stored while its acknowledgement was lost (a link cut as it went
+// out) leaves the heartbeat one revision behind; its goodbye still deletes
+// the entry, which is still its own. An entry another process has taken
+// over is left alone.
+func TestDeregisterAfterABeatWhoseAckWasLost(t *testing.T) {
+	f := busfix.Start(t)
+	ctx := context.Background()
+	hb := f.Bus.NewHeartbeat(f.Bus.Space.HivesBucket(), "h3", time.Second, func() ([]byte, error) { return []byte(`{}`), nil })
+	require.NoError(t, hb.Register(ctx))
+	stream, err := f.Bus.JS.Stream(ctx, subjects.KVStream(f.Bus.Space.HivesBucket()))
+	require.NoError(t, err)
+	subject := subjects.KVSubject(f.Bus.Space.HivesBucket(), "h3")
+	rewrite := func(instance string) {
+		last, err := stream.GetLastMsgForSubject(ctx, subject)
+		require.NoError(t, err)
+		msg := nats.NewMsg(subject)
+		msg.Data = last.Data
+		msg.Header.Set("Rbee-Instance", last.Header.Get("Rbee-Instance"))
+		if instance != "" {
+			msg.Header.Set("Rbee-Instance", instance)
+		}
+		_, err = f.Bus.JS.PublishMsg(ctx, msg)
+		require.NoError(t, err)
+	}
+	kv, err := f.Bus.KV(ctx, f.Bus.Space.HivesBucket())
+	require.NoError(t, err)
+
+	rewrite("") // the lost-ack beat: this process's value, a revision it does not know
+	require.NoError(t, hb.Deregister(ctx))
+	_, err = kv.Get(ctx, "h3")
+	require.ErrorIs(t, err, jetstream.ErrKeyNotFound, "the goodbye deleted the entry")
+
+	other := f.Bus.NewHeartbeat(f.Bus.Space.HivesBucket(), "h4", time.Second, func() ([]byte, error) { return []byte(`{}`), nil })
+	require.NoError(t, other.Register(ctx))
+	subject = subjects.KVSubject(f.Bus.Space.HivesBucket(), "h4")
+	rewrite("someone-else")
+	require.NoError(t, other.Deregister(ctx))
+	_, err = kv.Get(ctx, "h4")
+	require.NoError(t, err, "another process's entry stays")
 }

@@ -207,7 +207,27 @@ func (h *Heartbeat) Deregister(ctx context.Context) error {
 	h.mu.Lock()
 	rev := h.rev
 	h.mu.Unlock()
-	if err := kv.Delete(ctx, h.key, jetstream.LastRevision(rev)); err != nil {
+	err = kv.Delete(ctx, h.key, jetstream.LastRevision(rev))
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+		// A beat can be stored while its acknowledgement is lost (the
+		// link cut as it went out), leaving rev one behind: the entry is
+		// still this process's if its last value is, and goes then.
+		// Expired, or another process's now: nothing of ours to delete.
+		var stream jetstream.Stream
+		if stream, err = h.bus.JS.Stream(ctx, subjects.KVStream(h.bucket)); err == nil {
+			last, lerr := stream.GetLastMsgForSubject(ctx, h.subject)
+			switch {
+			case errors.Is(lerr, jetstream.ErrMsgNotFound):
+			case lerr != nil:
+				err = lerr
+			case isTombstone(last.Header) || last.Header.Get(instanceHeader) != h.instance:
+			default:
+				err = kv.Delete(ctx, h.key, jetstream.LastRevision(last.Sequence))
+			}
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("deregister %s: %w", h.key, err)
 	}
 	return nil
