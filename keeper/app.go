@@ -151,6 +151,18 @@ func call(ctx context.Context, s *Session, endpoint string, req, out any) error 
 	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	err := s.Bus.Call(cctx, s.Bus.Space.Queen(endpoint), req, out)
+	// Nobody received a request that found no responder, so it is asked
+	// again for a while: on a NATS cluster a queen whose server just died
+	// is away until it has reconnected to another (about a second).
+	for wait, give := 50*time.Millisecond, time.Now().Add(queenAwayGrace); errors.Is(err, bus.ErrNoResponder) && time.Now().Before(give); wait = min(2*wait, 500*time.Millisecond) {
+		select {
+		case <-cctx.Done():
+		case <-time.After(wait):
+			err = s.Bus.Call(cctx, s.Bus.Space.Queen(endpoint), req, out)
+			continue
+		}
+		break
+	}
 	if errors.Is(err, bus.ErrNoResponder) {
 		return fmt.Errorf("%w: the bus answers but no queen serves it", ErrQueenUnreachable)
 	}
@@ -161,6 +173,10 @@ func call(ctx context.Context, s *Session, endpoint string, req, out any) error 
 	}
 	return err
 }
+
+// queenAwayGrace is how long a call goes on asking a bus on which no queen
+// answers, before it says the queen is unreachable.
+const queenAwayGrace = 3 * time.Second
 
 // show prints a result: JSON when asked, else the human form.
 func show(c *cli.Context, v any, human func(io.Writer)) {

@@ -137,3 +137,29 @@ func TestTimeoutEndsTheFollowWithItsOwnMessage(t *testing.T) {
 		t.Fatal("the timed-out job was not cancelled")
 	}
 }
+
+// A call that finds no queen on the bus asks again for a while: a queen
+// reconnecting to another server of a cluster is away for about a second.
+// Past the grace it is unreachable (exit 3).
+func TestCallWaitsOutAQueenThatIsAwayForAMoment(t *testing.T) {
+	f := busfix.Start(t)
+	s := &Session{Bus: f.Bus}
+	go func() {
+		time.Sleep(700 * time.Millisecond)
+		sub, err := f.Bus.NC.Subscribe(f.Bus.Space.Queen(api.EpJobGet), func(m *nats.Msg) {
+			_ = m.Respond([]byte(`{"id":"j1"}`))
+		})
+		if err == nil {
+			t.Cleanup(func() { _ = sub.Unsubscribe() })
+		}
+	}()
+	var j api.Job
+	require.NoError(t, call(context.Background(), s, api.EpJobGet, api.JobRequest{ID: "j1"}, &j))
+	require.Equal(t, "j1", j.ID)
+
+	start := time.Now()
+	err := call(context.Background(), s, api.EpStatus, nil, nil)
+	require.ErrorIs(t, err, ErrQueenUnreachable)
+	require.Contains(t, err.Error(), "no queen serves it")
+	require.GreaterOrEqual(t, time.Since(start), queenAwayGrace)
+}
