@@ -154,14 +154,14 @@ func call(ctx context.Context, s *Session, endpoint string, req, out any) error 
 	// Nobody received a request that found no responder, so it is asked
 	// again for a while: on a NATS cluster a queen whose server just died
 	// is away until it has reconnected to another (about a second).
-	for wait, give := 50*time.Millisecond, time.Now().Add(queenAwayGrace); errors.Is(err, bus.ErrNoResponder) && time.Now().Before(give); wait = min(2*wait, 500*time.Millisecond) {
+	give := time.Now().Add(queenAwayGrace)
+	for wait := 50 * time.Millisecond; errors.Is(err, bus.ErrNoResponder) && time.Now().Before(give); wait = min(2*wait, 500*time.Millisecond) {
 		select {
 		case <-cctx.Done():
+			return fmt.Errorf("%w: the bus answers but no queen serves it", ErrQueenUnreachable)
 		case <-time.After(wait):
-			err = s.Bus.Call(cctx, s.Bus.Space.Queen(endpoint), req, out)
-			continue
 		}
-		break
+		err = s.Bus.Call(cctx, s.Bus.Space.Queen(endpoint), req, out)
 	}
 	if errors.Is(err, bus.ErrNoResponder) {
 		return fmt.Errorf("%w: the bus answers but no queen serves it", ErrQueenUnreachable)

@@ -74,8 +74,7 @@ type Config struct {
 	// ContextSize is each slot's context, in tokens.
 	ContextSize int
 	// Lanes is how many llama contexts share the slots; 0 chooses from
-	// the device and the model's size, measuring a small model on a CPU
-	// (planSlots).
+	// the device and the model's size (planSlots).
 	Lanes int
 	// Threads is CPU threads per lane; 0 shares the cores among the lanes.
 	Threads int

@@ -41,7 +41,7 @@ func main() {
 			&cli.StringFlag{Name: "device", Usage: `"cpu" or "cuda:N"`, Value: worker.DefaultDevice},
 			&cli.IntFlag{Name: "slots", Usage: fmt.Sprintf("requests generated concurrently, batched (default: what fits in free memory, at most %d)", worker.DefaultMaxSlots)},
 			&cli.IntFlag{Name: "ctx", Usage: "context size per slot, in tokens", Value: worker.DefaultContextSize},
-			&cli.IntFlag{Name: "lanes", Usage: "llama contexts sharing the slots (default: 1 on a GPU or for a big model; for a small one on a CPU, 1 or one per core, whichever this machine decodes faster, measured at load)"},
+			&cli.IntFlag{Name: "lanes", Usage: "llama contexts sharing the slots (default: 1 on a GPU or for a big model, one per core for a small one on a CPU)"},
 			&cli.IntFlag{Name: "threads", Usage: "CPU threads per lane (default: the cores shared among the lanes)"},
 			&cli.StringFlag{Name: "llama-lib", Usage: "directory of the llama.cpp libraries (default: $RBEE_LLAMA_LIB, then the usual places)"},
 			&cli.DurationFlag{Name: "heartbeat", Usage: "registry heartbeat interval", Value: bus.DefaultHeartbeatInterval},
