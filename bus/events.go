@@ -351,7 +351,10 @@ func outage(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
 		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
 		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, nats.ErrConnectionReconnecting) ||
-		errors.Is(err, nats.ErrDisconnected)
+		errors.Is(err, nats.ErrDisconnected) ||
+		// "JetStream system temporarily unavailable": a cluster electing
+		// the leader of the stream (or its meta leader).
+		Starting(err)
 }
 
 // clientConsumerExpiry is how long a client's follower consumer outlives its

@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -59,5 +60,7 @@ func TestNoQuorumIsAnAnswerWithItsReason(t *testing.T) {
 	require.NotErrorIs(t, StoreErr(jetstream.ErrJetStreamNotEnabled), ErrNoQuorum, "a bus without JetStream is no quorum problem")
 	require.True(t, Starting(unavailable), "a cluster without its meta leader is starting")
 	require.False(t, Starting(jetstream.ErrJetStreamNotEnabled), "a server without JetStream will not start it")
+	require.True(t, outage(fmt.Errorf("follow job j: %w", unavailable)), "a follower attaching while the job stream elects its leader tries again")
+	require.False(t, outage(jetstream.ErrStreamNotFound), "a missing stream is an answer")
 	require.NoError(t, StoreErr(nil))
 }
