@@ -348,13 +348,11 @@ const attachTimeout = 5 * time.Second
 // outage reports whether err is what a request gets from a bus that is down
 // or still starting, rather than an answer.
 func outage(err error) bool {
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
-		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
-		errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, nats.ErrConnectionReconnecting) ||
-		errors.Is(err, nats.ErrDisconnected) ||
-		// "JetStream system temporarily unavailable": a cluster electing
-		// the leader of the stream (or its meta leader).
-		Starting(err)
+	// Starting covers timeouts, no responders and "JetStream system
+	// temporarily unavailable" (a cluster electing a leader); a queen
+	// restarting may also answer without JetStream for a moment.
+	return Starting(err) || errors.Is(err, jetstream.ErrJetStreamNotEnabled) ||
+		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected)
 }
 
 // clientConsumerExpiry is how long a client's follower consumer outlives its

@@ -335,7 +335,7 @@ func (s *Store) transition(ctx context.Context, id string, to api.JobState, know
 	for attempt := 0; ; attempt++ {
 		var job api.Job
 		var err error
-		if attempt == 0 && known != nil && known.ID == id {
+		if attempt == 0 && known != nil {
 			job = *known
 		} else if job, err = s.Get(ctx, id); err != nil {
 			return api.Job{}, err
