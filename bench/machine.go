@@ -86,7 +86,7 @@ func (m machine) markdown() string {
 	fmt.Fprintf(&b, "| yzma | %s |\n", orUnknown(m.Deps["github.com/hybridgroup/yzma"]))
 	fmt.Fprintf(&b, "| llama.cpp | %s |\n", m.Llama)
 	fmt.Fprintf(&b, "| date | %s |\n", m.Date.Format("2006-01-02 15:04 UTC"))
-	b.WriteString("\nEvery llama.cpp context in the bench uses 1 thread (2 threads on a busy 2-core machine collapse).\n")
+	b.WriteString("\nEvery llama.cpp context the bench makes itself uses 1 thread, and so do the workers' for the models under 256 MiB (a worker runs such a model as one single-thread context per core), except where a table says otherwise: table 8's a way decodes with every core, and its c way on the 412 M model is the worker's choice for a big model, one context of every core.\n")
 	return b.String()
 }
 

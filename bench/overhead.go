@@ -36,6 +36,10 @@ type genRun struct {
 	// call), and the rest (the token's trip back, the follower attaching)
 	// is ttft minus both.
 	toTaken, engine time.Duration
+	// workerRate is the worker's own decode rate (its record's tokens/s
+	// after the first token): a B slower than A at the follower is slower
+	// either in the worker's decode or on the way to the follower.
+	workerRate float64
 }
 
 func newGenRun(t0 time.Time, arrivals []time.Time) (genRun, error) {
@@ -177,7 +181,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		}
 		e.logf("overhead: %s done", m.name)
 	}
-	type agg struct{ ttft, gaps, decode, e2e, tokens, submit, toTaken, engine sample }
+	type agg struct{ ttft, gaps, decode, e2e, tokens, submit, toTaken, engine, workerRate sample }
 	aggregate := func(rs []genRun) agg {
 		var a agg
 		for _, r := range rs {
@@ -192,6 +196,9 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			if r.toTaken > 0 {
 				a.toTaken = append(a.toTaken, float64(r.toTaken)/float64(time.Millisecond))
 				a.engine = append(a.engine, float64(r.engine)/float64(time.Millisecond))
+			}
+			if r.workerRate > 0 {
+				a.workerRate = append(a.workerRate, r.workerRate)
 			}
 		}
 		return a
@@ -225,6 +232,10 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 				rest := a.ttft.p50() - a.toTaken.p50() - a.engine.p50()
 				t.Notes = append(t.Notes, fmt.Sprintf("%s model, B, where the TTFT goes (p50 of each part, from the job records): %s from the request until the worker has marked the job running (the submit, the queue, the worker's take), %s in the worker's engine (its Generate call to the first token: the prefill; A's whole TTFT is %s), and %s for the rest (the worker's steps between its take and Generate, the first token's publish, store and delivery to the follower).",
 					m.name, ms(a.toTaken.p50()), ms(a.engine.p50()), ms(base.ttft.p50()), ms(rest)))
+			}
+			if len(a.workerRate) > 0 {
+				t.Notes = append(t.Notes, fmt.Sprintf("%s model, B, where the tokens/s goes: the worker's own decode (its record's tokens/s after the first token) ran at %s tokens/s p50, %s of A's %s, and its follower received %s: what B loses against A is lost %s.",
+					m.name, num(a.workerRate.p50()), ratio(a.workerRate.p50(), base.decode.p50()), num(base.decode.p50()), num(a.decode.p50()), lossSite(a.workerRate.p50(), a.decode.p50(), base.decode.p50())))
 			}
 			if len(a.gaps) > 0 && (m.name == "large" || short == "B") {
 				want := 0.97 // issue 6, the larger model
@@ -333,6 +344,7 @@ func (c *cluster) inferBus(ctx context.Context, model string, n int) (genRun, er
 		if json.Unmarshal(j.Result, &res) == nil {
 			g.toTaken = j.StartedAt.Sub(t0)
 			g.engine = time.Duration(res.TimeToFirstToken)
+			g.workerRate = res.TokensPerSecond
 		}
 	}
 	return g, err
@@ -412,3 +424,16 @@ func (c *cluster) inferGateway(ctx context.Context, model string, n int) (genRun
 }
 
 var _ = strconv.Itoa
+
+// lossSite says where a path slower than the engine alone loses its
+// tokens/s: in the worker's decode (it ran slower than the engine alone,
+// its cores shared with the bus), or between the worker and the follower
+// (the worker decoded at the engine's rate, the tokens arrived slower).
+func lossSite(worker, follower, engine float64) string {
+	lost := engine - follower
+	if lost <= 0 {
+		return "nowhere (B is as fast as A)"
+	}
+	inDecode := min(max(engine-worker, 0), lost)
+	return fmt.Sprintf("%.0f%% in the worker's decode and %.0f%% on the way to the follower", 100*inDecode/lost, 100*(lost-inDecode)/lost)
+}
