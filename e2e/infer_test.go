@@ -18,10 +18,12 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/gguf"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/worker/engine"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // readyHive brings up a queen, a local hive and generated models on it.
@@ -125,6 +127,23 @@ func TestInferHappyPath(t *testing.T) {
 	require.Equal(t, 32, res.CompletionTokens)
 	require.Positive(t, res.TokensPerSecond)
 	require.Equal(t, "local", res.Hive)
+
+	// Only decoding runs as ordinary work (internal/sched): every thread
+	// of the queen and the hive, and all but the worker's decoding ones,
+	// run as batch work, so that their wake-ups do not cut into a decode.
+	pidFile, err := os.ReadFile(cliutil.QueenPIDFile(c.home))
+	require.NoError(t, err)
+	queenPID, err := strconv.Atoi(strings.TrimSpace(string(pidFile)))
+	require.NoError(t, err)
+	for name, pid := range map[string]int{"queen": queenPID, "hive": c.hiveView("local").Status.PID} {
+		batch, ordinary := threadPolicies(t, pid)
+		require.Zero(t, ordinary, "%s: ordinary threads (of %d)", name, batch+ordinary)
+	}
+	ws := c.workers()
+	require.Len(t, ws, 1)
+	batch, ordinary := threadPolicies(t, ws[0].PID)
+	require.Positive(t, ordinary, "the worker's decoding threads are ordinary")
+	require.Greater(t, batch, ordinary, "the worker's other threads are batch work")
 
 	// -q prints tokens only; --json prints NDJSON events.
 	r = c.mustRbee("-q", "infer", "-m", "tiny", "--temperature", "0", "--max-tokens", "8", prompt)
@@ -616,4 +635,27 @@ func TestQueenRestartReconcilesAJobWhoseWorkerDiedMeanwhile(t *testing.T) {
 	c.startQueen()
 	eventually(t, 10*time.Second, func() bool { return c.job(id).State == api.JobFailed }, "job still %s", c.job(id).State)
 	require.Contains(t, c.job(id).Error, fmt.Sprintf("worker %s on hive local died", ws[0].ID))
+}
+
+// threadPolicies counts the threads of process pid that run as batch work
+// (SCHED_BATCH) and as ordinary ones (SCHED_NORMAL).
+func threadPolicies(t *testing.T, pid int) (batch, ordinary int) {
+	t.Helper()
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	require.NoError(t, err)
+	for _, task := range tasks {
+		tid, err := strconv.Atoi(task.Name())
+		require.NoError(t, err)
+		a, err := unix.SchedGetAttr(tid, 0)
+		if err != nil {
+			continue // ended since the listing
+		}
+		switch a.Policy {
+		case unix.SCHED_BATCH:
+			batch++
+		case unix.SCHED_NORMAL:
+			ordinary++
+		}
+	}
+	return batch, ordinary
 }

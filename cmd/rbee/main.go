@@ -5,7 +5,14 @@ package main
 import (
 	"os"
 
+	"github.com/rbee-dev/rbee/internal/sched"
 	"github.com/rbee-dev/rbee/keeper"
 )
 
-func main() { os.Exit(keeper.Main(os.Args)) }
+func main() {
+	// The keeper shows tokens as they come: on the worker's machine it
+	// must not cut into the decode that makes them (internal/sched). Best
+	// effort.
+	_ = sched.Background()
+	os.Exit(keeper.Main(os.Args))
+}
