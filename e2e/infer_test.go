@@ -128,7 +128,7 @@ func TestInferHappyPath(t *testing.T) {
 	require.Positive(t, res.TokensPerSecond)
 	require.Equal(t, "local", res.Hive)
 
-	// Only decoding runs as ordinary work (internal/sched): every thread
+	// Only decoding runs as ordinary work (internal/threadpolicy): every thread
 	// of the queen and the hive, and all but the worker's decoding ones,
 	// run as batch work, so that their wake-ups do not cut into a decode.
 	pidFile, err := os.ReadFile(cliutil.QueenPIDFile(c.home))

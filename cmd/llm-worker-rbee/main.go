@@ -15,7 +15,7 @@ import (
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/logging"
-	"github.com/rbee-dev/rbee/internal/sched"
+	"github.com/rbee-dev/rbee/internal/threadpolicy"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/worker"
 	"github.com/urfave/cli/v2"
@@ -30,9 +30,9 @@ const (
 )
 
 func main() {
-	// Best effort (internal/sched): where the policy cannot be set, every
+	// Best effort (internal/threadpolicy): where the policy cannot be set, every
 	// thread stays ordinary.
-	_ = sched.Background()
+	_ = threadpolicy.Background()
 	app := &cli.App{
 		Name:    "llm-worker-rbee",
 		Usage:   "serve one model: pull inference requests from the bus and stream tokens",

@@ -16,16 +16,16 @@ import (
 	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/logging"
-	"github.com/rbee-dev/rbee/internal/sched"
+	"github.com/rbee-dev/rbee/internal/threadpolicy"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/queen"
 	"github.com/urfave/cli/v2"
 )
 
 func main() {
-	// Best effort (internal/sched): where the policy cannot be set, every
+	// Best effort (internal/threadpolicy): where the policy cannot be set, every
 	// thread stays ordinary.
-	_ = sched.Background()
+	_ = threadpolicy.Background()
 	app := &cli.App{
 		Name:    "queen-rbee",
 		Usage:   "rbee's control plane: jobs, scheduling, hives and the OpenAI-compatible gateway",

@@ -15,7 +15,7 @@ import (
 	"syscall"
 
 	"github.com/rbee-dev/rbee/bench"
-	"github.com/rbee-dev/rbee/internal/sched"
+	"github.com/rbee-dev/rbee/internal/threadpolicy"
 )
 
 func main() {
@@ -29,10 +29,10 @@ func main() {
 		return
 	}
 	// The bench's clients run as rbee's own programs do: as batch work
-	// (internal/sched), which they measure; its in-process engine's lanes
+	// (internal/threadpolicy), which they measure; its in-process engine's lanes
 	// decode as a worker's do. The serve-bus mode above stands for an
 	// upstream nats-server and keeps the ordinary policy.
-	_ = sched.Background()
+	_ = threadpolicy.Background()
 	out := flag.String("out", "", "write the Markdown report here (e.g. docs/BENCHMARKS.md)")
 	only := flag.String("only", "", fmt.Sprintf("comma-separated benchmarks to run, 1-%d (default: all)", bench.Count))
 	quick := flag.Bool("quick", false, "shrink every size for a quick run")

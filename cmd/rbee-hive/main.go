@@ -32,7 +32,7 @@ import (
 	"github.com/rbee-dev/rbee/hive"
 	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/logging"
-	"github.com/rbee-dev/rbee/internal/sched"
+	"github.com/rbee-dev/rbee/internal/threadpolicy"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/urfave/cli/v2"
@@ -50,9 +50,9 @@ const (
 const EnvFakeRAMFree = "RBEE_FAKE_RAM_FREE"
 
 func main() {
-	// Best effort (internal/sched): where the policy cannot be set, every
+	// Best effort (internal/threadpolicy): where the policy cannot be set, every
 	// thread stays ordinary.
-	_ = sched.Background()
+	_ = threadpolicy.Background()
 	app := &cli.App{
 		Name:    "rbee-hive",
 		Usage:   "run this machine for rbee: capabilities, model catalog and workers",

@@ -5,14 +5,14 @@ package main
 import (
 	"os"
 
-	"github.com/rbee-dev/rbee/internal/sched"
+	"github.com/rbee-dev/rbee/internal/threadpolicy"
 	"github.com/rbee-dev/rbee/keeper"
 )
 
 func main() {
 	// The keeper shows tokens as they come: on the worker's machine it
-	// must not cut into the decode that makes them (internal/sched). Best
+	// must not cut into the decode that makes them (internal/threadpolicy). Best
 	// effort.
-	_ = sched.Background()
+	_ = threadpolicy.Background()
 	os.Exit(keeper.Main(os.Args))
 }

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/hybridgroup/yzma/pkg/llama"
-	"github.com/rbee-dev/rbee/internal/sched"
+	"github.com/rbee-dev/rbee/internal/threadpolicy"
 )
 
 // Continuous batching.
@@ -220,13 +220,13 @@ func (l *lane) loop() {
 	// VM (--lanes 1): 120-160 tokens/s unlocked, 190-240 locked (the
 	// engine alone: 390).
 	runtime.LockOSThread()
-	// The rest of an rbee program runs as batch work (internal/sched),
+	// The rest of an rbee program runs as batch work (internal/threadpolicy),
 	// so that its wake-ups do not cut into a decode; this thread decodes,
 	// and llama.cpp's threads, started from it, inherit its policy. Best
 	// effort: where it cannot be set, Background could not mark the
 	// others either. The thread stays locked when the loop ends: Go then
 	// ends it rather than hand an ordinary thread back to the program.
-	_ = sched.Foreground()
+	_ = threadpolicy.Foreground()
 	defer close(l.done)
 	for {
 		l.mu.Lock()

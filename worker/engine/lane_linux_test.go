@@ -3,17 +3,17 @@ package engine
 import (
 	"testing"
 
-	"github.com/rbee-dev/rbee/internal/sched"
+	"github.com/rbee-dev/rbee/internal/threadpolicy"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 )
 
 // A lane decodes as ordinary work while the rest of its program runs as
-// batch work (internal/sched), and two lanes do not share a thread. The
+// batch work (internal/threadpolicy), and two lanes do not share a thread. The
 // whole test process stays batch work afterwards, which changes nothing
 // for the other tests but their wake-ups.
 func TestLanesDecodeInTheForeground(t *testing.T) {
-	require.NoError(t, sched.Background())
+	require.NoError(t, threadpolicy.Background())
 	tiny(t)
 	m := loadBatched(t, tinyPath, 2, 2, 64).(*llamaModel)
 	require.Len(t, m.lanes, 2)

@@ -1,4 +1,4 @@
-// Package sched keeps rbee's own work from interrupting inference on the
+// Package threadpolicy keeps rbee's own work from interrupting inference on the
 // cores it shares with it.
 //
 // On one machine the queen (and the bus it embeds), the hive, the keeper
@@ -16,7 +16,7 @@
 // The trade: when every core decodes, a message waits for a slice (about a
 // millisecond) instead of preempting at once, while a preempted decode of
 // several threads stalls all of them at ggml's barrier.
-package sched
+package threadpolicy
 
 // Background marks every thread of this process, and so every thread it
 // starts later (a new thread inherits its creator's policy), as batch work.

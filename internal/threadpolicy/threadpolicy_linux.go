@@ -1,4 +1,4 @@
-package sched
+package threadpolicy
 
 import (
 	"errors"
@@ -12,7 +12,7 @@ import (
 func background() error {
 	tasks, err := os.ReadDir("/proc/self/task")
 	if err != nil {
-		return fmt.Errorf("sched: listing this process's threads: %w", err)
+		return fmt.Errorf("threadpolicy: listing this process's threads: %w", err)
 	}
 	var errs []error
 	for _, t := range tasks {
@@ -26,14 +26,14 @@ func background() error {
 		}
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("sched: marking threads as batch work: %w", errors.Join(errs...))
+		return fmt.Errorf("threadpolicy: marking threads as batch work: %w", errors.Join(errs...))
 	}
 	return nil
 }
 
 func foreground() error {
 	if err := setPolicy(0, unix.SCHED_NORMAL); err != nil {
-		return fmt.Errorf("sched: making a decoding thread ordinary: %w", err)
+		return fmt.Errorf("threadpolicy: making a decoding thread ordinary: %w", err)
 	}
 	return nil
 }

@@ -12,7 +12,7 @@ import (
 )
 
 // Every rbee program marks itself batch work first thing
-// (internal/sched), whoever starts it: a queen under systemd, a hive over
+// (internal/threadpolicy), whoever starts it: a queen under systemd, a hive over
 // SSH or by hand, not only what an rbee program spawns (which inherits
 // it). Each is started here by the test, an ordinary process, against a
 // bus that accepts connections and never answers, and its threads are

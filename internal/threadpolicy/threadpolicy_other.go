@@ -1,6 +1,6 @@
 //go:build !linux
 
-package sched
+package threadpolicy
 
 func background() error { return nil }
 func foreground() error { return nil }
