@@ -350,6 +350,57 @@ func TestBatchedCancelOne(t *testing.T) {
 	for _, i := range []int{0, 1, 3} {
 		assertSameRuns(t, reqs[i:i+1], want[i:i+1], got[i:i+1], fmt.Sprintf("request %d beside the cancelled one", i))
 	}
+	requireLanesEmpty(t, m)
+}
+
+// requireLanesEmpty checks that every sequence, finished or cancelled,
+// gave up its place in its lane: what pickLane weighs is back to nothing.
+func requireLanesEmpty(t *testing.T, m Model) {
+	t.Helper()
+	for i, l := range m.(*llamaModel).lanes {
+		l.mu.Lock()
+		load, unfed := l.load, l.unfed
+		l.mu.Unlock()
+		require.Zero(t, load, "lane %d: sequences", i)
+		require.Zero(t, unfed, "lane %d: prompt tokens not fed", i)
+	}
+}
+
+// A request joins the lane where it waits least for its first token: not
+// the one feeding a long prompt, whose every step is a full budget, while
+// the other lane has room; once the long prompt is fed, lanes are chosen
+// by their sequences again.
+func TestPickLaneAvoidsALaneFeedingALongPrompt(t *testing.T) {
+	_, _ = tiny(t)
+	m := loadBatched(t, tinyPath, 4, 2, 2048)
+	lm := m.(*llamaModel)
+	ctx := context.Background()
+	long, err := lm.pickLane(ctx, 1500)
+	require.NoError(t, err)
+	short := make([]*lane, 2)
+	for i := range short {
+		short[i], err = lm.pickLane(ctx, 8)
+		require.NoError(t, err)
+		require.False(t, long == short[i], "short request %d joined the lane feeding a long prompt", i)
+	}
+	// The long prompt is fed (as a step would count it): the next request
+	// goes to the lane with fewer sequences, the long one's.
+	long.mu.Lock()
+	long.unfed -= 1500
+	long.mu.Unlock()
+	next, err := lm.pickLane(ctx, 8)
+	require.NoError(t, err)
+	require.True(t, long == next, "with every prompt fed, the lane with fewer sequences")
+
+	long.leave(0)
+	next.leave(8)
+	for _, l := range short {
+		l.leave(8)
+	}
+	for range 4 {
+		lm.leaveLane()
+	}
+	requireLanesEmpty(t, m)
 }
 
 // A prompt longer than one step's budget is fed in chunks: its output is
@@ -420,6 +471,7 @@ func TestBatchedLongPrompt(t *testing.T) {
 		}
 	}
 	assert.GreaterOrEqual(t, between, len(toks)/stepBudget, "the short sequence moved at every prefill chunk")
+	requireLanesEmpty(t, m)
 }
 
 // A sequence that reaches the end of its context stops there with
