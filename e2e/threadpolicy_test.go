@@ -22,16 +22,23 @@ func TestEveryProgramRunsAsBatchWork(t *testing.T) {
 	c := newCluster(t).withDaemons()
 	silent, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	t.Cleanup(func() { _ = silent.Close() })
+	accepted := make(chan net.Conn, 16)
 	go func() {
+		defer close(accepted)
 		for {
 			conn, err := silent.Accept()
 			if err != nil {
 				return
 			}
-			t.Cleanup(func() { _ = conn.Close() })
+			accepted <- conn
 		}
 	}()
+	t.Cleanup(func() {
+		_ = silent.Close()
+		for conn := range accepted {
+			_ = conn.Close()
+		}
+	})
 	url := "nats://" + silent.Addr().String()
 	dir := t.TempDir()
 	for _, args := range [][]string{

@@ -10,9 +10,24 @@ import (
 )
 
 func background() error {
+	// A thread started from one not yet marked, while the threads are
+	// being marked, would be missed: the threads are listed again until
+	// a listing finds none left to mark.
+	for range 10 {
+		changed, err := markAll()
+		if err != nil || changed == 0 {
+			return err
+		}
+	}
+	return nil
+}
+
+// markAll marks every thread of the process as batch work and says how
+// many it changed.
+func markAll() (changed int, err error) {
 	tasks, err := os.ReadDir("/proc/self/task")
 	if err != nil {
-		return fmt.Errorf("threadpolicy: listing this process's threads: %w", err)
+		return 0, fmt.Errorf("threadpolicy: listing this process's threads: %w", err)
 	}
 	var errs []error
 	for _, t := range tasks {
@@ -20,39 +35,44 @@ func background() error {
 		if err != nil {
 			continue
 		}
+		set, err := setPolicy(tid, unix.SCHED_BATCH)
 		// A thread that ended since the listing is no error.
-		if err := setPolicy(tid, unix.SCHED_BATCH); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err != nil && !errors.Is(err, unix.ESRCH) {
 			errs = append(errs, fmt.Errorf("thread %d: %w", tid, err))
+		}
+		if set {
+			changed++
 		}
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("threadpolicy: marking threads as batch work: %w", errors.Join(errs...))
+		return changed, fmt.Errorf("threadpolicy: marking threads as batch work: %w", errors.Join(errs...))
 	}
-	return nil
+	return changed, nil
 }
 
 func foreground() error {
-	if err := setPolicy(0, unix.SCHED_NORMAL); err != nil {
+	if _, err := setPolicy(0, unix.SCHED_NORMAL); err != nil {
 		return fmt.Errorf("threadpolicy: making a decoding thread ordinary: %w", err)
 	}
 	return nil
 }
 
 // setPolicy switches thread tid (0: the caller) between the two fair
-// policies, keeping its nice value. Either way needs no privilege.
-func setPolicy(tid int, policy uint32) error {
+// policies, keeping its nice value, and says whether it changed it.
+// Either way needs no privilege.
+func setPolicy(tid int, policy uint32) (bool, error) {
 	attr, err := unix.SchedGetAttr(tid, 0)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if attr.Policy == policy {
-		return nil
+		return false, nil
 	}
 	if attr.Policy != unix.SCHED_NORMAL && attr.Policy != unix.SCHED_BATCH {
 		// Real-time, deadline or idle: someone chose it; leave it.
-		return nil
+		return false, nil
 	}
 	attr.Policy = policy
 	attr.Size = unix.SizeofSchedAttr
-	return unix.SchedSetAttr(tid, attr, 0)
+	return true, unix.SchedSetAttr(tid, attr, 0)
 }
