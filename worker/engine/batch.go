@@ -588,13 +588,15 @@ func (m *llamaModel) pickLane(ctx context.Context, promptTokens int) (*lane, err
 	}
 	m.pickMu.Lock()
 	defer m.pickMu.Unlock()
+	// A lane holds at most its sequence capacity; the model's slots (the
+	// semaphore above) leave room in at least one.
 	var best *lane
 	bestCost := 0
 	for _, l := range m.lanes {
 		l.mu.Lock()
-		cost := l.load + min(l.unfed, l.budget)
+		full, cost := l.load >= l.nSeq, l.load+min(l.unfed, l.budget)
 		l.mu.Unlock()
-		if best == nil || cost < bestCost {
+		if !full && (best == nil || cost < bestCost) {
 			best, bestCost = l, cost
 		}
 	}

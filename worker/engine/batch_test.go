@@ -368,39 +368,72 @@ func requireLanesEmpty(t *testing.T, m Model) {
 
 // A request joins the lane where it waits least for its first token: not
 // the one feeding a long prompt, whose every step is a full budget, while
-// the other lane has room; once the long prompt is fed, lanes are chosen
-// by their sequences again.
+// another lane has room; once prompts are fed, lanes are chosen by their
+// sequences; and a full lane takes no more, however cheap it looks.
 func TestPickLaneAvoidsALaneFeedingALongPrompt(t *testing.T) {
 	_, _ = tiny(t)
-	m := loadBatched(t, tinyPath, 4, 2, 2048)
-	lm := m.(*llamaModel)
-	ctx := context.Background()
-	long, err := lm.pickLane(ctx, 1500)
-	require.NoError(t, err)
-	short := make([]*lane, 2)
-	for i := range short {
-		short[i], err = lm.pickLane(ctx, 8)
+	type place struct {
+		l     *lane
+		unfed int
+	}
+	// pick takes a place for a prompt of n tokens; every place is given
+	// back at the end, and the lanes must be empty then.
+	pick := func(t *testing.T, m *llamaModel, places *[]place, n int) *lane {
+		t.Helper()
+		l, err := m.pickLane(context.Background(), n)
 		require.NoError(t, err)
-		require.False(t, long == short[i], "short request %d joined the lane feeding a long prompt", i)
+		*places = append(*places, place{l, n})
+		return l
 	}
-	// The long prompt is fed (as a step would count it): the next request
-	// goes to the lane with fewer sequences, the long one's.
-	long.mu.Lock()
-	long.unfed -= 1500
-	long.mu.Unlock()
-	next, err := lm.pickLane(ctx, 8)
-	require.NoError(t, err)
-	require.True(t, long == next, "with every prompt fed, the lane with fewer sequences")
+	// feed counts a place's prompt as fed, as a step does.
+	feed := func(places []place, l *lane) {
+		for i := range places {
+			if places[i].l == l {
+				l.mu.Lock()
+				l.unfed -= places[i].unfed
+				l.mu.Unlock()
+				places[i].unfed = 0
+			}
+		}
+	}
+	release := func(t *testing.T, m *llamaModel, places []place) {
+		for _, p := range places {
+			p.l.leave(p.unfed)
+			m.leaveLane()
+		}
+		requireLanesEmpty(t, m)
+	}
 
-	long.leave(0)
-	next.leave(8)
-	for _, l := range short {
-		l.leave(8)
-	}
-	for range 4 {
-		lm.leaveLane()
-	}
-	requireLanesEmpty(t, m)
+	t.Run("shorts avoid a long prefill, then sequences count", func(t *testing.T) {
+		m := loadBatched(t, tinyPath, 6, 2, 2048).(*llamaModel) // two lanes of 3
+		var places []place
+		long := pick(t, m, &places, 1500)
+		for i := range 2 {
+			short := pick(t, m, &places, 8)
+			require.False(t, long == short, "short request %d joined the lane feeding a long prompt", i)
+		}
+		for _, l := range m.lanes {
+			feed(places, l)
+		}
+		// Every prompt fed: one sequence in the long one's lane, two in
+		// the other.
+		require.True(t, long == pick(t, m, &places, 8), "with every prompt fed, the lane with fewer sequences")
+		release(t, m, places)
+	})
+	t.Run("a full lane takes no more", func(t *testing.T) {
+		m := loadBatched(t, tinyPath, 4, 2, 2048).(*llamaModel) // two lanes of 2
+		var places []place
+		long := pick(t, m, &places, 1500)
+		pick(t, m, &places, 8)
+		pick(t, m, &places, 8) // the other lane is full now
+		require.True(t, long == pick(t, m, &places, 8), "the fourth request goes where there is room")
+		for _, l := range m.lanes {
+			l.mu.Lock()
+			require.LessOrEqual(t, l.load, l.nSeq)
+			l.mu.Unlock()
+		}
+		release(t, m, places)
+	})
 }
 
 // A prompt longer than one step's budget is fed in chunks: its output is
