@@ -304,8 +304,9 @@ func (m *llamaModel) startLanes(slots, lanes, threads int) error {
 	lanes = max(1, min(lanes, slots))
 	m.seqs = make(chan struct{}, slots)
 	for i := range lanes {
-		// Sequences join the least-loaded lane, so no lane holds more
-		// than its share rounded up.
+		// Each lane holds its share of the slots (rounded up for the
+		// first ones); pickLane places a sequence only where there is
+		// room.
 		n := slots / lanes
 		if i < slots%lanes {
 			n++
