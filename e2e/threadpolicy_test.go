@@ -52,6 +52,9 @@ func TestEveryProgramRunsAsBatchWork(t *testing.T) {
 		require.NoError(t, cmd.Start(), args[0])
 		exited := make(chan struct{})
 		go func() { _ = cmd.Wait(); close(exited) }()
+		// Killed and reaped however the check below ends, a failure too.
+		stop := func() { _ = cmd.Process.Kill(); <-exited }
+		t.Cleanup(stop)
 		var batch, ordinary int
 		deadline := time.Now().Add(10 * time.Second)
 		for {
@@ -67,7 +70,6 @@ func TestEveryProgramRunsAsBatchWork(t *testing.T) {
 			require.True(t, time.Now().Before(deadline), "%s: %d threads batch, %d ordinary", args[0], batch, ordinary)
 			time.Sleep(time.Millisecond)
 		}
-		_ = cmd.Process.Kill()
-		<-exited
+		stop()
 	}
 }
