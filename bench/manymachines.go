@@ -718,7 +718,7 @@ func queenFailover(ctx context.Context, e *env, first *cluster, nn *natsNodes, r
 		return t, fmt.Errorf("no failover measured: %s", strings.Join(errs, "; "))
 	}
 	t.Rows = append(t.Rows, []string{strconv.Itoa(len(sched)), ms(sched.p50()), ms(sched.max()), ms(tok.p50()), ms(tok.max())})
-	t.Notes = append(t.Notes, fmt.Sprintf("The lease's TTL is the floor: a standby learns of a dead leader only when its lease expires (at most %s after its last renewal, which came up to a third of that before the kill), then tries every TTL/10. The rest is this machine: a reconcile of the job records, then a worker's start and model load for the first token.", queen.DefaultLeaseTTL))
+	t.Notes = append(t.Notes, fmt.Sprintf("The lease's TTL is the floor: a standby learns of a dead leader only when its lease expires (at most %s after its last renewal, which came up to a third of that before the kill), tries to take it as it should expire, and the server removes it at its next age check, up to 250 ms later. The rest is this machine: a reconcile of the job records, then a worker's start and model load for the first token.", queen.DefaultLeaseTTL))
 	if len(errs) > 0 {
 		t.Notes = append(t.Notes, "Errors: "+strings.Join(errs, "; "))
 	}

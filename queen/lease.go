@@ -24,7 +24,8 @@ import (
 // written by compare-and-swap, in a bucket whose MaxAge is the lease TTL. The
 // holder rewrites the key every TTL/3, so a value that nobody renews is
 // removed by the server one TTL after its last write, and a standby, which
-// tries to create the key every TTL/10, takes over.
+// tries to create the key every TTL/10 and again right when the key it saw
+// should expire, takes over.
 //
 // Fencing: a leader acts only while it holds the lease by its own monotonic
 // clock (the last renewal that landed was sent less than a TTL ago: the
@@ -134,11 +135,14 @@ func (l *Lease) Run(ctx context.Context, lead func(ctx context.Context, epoch ui
 			if l.renew(ctx) {
 				wait = l.ttl / 3
 			}
-		} else if epoch, ok := l.acquire(ctx); ok {
+		} else if epoch, ok, expires := l.acquire(ctx); ok {
 			cancelTerm, termDone = startTerm(ctx, epoch, lead)
 			wait = l.ttl / 3
-		} else if l.onStandby != nil {
-			l.onStandby()
+		} else {
+			wait = standbyWait(l.ttl, l.now(), expires)
+			if l.onStandby != nil {
+				l.onStandby()
+			}
 		}
 		if _, held := l.Epoch(); !held {
 			endTerm()
@@ -207,10 +211,38 @@ func (l *Lease) Check(ctx context.Context, epoch uint64) error {
 	return nil
 }
 
+// standbyWait is how long a standby waits for its next try to take the
+// lease, now, when the key it found should expire at expires (zero when it
+// found none). It tries every TTL/10, and at the expiry itself rather than
+// up to a tick after it. The server removes an expired key at its next age
+// check, which runs up to 250 ms late by design (more on a busy machine), so
+// for a tick past the expiry it tries every TTL/50. The expiry is the
+// server's clock (the entry's write time) read on this one's: a hint for when
+// to look, never a reason to act, so a skewed clock costs only the ticks'
+// time it would have cost anyway.
+func standbyWait(ttl time.Duration, now, expires time.Time) time.Duration {
+	tick := ttl / 10
+	if expires.IsZero() {
+		return tick
+	}
+	switch until := expires.Sub(now); {
+	case until >= tick:
+		return tick
+	case until > 0:
+		return until
+	case until > -tick:
+		return ttl / 50
+	default:
+		return tick
+	}
+}
+
 // acquire tries to take the lease: create the key, or, when it names this
 // queen already (an earlier run of it that died or restarted within the
 // TTL), take it over at its revision without waiting for it to expire.
-func (l *Lease) acquire(ctx context.Context) (uint64, bool) {
+// Not taken, expires is when the key another queen holds should expire by
+// the server's clock, if it was read.
+func (l *Lease) acquire(ctx context.Context) (epoch uint64, ok bool, expires time.Time) {
 	term := newTerm()
 	since := time.Now().UTC()
 	data, _ := json.Marshal(leaseValue{Queen: l.holder, Term: term, Since: since})
@@ -221,17 +253,20 @@ func (l *Lease) acquire(ctx context.Context) (uint64, bool) {
 	if err == nil {
 		l.hold(term, rev, rev, since, sent)
 		l.log.Info().Uint64("epoch", rev).Msg("took the scheduler lease: this queen leads")
-		return rev, true
+		return rev, true, time.Time{}
 	}
 	if !errors.Is(err, jetstream.ErrKeyExists) {
 		if ctx.Err() == nil {
 			l.log.Debug().Err(err).Msg("taking the scheduler lease")
 		}
-		return 0, false
+		return 0, false, time.Time{}
 	}
 	e, err := l.kv.Get(ctx, l.key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return 0, false, l.now() // it expired meanwhile: try again soon
+	}
 	if err != nil {
-		return 0, false // it expired meanwhile: the next try creates it
+		return 0, false, time.Time{}
 	}
 	var cur leaseValue
 	_ = json.Unmarshal(e.Value(), &cur)
@@ -239,16 +274,16 @@ func (l *Lease) acquire(ctx context.Context) (uint64, bool) {
 	l.leader = cur.Queen
 	l.mu.Unlock()
 	if cur.Queen != l.holder {
-		return 0, false
+		return 0, false, e.Created().Add(l.ttl)
 	}
 	sent = l.now()
 	rev, err = l.kv.Update(ctx, l.key, data, e.Revision())
 	if err != nil {
-		return 0, false
+		return 0, false, time.Time{}
 	}
 	l.hold(term, rev, rev, since, sent)
 	l.log.Info().Uint64("epoch", rev).Msg("took back this queen's own scheduler lease: this queen leads")
-	return rev, true
+	return rev, true, time.Time{}
 }
 
 func (l *Lease) hold(term string, epoch, rev uint64, since, sent time.Time) {

@@ -259,3 +259,89 @@ func TestQueenIDIsKeptInTheDataDir(t *testing.T) {
 	_, err = loadQueenID(dir, "a.b")
 	require.ErrorIs(t, err, subjects.ErrInvalidID)
 }
+
+// A standby tries at TTL/10 ticks, at the moment the key it saw should
+// expire, and often for a tick after it, while the server's age check
+// catches up; a hint from a clock far off falls back to the ticks.
+func TestStandbyWaitAimsAtTheKeysExpiry(t *testing.T) {
+	const ttl = 3 * time.Second
+	now := time.Now()
+	for _, c := range []struct {
+		name    string
+		expires time.Time
+		want    time.Duration
+	}{
+		{"no key seen", time.Time{}, 300 * time.Millisecond},
+		{"expiry beyond a tick", now.Add(2 * time.Second), 300 * time.Millisecond},
+		{"expiry within a tick", now.Add(120 * time.Millisecond), 120 * time.Millisecond},
+		{"just expired", now, 60 * time.Millisecond},
+		{"expired, the server not caught up", now.Add(-200 * time.Millisecond), 60 * time.Millisecond},
+		{"expired over a tick ago", now.Add(-400 * time.Millisecond), 300 * time.Millisecond},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			require.Equal(t, c.want, standbyWait(ttl, now, c.expires))
+		})
+	}
+}
+
+// expiringKV holds another queen's lease key written at written: a Create
+// fails until removed, when the server's age check takes the key away
+// (after its expiry, as a real server's does).
+type expiringKV struct {
+	written, removed time.Time
+	took             chan time.Time
+}
+
+func (k *expiringKV) Create(context.Context, string, []byte, ...jetstream.KVCreateOpt) (uint64, error) {
+	if now := time.Now(); now.After(k.removed) {
+		k.took <- now
+		return 10, nil
+	}
+	return 0, jetstream.ErrKeyExists
+}
+
+func (k *expiringKV) Get(context.Context, string) (jetstream.KeyValueEntry, error) {
+	return leaseEntry{value: []byte(`{"queen":"queen-a","term":"t"}`), created: k.written}, nil
+}
+
+func (k *expiringKV) Update(context.Context, string, []byte, uint64) (uint64, error) {
+	return 0, jetstream.ErrKeyExists
+}
+
+func (k *expiringKV) Delete(context.Context, string, ...jetstream.KVDeleteOpt) error { return nil }
+
+type leaseEntry struct {
+	jetstream.KeyValueEntry
+	value   []byte
+	created time.Time
+}
+
+func (e leaseEntry) Value() []byte      { return e.value }
+func (e leaseEntry) Created() time.Time { return e.created }
+func (e leaseEntry) Revision() uint64   { return 5 }
+
+// A standby takes a lease soon after the server removes it, not at its next
+// tick: here the key expires 20 ms after the standby's third tick and goes
+// 100 ms later, when a standby on ticks alone would take it 180 ms late.
+func TestStandbyTakesTheLeaseAsItExpires(t *testing.T) {
+	const ttl = 3 * time.Second
+	start := time.Now()
+	expires := start.Add(3*ttl/10 + 20*time.Millisecond)
+	kv := &expiringKV{written: expires.Add(-ttl), removed: expires.Add(100 * time.Millisecond), took: make(chan time.Time, 1)}
+	l := newLease(kv, subjects.SchedulerLease, "queen-b", ttl, zerolog.Nop())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		l.Run(ctx, func(ctx context.Context, _ uint64) { <-ctx.Done() })
+	}()
+	defer func() { cancel(); <-done }()
+	select {
+	case took := <-kv.took:
+		late := took.Sub(kv.removed)
+		t.Logf("took the lease %s after the server removed it", late.Round(time.Millisecond))
+		require.Less(t, late, 120*time.Millisecond, "the standby waited for its next tick")
+	case <-time.After(2 * time.Second):
+		t.Fatal("the standby never took the lease")
+	}
+}
