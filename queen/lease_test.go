@@ -261,8 +261,8 @@ func TestQueenIDIsKeptInTheDataDir(t *testing.T) {
 }
 
 // A standby tries at TTL/10 ticks, at the moment the key it saw should
-// expire, and often for a tick after it, while the server's age check
-// catches up; a hint from a clock far off falls back to the ticks.
+// expire, and every TTL/50 for a tick after it, while the server's age
+// check catches up; a hint from a clock far off falls back to the ticks.
 func TestStandbyWaitAimsAtTheKeysExpiry(t *testing.T) {
 	const ttl = 3 * time.Second
 	now := time.Now()
