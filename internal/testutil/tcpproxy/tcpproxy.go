@@ -1,14 +1,14 @@
 // Package tcpproxy is a loopback TCP proxy for tests that need to cut one
 // client's connection to a server (a hive's bus connection) without touching
 // the server or the client: Cut drops every live connection and refuses new
-// ones until Heal.
+// ones until Heal. SetLatency makes the link a long one instead.
 package tcpproxy
 
 import (
 	"errors"
-	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,6 +22,9 @@ type Proxy struct {
 	target string
 	ln     net.Listener
 	wg     sync.WaitGroup
+
+	// latency is how long each byte takes through the proxy, each way.
+	latency atomic.Int64
 
 	mu     sync.Mutex
 	cut    bool
@@ -57,6 +60,11 @@ func (p *Proxy) Cut() {
 		_ = c.Close()
 	}
 }
+
+// SetLatency makes every byte forwarded from now on, either way, arrive d
+// after it was sent (0: at once), as over a long link: order is kept, and
+// what is sent meanwhile is not held up behind it.
+func (p *Proxy) SetLatency(d time.Duration) { p.latency.Store(int64(d)) }
 
 // Heal accepts and forwards new connections again.
 func (p *Proxy) Heal() {
@@ -119,6 +127,43 @@ func (p *Proxy) track(conns ...net.Conn) bool {
 	return true
 }
 
+// piece is what one read of a connection returned, and when.
+type piece struct {
+	data []byte
+	at   time.Time
+}
+
+// copyDelayed copies src to dst until either fails, each piece written
+// the proxy's latency after it was read.
+func (p *Proxy) copyDelayed(dst, src net.Conn) {
+	pieces := make(chan piece, 256)
+	go func() {
+		defer close(pieces)
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				pieces <- piece{data: append([]byte(nil), buf[:n]...), at: time.Now()}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	for pc := range pieces {
+		if d := time.Duration(p.latency.Load()); d > 0 {
+			time.Sleep(time.Until(pc.at.Add(d)))
+		}
+		if _, err := dst.Write(pc.data); err != nil {
+			// End the reader too (forward closes both sides anyway).
+			_ = src.Close()
+			for range pieces {
+			}
+			return
+		}
+	}
+}
+
 func (p *Proxy) untrack(conns ...net.Conn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -166,7 +211,7 @@ func (p *Proxy) forward(client net.Conn) {
 	}
 	done := make(chan struct{}, 2)
 	pipe := func(dst, src net.Conn) {
-		_, _ = io.Copy(dst, src)
+		p.copyDelayed(dst, src)
 		done <- struct{}{}
 	}
 	go pipe(target, client)

@@ -173,3 +173,36 @@ func TestConcurrentCutsAndDialsLeaveNothingBehind(t *testing.T) {
 	require.Zero(t, p.Live())
 	require.NoError(t, p.Close())
 }
+
+// A latency delays each way by itself, in order, and what is sent during
+// one delay is not held up behind it: ten lines sent at once come back
+// one round trip later, not ten.
+func TestLatencyDelaysEachWayWithoutQueueing(t *testing.T) {
+	p, err := Listen(echoServer(t))
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, p.Close()) })
+	c := dial(t, p.Addr())
+	_, err = roundTrip(c, "warm")
+	require.NoError(t, err)
+	const d = 100 * time.Millisecond
+	p.SetLatency(d)
+	start := time.Now()
+	r := bufio.NewReader(c)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	for i := 0; i < 10; i++ {
+		_, err := io.WriteString(c, "line\n")
+		require.NoError(t, err)
+		time.Sleep(5 * time.Millisecond)
+	}
+	for i := 0; i < 10; i++ {
+		got, err := r.ReadString('\n')
+		require.NoError(t, err)
+		require.Equal(t, "line\n", got)
+	}
+	took := time.Since(start)
+	require.GreaterOrEqual(t, took, 2*d, "a round trip crosses the link twice")
+	require.Less(t, took, 2*d+9*5*time.Millisecond+4*d, "pieces sent during a delay are not held up behind it")
+	p.SetLatency(0)
+	_, err = roundTrip(c, "fast again")
+	require.NoError(t, err)
+}
