@@ -395,3 +395,50 @@ func TestTokenPublisherFlushGivesUpWithItsContext(t *testing.T) {
 	require.Less(t, time.Since(start), 3*time.Second)
 	require.Error(t, tp.Publish(api.Token{Index: 100, Text: "c"}))
 }
+
+// A held publisher stores nothing until Release, and never makes its
+// generation wait: the tokens made meanwhile go out together when it is
+// released, and the followers see them as if sent one by one.
+func TestTokenPublisherHoldsTokensUntilReleased(t *testing.T) {
+	f := busfix.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	tp, err := f.Bus.Tokens("held")
+	require.NoError(t, err)
+	t.Cleanup(tp.Close)
+	tp.Hold()
+	const n = 50
+	for i := 0; i < n; i++ {
+		require.NoError(t, tp.Publish(api.Token{Index: i, ID: int32(i), Text: tokenText(i), Attempt: 1}))
+	}
+	require.ErrorContains(t, tp.Flush(ctx), "never released", "a held publisher has stored nothing to flush")
+	require.Zero(t, tokenMessages(t, f.Bus, "held"), "nothing is sent while held")
+	tp.Release()
+	const more = 20
+	for i := n; i < n+more; i++ {
+		require.NoError(t, tp.Publish(api.Token{Index: i, ID: int32(i), Text: tokenText(i), Attempt: 1}))
+	}
+	require.NoError(t, tp.Flush(ctx))
+	_, stored := storedTokens(t, f.Bus, "held")
+	require.Equal(t, 0, stored[0].Index)
+	require.Len(t, stored[0].More, n-1, "what was held goes out as one chunk")
+	require.NoError(t, f.Bus.PublishEvent(ctx, "held", subjects.EventState, api.StateChange{State: api.JobCompleted, Attempt: 1}))
+	follow(t, f.Bus, "held", 0, nil).requireExactly(t, 0, n+more)
+}
+
+// A held publisher closed before its release (the job was not the
+// worker's) drops what it held: nothing is ever stored, and the
+// generation's next token is refused, which stops it.
+func TestTokenPublisherClosedWhileHeldSendsNothing(t *testing.T) {
+	f := busfix.Start(t)
+	tp, err := f.Bus.Tokens("notours")
+	require.NoError(t, err)
+	tp.Hold()
+	for i := 0; i < 5; i++ {
+		require.NoError(t, tp.Publish(api.Token{Index: i, Text: "x", Attempt: 1}))
+	}
+	tp.Close()
+	tp.Release() // too late: nothing goes out
+	require.Error(t, tp.Publish(api.Token{Index: 5, Text: "x", Attempt: 1}))
+	require.Zero(t, tokenMessages(t, f.Bus, "notours"))
+}

@@ -94,6 +94,9 @@ type TokenPublisher struct {
 	// then only buffers; done is closed when that drain ends.
 	sending bool
 	done    chan struct{}
+	// held is true from Hold to Release: Publish only buffers, and
+	// nothing is sent.
+	held bool
 	// pending waits for the message in flight; spare is the drain's
 	// previous buffer, reused.
 	pending, spare []api.Token
@@ -128,7 +131,7 @@ func (b *Bus) Tokens(job string) (*TokenPublisher, error) {
 // an earlier one) could not be stored: the stream is broken.
 func (p *TokenPublisher) Publish(t api.Token) error {
 	p.mu.Lock()
-	for p.sending && p.err == nil && len(p.pending) >= maxPendingTokens {
+	for (p.sending || p.held) && p.err == nil && len(p.pending) >= maxPendingTokens {
 		p.room.Wait()
 	}
 	if p.err != nil {
@@ -136,7 +139,7 @@ func (p *TokenPublisher) Publish(t api.Token) error {
 		p.mu.Unlock()
 		return err
 	}
-	if p.sending {
+	if p.sending || p.held {
 		p.pending = append(p.pending, t)
 		p.mu.Unlock()
 		return nil
@@ -146,17 +149,56 @@ func (p *TokenPublisher) Publish(t api.Token) error {
 	p.sending = true
 	p.done = make(chan struct{})
 	p.mu.Unlock()
-	fl := p.send([]api.Token{t})
-	go p.drain(fl)
+	go p.drain([]flight{p.send([]api.Token{t})})
 	return nil
 }
+
+// Hold makes Publish keep every token back until Release, for a
+// generation that begins before its job is known to be its own (a worker
+// feeds the prompt while it takes the job). The generation never waits
+// for that answer: what it makes meanwhile waits here, and Release sends
+// it from the goroutine that has the answer, or Close drops it unsent.
+// Hold is called before the first Publish.
+func (p *TokenPublisher) Hold() {
+	p.mu.Lock()
+	p.held = true
+	p.mu.Unlock()
+}
+
+// Release ends a Hold: the tokens kept back go out at once, as one chunk
+// (or as few as the chunk limits allow), and later ones as usual.
+func (p *TokenPublisher) Release() {
+	p.mu.Lock()
+	if !p.held {
+		p.mu.Unlock()
+		return
+	}
+	p.held = false
+	p.room.Broadcast()
+	if len(p.pending) == 0 || p.err != nil {
+		p.mu.Unlock()
+		return
+	}
+	batch := p.pending
+	p.pending = nil
+	p.sending = true
+	p.done = make(chan struct{})
+	p.mu.Unlock()
+	go p.drain(p.sendAll(nil, batch))
+}
+
+// errPublisherHeld is a Flush of tokens that were never released.
+var errPublisherHeld = errors.New("token publisher held: its tokens were never released")
 
 // Flush waits until every token published so far is stored. If ctx ends
 // first the publisher gives up (as Close) and returns ctx's error.
 func (p *TokenPublisher) Flush(ctx context.Context) error {
 	p.mu.Lock()
-	sending, done := p.sending, p.done
+	sending, done, held := p.sending, p.done, p.held
 	p.mu.Unlock()
+	if held {
+		return errPublisherHeld
+	}
 	if sending {
 		select {
 		case <-done:
@@ -210,6 +252,17 @@ func (p *TokenPublisher) send(toks []api.Token) flight {
 	return flight{f: f, msg: msg}
 }
 
+// sendAll sends toks in as few chunks as the limits allow, without
+// waiting, and appends their flights to dst.
+func (p *TokenPublisher) sendAll(dst []flight, toks []api.Token) []flight {
+	for len(toks) > 0 {
+		n := chunkLen(toks)
+		dst = append(dst, p.send(toks[:n]))
+		toks = toks[n:]
+	}
+	return dst
+}
+
 // chunk makes one api.Token of consecutive tokens of one attempt.
 func chunk(toks []api.Token) api.Token {
 	c := toks[0]
@@ -227,8 +280,7 @@ func chunk(toks []api.Token) api.Token {
 // drain owns the stream while messages are in flight: it waits for their
 // acknowledgements (resending what a reconnect lost), then sends what
 // accumulated meanwhile, until nothing is left.
-func (p *TokenPublisher) drain(first flight) {
-	flights := []flight{first}
+func (p *TokenPublisher) drain(flights []flight) {
 	for {
 		var err error
 		for _, fl := range flights {
@@ -253,12 +305,7 @@ func (p *TokenPublisher) drain(first flight) {
 		p.pending, p.spare = p.spare[:0], nil
 		p.room.Broadcast()
 		p.mu.Unlock()
-		flights = flights[:0]
-		for rest := batch; len(rest) > 0; {
-			n := chunkLen(rest)
-			flights = append(flights, p.send(rest[:n]))
-			rest = rest[n:]
-		}
+		flights = p.sendAll(flights[:0], batch)
 		// The tokens are encoded: their buffer serves the next batch.
 		clear(batch)
 		p.mu.Lock()

@@ -113,15 +113,25 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	// The prompt is fed while the job is taken: taking it is a round
 	// trip to the record (two when the request carries no copy of it, or
 	// the copy is stale), which would otherwise come before the prefill
-	// on the way to the first token. No token is published until the
-	// take is confirmed; a request that turns out not to be ours
-	// (cancelled while queued, a redelivery, a stale attempt) stops its
-	// generation unseen.
+	// on the way to the first token. The generation does not wait for
+	// the take either: its publisher holds the tokens back until the
+	// take is confirmed, then this goroutine sends them, so the decode
+	// (and every other sequence of its batch) goes on meanwhile. A
+	// request that turns out not to be ours (cancelled while queued, a
+	// redelivery, a stale attempt) stops its generation unseen.
+	pub, err := w.bus.Tokens(id)
+	if err != nil { // the id was validated above; kept for safety
+		log.Error().Err(err).Msg("dropping a request whose job has no token subject")
+		_ = msg.Term()
+		return
+	}
+	pub.ResendWithin = w.cfg.BusOutage
+	pub.Hold()
 	gate := make(chan error, 1)
 	generated := make(chan struct{})
 	go func() {
 		defer close(generated)
-		w.generate(genCtx, cancelGen, slot, id, req, ereq, attempt, gate, freeSlot)
+		w.generate(genCtx, cancelGen, slot, id, req, ereq, attempt, pub, gate, freeSlot)
 	}()
 	if req.Record != nil && req.Record.ID == id {
 		known := *req.Record
@@ -132,6 +142,7 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	}
 	notOurs := func() {
 		cancelGen(errNotTaken)
+		pub.Close()
 		gate <- errNotTaken
 		<-generated
 	}
@@ -156,17 +167,22 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 		_ = msg.NakWithDelay(time.Second)
 		return
 	}
-	// The job is ours now; if this worker dies, the queen sees it go and
-	// recovers the job, so the request must not be redelivered as well.
-	// A plain ack, not a confirmed one: waiting a round trip here would
-	// delay the first token, and should the ack be lost, the redelivered
-	// request finds its job running and is dropped by the state machine.
-	if err := msg.Ack(); err != nil {
-		log.Warn().Err(err).Msg("acknowledging the request")
-	}
+	// The job is ours now: its narration, then the tokens held back.
 	w.narrator.Post(id, "infer", w.cfg.Model,
 		map[string]any{"slot": slotIdx, "attempt": attempt.Number, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
 		"worker %s on hive %s is generating with model %s", w.cfg.ID, w.cfg.Hive, w.cfg.Model)
+	pub.Release()
+	// If this worker dies now, the queen sees it go and recovers the job,
+	// so the request must not be redelivered as well. The ack goes after
+	// the tokens held back, not before them: the server would remove the
+	// request from the work queue (a file of its own) while the first
+	// token waited behind it on this connection. A plain ack, not a
+	// confirmed one, for the same reason; should it be lost, the
+	// redelivered request finds its job running and is dropped by the
+	// state machine.
+	if err := msg.Ack(); err != nil {
+		log.Warn().Err(err).Msg("acknowledging the request")
+	}
 	gate <- nil
 	<-generated
 }
@@ -201,16 +217,11 @@ const (
 
 // generate streams the tokens of one running job and records its end.
 //
-// gate says whether the job was taken: the first token waits for it, and a
-// generation whose job was not taken ends without a trace (no token, no
-// end recorded).
-func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, id string, req api.InferRequest, ereq engine.Request, attempt jobs.Attempt, gate <-chan error, freeSlot func()) {
-	pub, err := w.bus.Tokens(id)
-	if err != nil { // the id was validated; kept for safety
-		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonInternal, "", "%v", err), nil)
-		return
-	}
-	pub.ResendWithin = w.cfg.BusOutage
+// pub holds the tokens back until the job is taken; gate says, once the take
+// is settled, whether it was. A generation whose job was not taken ends
+// without a trace (no token, no end recorded): its publisher is closed
+// unsent, which stops the generation at its next token.
+func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, slot engine.Slot, id string, req api.InferRequest, ereq engine.Request, attempt jobs.Attempt, pub *bus.TokenPublisher, gate <-chan error, freeSlot func()) {
 	var first atomic.Int32
 	ftt := time.Duration(req.Args.FirstTokenTimeout)
 	started := time.Now()
@@ -222,19 +233,8 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		})
 		defer t.Stop()
 	}
-	// takeErr reads the take's outcome once, whoever asks first.
-	var takeOutcome error
-	asked := false
-	takeErr := func() error {
-		if !asked {
-			takeOutcome, asked = <-gate, true
-		}
-		return takeOutcome
-	}
+	served := 0
 	res, genErr := slot.Generate(ctx, ereq, func(t engine.Token) error {
-		if err := takeErr(); err != nil {
-			return err
-		}
 		// The timer cancels a generation stuck before its first token;
 		// a first token that comes late anyway is refused here too.
 		if t.Index == 0 && (!first.CompareAndSwap(waitingFirst, gotFirst) || ftt > 0 && time.Since(started) > ftt) {
@@ -245,10 +245,12 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		if err := pub.Publish(api.Token{Index: t.Index, ID: t.ID, Text: t.Text, Attempt: attempt.Number}); err != nil {
 			return err
 		}
+		served++
 		w.tokenServed()
 		return nil
 	})
-	if takeErr() != nil {
+	if <-gate != nil {
+		w.tokensDropped(served)
 		return // not ours: nothing was published, nothing is recorded
 	}
 	// Every token is stored before the end is, so no follower sees the

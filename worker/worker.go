@@ -366,6 +366,14 @@ func (w *worker) tokenServed() {
 	w.mu.Unlock()
 }
 
+// tokensDropped uncounts n tokens of a generation whose job turned out
+// not to be this worker's: they were made, but never sent.
+func (w *worker) tokensDropped(n int) {
+	w.mu.Lock()
+	w.tokensServed -= uint64(n)
+	w.mu.Unlock()
+}
+
 // jobSpeed folds one job's generation speed into the recent average.
 func (w *worker) jobSpeed(tps float64) {
 	if tps <= 0 {

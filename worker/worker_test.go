@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/internal/testutil/inproc"
+	"github.com/rbee-dev/rbee/internal/testutil/tcpproxy"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rbee-dev/rbee/worker"
@@ -513,4 +515,61 @@ func TestSlotsThatDoNotFitAreRefused(t *testing.T) {
 	require.ErrorIs(t, err, worker.ErrNoMemory)
 	assert.Contains(t, err.Error(), "--slots 256 does not fit: 256 slots of 4194304 tokens need")
 	assert.Contains(t, err.Error(), "of KV cache (2.0 GiB each)")
+}
+
+// Over a long link (100 ms each way) taking a job is a 200 ms round trip,
+// and the tiny model makes its tokens in a few milliseconds. The decode
+// does not wait for the take: its tokens are held back and sent once the
+// take comes back. The tokens of a request whose job another worker runs
+// (a redelivery) are made meanwhile too, and dropped unsent and uncounted.
+func TestTheDecodeDoesNotWaitForTheTake(t *testing.T) {
+	f := busfix.Start(t)
+	s := store(t, f)
+	ctx := context.Background()
+	u, err := url.Parse(f.URL)
+	require.NoError(t, err)
+	proxy, err := tcpproxy.Listen(u.Host)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = proxy.Close() })
+	start(t, f, "w1", 1, func(c *worker.Config) { c.NATSURL = "nats://" + proxy.Addr() })
+	const latency = 100 * time.Millisecond
+	proxy.SetLatency(latency)
+
+	args := api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 64}}
+	result := func(id string) api.InferResult {
+		t.Helper()
+		job, err := s.Get(ctx, id)
+		require.NoError(t, err)
+		require.Equal(t, api.JobCompleted, job.State)
+		var res api.InferResult
+		require.NoError(t, json.Unmarshal(job.Result, &res))
+		return res
+	}
+	ours := submit(t, f, args)
+	got := follow(t, f, ours, nil)
+	require.Equal(t, api.JobCompleted, got.final.State)
+	requireContiguous(t, got.tokens)
+	res := result(ours)
+	require.Len(t, got.tokens, res.CompletionTokens)
+	require.Less(t, time.Duration(res.Duration), latency,
+		"the generation ran while its take (a round trip of 2 × %s) was in flight", latency)
+
+	other := queueJob(t, f, args)
+	_, err = s.Take(ctx, other, jobs.Attempt{Number: 1, Worker: "w0"}, "hive1")
+	require.NoError(t, err)
+	publishRequest(t, f, other, args)
+	next := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 4}})
+	require.Equal(t, api.JobCompleted, follow(t, f, next, nil).final.State)
+	subject, err := f.Bus.Space.JobEvent(other, subjects.EventToken)
+	require.NoError(t, err)
+	stream, err := f.Bus.JS.Stream(ctx, f.Bus.Space.JobsStream())
+	require.NoError(t, err)
+	_, err = stream.GetLastMsgForSubject(ctx, subject)
+	require.ErrorIs(t, err, jetstream.ErrMsgNotFound, "no token of a job another worker runs")
+	job, err := s.Get(ctx, other)
+	require.NoError(t, err)
+	require.Equal(t, api.JobRunning, job.State)
+	require.Equal(t, "w0", job.Worker)
+	require.EqualValues(t, res.CompletionTokens+result(next).CompletionTokens, workerStatus(t, f, "w1").TokensServed,
+		"only the tokens of its own jobs count as served")
 }
