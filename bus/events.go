@@ -700,6 +700,11 @@ func splitChunk(ev api.Event, out []api.Event) []api.Event {
 // never filled (the stream's limits discarded the oldest tokens of a huge
 // job) is given up once maxHeldTokens wait behind it.
 //
+// A job's creation event (queued, from no state) is stored without waiting
+// (it is on the way to the first token), so across the servers of a
+// cluster it may land after the next state a worker stored: one seen after
+// any other state says nothing new and is dropped.
+//
 // It also fences attempts: once the job's state events say it was retried
 // (running → queued) or that a newer attempt runs, tokens of older attempts
 // are dropped, and counting starts again at the new attempt's index 0. A
@@ -716,6 +721,8 @@ type tokenOrder struct {
 	held    map[int]api.Event
 	// attempt is the oldest attempt whose tokens are still shown.
 	attempt int
+	// stated is true once a state event was handed over.
+	stated bool
 	// out is reused for what admit returns: no allocation per token.
 	out []api.Event
 }
@@ -731,6 +738,10 @@ func (o *tokenOrder) newAttempt(a int) {
 func (o *tokenOrder) admit(ev api.Event) []api.Event {
 	o.out = o.out[:0]
 	if st := ev.State; st != nil {
+		if st.From == "" && st.State == api.JobQueued && o.stated {
+			return o.out // a late creation event
+		}
+		o.stated = true
 		switch {
 		case st.State == api.JobQueued && st.From == api.JobRunning && st.Attempt >= o.attempt:
 			o.newAttempt(st.Attempt + 1)

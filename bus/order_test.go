@@ -181,3 +181,18 @@ func TestTokenOrderFencesAStaleAttemptsChunk(t *testing.T) {
 	)
 	require.Equal(t, "b0 b1 b2 c0 c1 c2 c3 ", text)
 }
+
+// The creation event is stored without waiting for its acknowledgement, so
+// on a cluster it can land after the worker's "running": a follower drops
+// it there, and hands it over where it comes first.
+func TestALateCreationEventIsDropped(t *testing.T) {
+	created := api.Event{Kind: "state", State: &api.StateChange{State: api.JobQueued, Attempt: 0}}
+	running := api.Event{Kind: "state", State: &api.StateChange{From: api.JobQueued, State: api.JobRunning, Attempt: 1}}
+	o := tokenOrder{}
+	require.Len(t, o.admit(created), 1, "a creation event that comes first is shown")
+	require.Len(t, o.admit(running), 1)
+	o = tokenOrder{}
+	require.Len(t, o.admit(running), 1)
+	require.Empty(t, o.admit(created), "a creation event after the job's next state says nothing new")
+	require.Len(t, o.admit(api.Event{Kind: "token", Token: &api.Token{Index: 0, Attempt: 1}}), 1, "tokens still flow")
+}

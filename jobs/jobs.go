@@ -411,9 +411,11 @@ func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState
 			})
 		}
 	}
-	if job.State == api.JobRunning {
-		// A job starting is on the path to its first token: the record
-		// is already written, so the event need not hold the worker up.
+	if job.State == api.JobRunning || from == "" {
+		// A job made or starting is on the path to its first token: the
+		// record is already written, so the event need not hold the
+		// submit or the worker up. (A follower drops a creation event
+		// that a cluster stored after the job's next state.)
 		publish = func() error { return s.bus.PostEvent(job.ID, subjects.EventState, ev) }
 	}
 	if err := publish(); err != nil {
