@@ -70,10 +70,10 @@ func (b *Bus) PostEvent(job string, kind subjects.EventKind, v any) error {
 // message id would let the stream drop the copy itself, but its dedupe
 // index costs the server a third of its throughput.)
 //
-// Publish and Flush are called from one goroutine (the generation's). While
-// a message is in flight a goroutine of the publisher waits for its
-// acknowledgement; it ends when nothing is left to send, and at the latest
-// when Flush or Close returns.
+// Publish and Flush are called from one goroutine (the generation's);
+// Hold, Release and Close from any. While a message is in flight a
+// goroutine of the publisher waits for its acknowledgement; it ends when
+// nothing is left to send, and at the latest when Flush or Close returns.
 type TokenPublisher struct {
 	bus     *Bus
 	subject string
