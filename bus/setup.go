@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -61,7 +62,7 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 			rep.want = DefaultClusterReplicas
 		}
 	}
-	if err := b.ensureStream(ctx, rep, jetstream.StreamConfig{
+	streams := []jetstream.StreamConfig{{
 		Name:              s.JobsStream(),
 		Description:       "rbee job events: narration, tokens and state changes of every job",
 		Subjects:          s.JobsStreamSubjects(),
@@ -75,10 +76,7 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		// drop copies by index); a short window keeps the dedupe index
 		// small for the few events that do.
 		Duplicates: 30 * time.Second,
-	}); err != nil {
-		return err
-	}
-	if err := b.ensureStream(ctx, rep, jetstream.StreamConfig{
+	}, {
 		Name:        s.InferStream(),
 		Description: "rbee inference requests waiting for a worker with a free slot",
 		Subjects:    []string{s.InferAll()},
@@ -87,10 +85,7 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		// job has long timed out.
 		MaxAge:  r.JobEvents,
 		Storage: jetstream.FileStorage,
-	}); err != nil {
-		return err
-	}
-	if err := b.ensureStream(ctx, rep, jetstream.StreamConfig{
+	}, {
 		Name:              s.RequestsStream(),
 		Description:       "rbee inference requests, whole, one per job: the job record keeps an excerpt",
 		Subjects:          []string{s.RequestsAll()},
@@ -100,9 +95,7 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		MaxBytes:          r.MaxJobBytes,
 		Discard:           jetstream.DiscardOld,
 		Storage:           jetstream.FileStorage,
-	}); err != nil {
-		return err
-	}
+	}}
 	buckets := []jetstream.KeyValueConfig{
 		{Bucket: s.HivesBucket(), Description: "live hives: one heartbeat entry per hive with a per-beat TTL", History: 1, LimitMarkerTTL: HeartbeatMarkerTTL, Storage: jetstream.FileStorage},
 		{Bucket: s.WorkersBucket(), Description: "live workers: one heartbeat entry per worker with a per-beat TTL", History: 1, LimitMarkerTTL: HeartbeatMarkerTTL, Storage: jetstream.FileStorage},
@@ -111,8 +104,28 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 		{Bucket: s.JobsBucket(), Description: "job records, updated by compare-and-swap", History: 1, LimitMarkerTTL: HeartbeatMarkerTTL, Storage: jetstream.FileStorage},
 		{Bucket: s.InventoryBucket(), Description: "hives the user added: name and how to reach the machine", History: 1, Storage: jetstream.FileStorage},
 	}
-	for _, cfg := range buckets {
-		if err := b.ensureBucket(ctx, rep, cfg); err != nil {
+	// The first stream settles the replica count (and says so if it must
+	// fall back); the rest are made side by side. Each new replicated
+	// stream elects its own leader, which takes an election timeout (4 to
+	// 9 s in nats-server) whenever the server it prefers is down but not
+	// yet known to be: one after the other, a queen starting beside a
+	// dead server waited for each in turn (up to a minute for the eight).
+	if err := b.ensureStream(ctx, rep, streams[0]); err != nil {
+		return err
+	}
+	errs := make([]error, len(streams)-1+len(buckets))
+	var wg sync.WaitGroup
+	for i, cfg := range streams[1:] {
+		wg.Go(func() { errs[i] = b.ensureStream(ctx, rep, cfg) })
+	}
+	for i, cfg := range buckets {
+		wg.Go(func() { errs[len(streams)-1+i] = b.ensureBucket(ctx, rep, cfg) })
+	}
+	wg.Wait()
+	// The first in the contract's order, so the same failure reads the
+	// same way each time.
+	for _, err := range errs {
+		if err != nil {
 			return err
 		}
 	}
@@ -123,9 +136,20 @@ func (b *Bus) EnsureStreams(ctx context.Context, r Retention) error {
 // is tried again: its servers may still be finding each other.
 const placementWait = 10 * time.Second
 
+// SetupCallWait bounds each JetStream API call of the setup. A call that
+// reaches a stream without a leader (one just made, still electing, or
+// one whose servers just came back) is dropped, not refused: unbounded,
+// it would wait out the caller's whole try, though the leader may be
+// there a second later. A create is answered once its stream has a
+// leader, which can take an election timeout; one cut short is simply
+// tried again, and finds the stream made.
+const SetupCallWait = 2 * time.Second
+
 // replication is the replica count EnsureStreams settles on, once for all
-// streams and buckets, so they survive the same failures.
+// streams and buckets, so they survive the same failures. It is shared by
+// the streams made side by side.
 type replication struct {
+	mu       sync.Mutex
 	want     int
 	explicit bool
 	// downgraded is set once a chosen count could not be placed.
@@ -150,10 +174,22 @@ func cannotPlace(err error) bool {
 
 // replicas is the count for a stream that has existing (0: new).
 func (r *replication) replicas(existing int) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.explicit || existing <= r.want {
 		return r.want
 	}
 	return existing
+}
+
+// downgrade settles on one copy; it reports whether this call made that
+// choice (and so should say it).
+func (r *replication) downgrade() (first bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	first = !r.downgraded
+	r.downgraded, r.want = true, 1
+	return first
 }
 
 // place runs create with the settled count; a count chosen (not asked
@@ -168,11 +204,10 @@ func (b *Bus) place(r *replication, what string, existing int, create func(repli
 		err = create(n)
 	}
 	if err != nil && cannotPlace(err) && !r.explicit && n > 1 && existing <= 1 {
-		if !r.downgraded {
+		if r.downgrade() {
 			b.Log.Warn().Err(err).Int("replicas", n).
 				Msg("the cluster cannot place this many copies of rbee's streams (fewer JetStream servers up); keeping one copy until a queen starts with them all up")
 		}
-		r.downgraded, r.want = true, 1
 		n = 1
 		err = create(n)
 	}
@@ -185,47 +220,57 @@ func (b *Bus) place(r *replication, what string, existing int, create func(repli
 	return nil
 }
 
+// SetupCall runs one JetStream API call of a component's setup within
+// SetupCallWait; the caller's try (WhileStarting) makes it again.
+func SetupCall[T any](ctx context.Context, call func(context.Context) (T, error)) (T, error) {
+	cctx, cancel := context.WithTimeout(ctx, SetupCallWait)
+	defer cancel()
+	return call(cctx)
+}
+
 func (b *Bus) ensureStream(ctx context.Context, r *replication, cfg jetstream.StreamConfig) error {
 	existing := 0
-	if st, err := b.JS.Stream(ctx, cfg.Name); err == nil {
+	if st, err := SetupCall(ctx, func(ctx context.Context) (jetstream.Stream, error) { return b.JS.Stream(ctx, cfg.Name) }); err == nil {
 		existing = st.CachedInfo().Config.Replicas
 	} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
 		return fmt.Errorf("read stream %s: %w", cfg.Name, err)
 	}
 	return b.place(r, "stream "+cfg.Name, existing, func(n int) error {
 		cfg.Replicas = n
-		_, err := b.JS.CreateOrUpdateStream(ctx, cfg)
+		_, err := SetupCall(ctx, func(ctx context.Context) (jetstream.Stream, error) { return b.JS.CreateOrUpdateStream(ctx, cfg) })
 		return err
 	})
 }
 
 func (b *Bus) ensureBucket(ctx context.Context, r *replication, cfg jetstream.KeyValueConfig) error {
 	existing := 0
-	if kv, err := b.JS.KeyValue(ctx, cfg.Bucket); err == nil {
-		if st, err := kv.Status(ctx); err == nil {
-			if s, ok := st.(*jetstream.KeyValueBucketStatus); ok {
-				existing = s.StreamInfo().Config.Replicas
-			}
+	if kv, err := SetupCall(ctx, func(ctx context.Context) (jetstream.KeyValue, error) { return b.JS.KeyValue(ctx, cfg.Bucket) }); err == nil {
+		st, err := SetupCall(ctx, kv.Status)
+		if err != nil {
+			return fmt.Errorf("read bucket %s: %w", cfg.Bucket, err)
+		}
+		if s, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+			existing = s.StreamInfo().Config.Replicas
 		}
 	} else if !errors.Is(err, jetstream.ErrBucketNotFound) {
 		return fmt.Errorf("read bucket %s: %w", cfg.Bucket, err)
 	}
 	return b.place(r, "bucket "+cfg.Bucket, existing, func(n int) error {
 		cfg.Replicas = n
-		_, err := b.JS.CreateOrUpdateKeyValue(ctx, cfg)
+		_, err := SetupCall(ctx, func(ctx context.Context) (jetstream.KeyValue, error) { return b.JS.CreateOrUpdateKeyValue(ctx, cfg) })
 		return err
 	})
 }
 
 // Replicas is the copies the bus keeps of rbee's streams (those of the job
 // event stream, which EnsureStreams settled), for a bucket made beside
-// them; 1 when it cannot be read.
-func (b *Bus) Replicas(ctx context.Context) int {
-	st, err := b.JS.Stream(ctx, b.Space.JobsStream())
+// them.
+func (b *Bus) Replicas(ctx context.Context) (int, error) {
+	st, err := SetupCall(ctx, func(ctx context.Context) (jetstream.Stream, error) { return b.JS.Stream(ctx, b.Space.JobsStream()) })
 	if err != nil {
-		return 1
+		return 0, fmt.Errorf("read stream %s: %w", b.Space.JobsStream(), err)
 	}
-	return max(1, st.CachedInfo().Config.Replicas)
+	return max(1, st.CachedInfo().Config.Replicas), nil
 }
 
 // KV opens a bucket that EnsureStreams created.

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rs/zerolog"
 )
@@ -374,24 +375,29 @@ func openLeaseBucket(ctx context.Context, js jetstream.JetStream, bucket string,
 	if replicas < 1 {
 		replicas = 1
 	}
-	kv, err := js.KeyValue(ctx, bucket)
+	// Each call bounded: one that reaches a bucket still electing its
+	// leader is dropped, and the queen's setup tries again.
+	lookup := func(ctx context.Context) (jetstream.KeyValue, error) { return js.KeyValue(ctx, bucket) }
+	kv, err := bus.SetupCall(ctx, lookup)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
-			Bucket:      bucket,
-			Description: "who leads: the scheduler lease, renewed by its holder, expiring one TTL after its last renewal",
-			History:     1,
-			TTL:         ttl,
-			Replicas:    replicas,
-			Storage:     jetstream.FileStorage,
+		kv, err = bus.SetupCall(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
+			return js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+				Bucket:      bucket,
+				Description: "who leads: the scheduler lease, renewed by its holder, expiring one TTL after its last renewal",
+				History:     1,
+				TTL:         ttl,
+				Replicas:    replicas,
+				Storage:     jetstream.FileStorage,
+			})
 		})
 		if errors.Is(err, jetstream.ErrBucketExists) {
-			kv, err = js.KeyValue(ctx, bucket) // another queen made it first
+			kv, err = bus.SetupCall(ctx, lookup) // another queen made it first
 		}
 	}
 	if err != nil {
 		return nil, 0, fmt.Errorf("open bucket %s: %w", bucket, err)
 	}
-	st, err := kv.Status(ctx)
+	st, err := bus.SetupCall(ctx, kv.Status)
 	if err != nil {
 		return nil, 0, fmt.Errorf("read bucket %s: %w", bucket, err)
 	}

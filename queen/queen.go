@@ -231,9 +231,6 @@ func Run(ctx context.Context, cfg Config) error {
 	if q.inventory, err = q.bus.KV(setupCtx, q.bus.Space.InventoryBucket()); err != nil {
 		return err
 	}
-	if q.lease, err = q.openLease(setupCtx); err != nil {
-		return err
-	}
 	q.narrator = q.bus.Narrator(actor, "", "")
 	q.registry = newRegistry(q.bus, cfg.LivenessGrace)
 	// Every queen watches the registry (its endpoints and gateway read
@@ -415,17 +412,26 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 	log.Info().Msg("the scheduler term ended")
 }
 
-// ensureStreams creates the contract's streams and buckets, waiting for a
-// bus whose JetStream is still starting (a cluster electing its first
-// leaders, a server coming up beside the queen under systemd) for as long
-// as ctx lasts, rather than exiting on the first timeout.
+// ensureStreams creates the contract's streams and buckets and opens the
+// scheduler lease's, waiting for a bus whose JetStream is still starting
+// (a cluster electing its first leaders, a server coming up beside the
+// queen under systemd) for as long as ctx lasts, rather than exiting on
+// the first timeout.
 func (q *Queen) ensureStreams(ctx context.Context) error {
 	return bus.WhileStarting(ctx, func(err error) {
 		q.log.Warn().Err(err).Msg("the bus's JetStream does not answer yet; waiting for it")
 	}, func() error {
 		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		defer cancel()
-		return q.bus.EnsureStreams(sctx, q.cfg.Retention)
+		if err := q.bus.EnsureStreams(sctx, q.cfg.Retention); err != nil {
+			return err
+		}
+		lease, err := q.openLease(sctx)
+		if err != nil {
+			return err
+		}
+		q.lease = lease
+		return nil
 	})
 }
 
@@ -438,7 +444,10 @@ func (q *Queen) openLease(ctx context.Context) (*Lease, error) {
 	replicas := q.cfg.LeaseReplicas
 	if replicas <= 0 {
 		// As many copies as the streams: a lease must survive what they do.
-		replicas = q.bus.Replicas(ctx)
+		var err error
+		if replicas, err = q.bus.Replicas(ctx); err != nil {
+			return nil, err
+		}
 	}
 	kv, ttl, err := openLeaseBucket(ctx, q.bus.JS, q.bus.Space.LeasesBucket(), q.cfg.LeaseTTL, replicas, q.log)
 	if err != nil {
