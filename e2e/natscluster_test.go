@@ -336,3 +336,31 @@ func TestClusterQueenWaitsForItsJetStream(t *testing.T) {
 	nc.start(1)
 	eventually(t, 60*time.Second, func() bool { return c.rbee("status").code == 0 }, "the queen did not serve once the cluster had a quorum: %s", logs)
 }
+
+// A cluster of two servers cannot place the three copies a queen chooses
+// by default: the first stream settles on one copy and says so once, the
+// streams and buckets made side by side after it (and the lease bucket)
+// keep that one copy too, and the queen serves.
+func TestClusterOfTwoKeepsOneCopyOfEverything(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t).withDaemons()
+	nc := c.startNATSCluster(2)
+	queen := exec.Command(filepath.Join(c.bin, "queen-rbee"), "--data", c.home, "--gateway", "off")
+	queen.Env = c.env
+	logs := &syncBuffer{}
+	queen.Stdout, queen.Stderr = logs, logs
+	require.NoError(t, queen.Start())
+	done := make(chan struct{})
+	go func() { _ = queen.Wait(); close(done) }()
+	t.Cleanup(func() { _ = queen.Process.Kill(); <-done })
+	eventually(t, 60*time.Second, func() bool { return c.rbee("status").code == 0 }, "the queen did not serve on two servers: %s", logs)
+
+	const fellBack = "keeping one copy until a queen starts with them all up"
+	require.Equal(t, 1, strings.Count(logs.String(), fellBack), "the fallback is said once: %s", logs)
+	b := c.connect()
+	for _, name := range append(contractStreams(c), "KV_"+b.Space.LeasesBucket()) {
+		info, err := nc.streamInfo(b.JS, name)
+		require.NoError(t, err, name)
+		require.Equal(t, 1, info.Config.Replicas, "%s keeps one copy", name)
+	}
+}
