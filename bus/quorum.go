@@ -118,24 +118,37 @@ func Starting(err error) bool {
 	return false
 }
 
+// startingRetry is how often WhileStarting tries again, and stillWaiting
+// how often it says again that it waits: a component held up for minutes
+// (a cluster without a quorum) must not look hung. Variables for tests.
+var (
+	startingRetry = time.Second
+	stillWaiting  = 30 * time.Second
+)
+
 // WhileStarting runs read until it succeeds, fails for a reason other than
 // a bus that cannot answer yet (Starting or Unavailable), or ctx ends,
-// trying again every second; waiting is said once, through waiting. It is
-// for reads a component cannot do without (its setup, a leader's replay of
-// the records), where giving up would leave it broken or blind.
-func WhileStarting(ctx context.Context, waiting func(error), read func() error) error {
-	for told := false; ; told = true {
+// trying again every second. It says that it waits through waiting, with
+// the latest reason and how long it has waited: at the first failure, then
+// every stillWaiting. It is for reads a component cannot do without (its
+// setup, a leader's replay of the records), where giving up would leave it
+// broken or blind.
+func WhileStarting(ctx context.Context, waiting func(err error, waited time.Duration), read func() error) error {
+	began := time.Now()
+	var told time.Time
+	for {
 		err := read()
 		if err == nil || ctx.Err() != nil || !Starting(err) && !Unavailable(err) {
 			return err
 		}
-		if !told {
-			waiting(err)
+		if told.IsZero() || time.Since(told) >= stillWaiting {
+			told = time.Now()
+			waiting(err, time.Since(began).Round(time.Second))
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(time.Second):
+		case <-time.After(startingRetry):
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -63,4 +64,39 @@ func TestNoQuorumIsAnAnswerWithItsReason(t *testing.T) {
 	require.True(t, outage(fmt.Errorf("follow job j: %w", unavailable)), "a follower attaching while the job stream elects its leader tries again")
 	require.False(t, outage(jetstream.ErrStreamNotFound), "a missing stream is an answer")
 	require.NoError(t, StoreErr(nil))
+}
+
+// A component waiting for a bus that cannot answer says so at once, then
+// again every stillWaiting with how long it has waited, so a wait of
+// minutes does not look hung; it stops at the first read that works.
+func TestWhileStartingSaysAgainThatItWaits(t *testing.T) {
+	defer func(retry, still time.Duration) { startingRetry, stillWaiting = retry, still }(startingRetry, stillWaiting)
+	startingRetry, stillWaiting = 5*time.Millisecond, 100*time.Millisecond
+
+	began := time.Now()
+	var told []time.Duration
+	reads := 0
+	err := WhileStarting(context.Background(), func(err error, waited time.Duration) {
+		require.ErrorIs(t, err, context.DeadlineExceeded, "the latest reason is given")
+		told = append(told, time.Since(began))
+	}, func() error {
+		reads++
+		if time.Since(began) < 600*time.Millisecond {
+			return fmt.Errorf("create stream: %w", context.DeadlineExceeded)
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	require.Greater(t, reads, len(told), "tried more often than it says so")
+	require.GreaterOrEqual(t, len(told), 3, "said at once, then again while it waited: %v", told)
+	require.Less(t, told[0], stillWaiting, "said at the first failure")
+	for i := 1; i < len(told); i++ {
+		require.GreaterOrEqual(t, told[i]-told[i-1], stillWaiting, "said again only every stillWaiting: %v", told)
+	}
+
+	// A reason that is not a bus starting ends the wait at once, unsaid.
+	told = nil
+	err = WhileStarting(context.Background(), func(error, time.Duration) { told = append(told, 0) }, func() error { return errors.New("bad config") })
+	require.EqualError(t, err, "bad config")
+	require.Empty(t, told)
 }

@@ -389,8 +389,8 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 	// tried again until it works or the term ends, since a scheduler that
 	// never sees the records is blind.
 	whileStarting := func(what string, read func() error) error {
-		return bus.WhileStarting(ctx, func(err error) {
-			log.Warn().Err(err).Msgf("%s: the bus cannot read now; trying again", what)
+		return bus.WhileStarting(ctx, func(err error, waited time.Duration) {
+			log.Warn().Err(err).Dur("waited", waited).Msgf("%s: the bus cannot read now; trying again", what)
 		}, read)
 	}
 	if err := whileStarting("reconciling jobs at the start of a term", func() error {
@@ -418,8 +418,8 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 // queen under systemd) for as long as ctx lasts, rather than exiting on
 // the first timeout.
 func (q *Queen) ensureStreams(ctx context.Context) error {
-	return bus.WhileStarting(ctx, func(err error) {
-		q.log.Warn().Err(err).Msg("the bus's JetStream does not answer yet; waiting for it")
+	return bus.WhileStarting(ctx, func(err error, waited time.Duration) {
+		q.log.Warn().Err(err).Dur("waited", waited).Msg("the bus's JetStream does not answer yet; waiting for it")
 	}, func() error {
 		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		defer cancel()
