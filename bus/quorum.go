@@ -92,13 +92,21 @@ func WhileElecting(ctx context.Context, idempotent bool, write Write) error {
 // tried again, like a write that reached no leader.
 var ErrUnsettled = errors.New("the stream has not settled the write")
 
+// errCodeDuplicateInProcess is nats-server's JSStreamDuplicateMessageConflict
+// ("duplicate message id is in process"): a write whose message id another
+// write of the same message has staged but not yet committed (the first
+// submit's copy, waiting out a stream's election, met by a queen queueing
+// its waiting jobs again). Trying again finds the first stored, and is
+// answered as its duplicate, or stores the message.
+const errCodeDuplicateInProcess = 10158
+
 // NotStored reports whether err proves a write reached no stream leader,
 // or left nothing settled.
 func NotStored(err error) bool {
 	var apiErr *jetstream.APIError
 	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) || errors.Is(err, ErrUnsettled) ||
-		errors.As(err, &apiErr) && apiErr.Code == api.CodeUnavailable &&
-			apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabled && apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabledForAccount
+		errors.As(err, &apiErr) && (apiErr.ErrorCode == errCodeDuplicateInProcess || apiErr.Code == api.CodeUnavailable &&
+			apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabled && apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabledForAccount)
 }
 
 // Starting reports whether err is what a JetStream that is not up yet

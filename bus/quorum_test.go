@@ -27,6 +27,21 @@ func TestWhileElectingRetriesOnlyWritesNobodyTook(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 3, calls)
 
+	// A message id whose first write is staged but not committed (a
+	// queen queueing a waiting job again while the submit's copy waits
+	// out an election) is tried again: the next try finds it stored.
+	calls = 0
+	inProcess := &jetstream.APIError{Code: 409, ErrorCode: 10158, Description: "duplicate message id is in process"}
+	err = WhileElecting(context.Background(), true, func(context.Context, bool) error {
+		calls++
+		if calls < 2 {
+			return fmt.Errorf("nats: %w", inProcess)
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	require.Equal(t, 2, calls)
+
 	calls = 0
 	other := errors.New("nats: timeout")
 	err = WhileElecting(context.Background(), false, func(context.Context, bool) error { calls++; return other })
