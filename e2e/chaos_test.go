@@ -1002,8 +1002,40 @@ func (ch *chaos) checkProcesses(iv *invariant) {
 	})
 	iv.checked = len(ch.watch.all)
 	for _, p := range left {
-		iv.fail("%s", p)
+		iv.fail("%s%s", p, ch.stacksOf(p))
 	}
+}
+
+// stacksOf makes a worker left running (described as markedProcesses
+// does) print its goroutines, and returns the end of its log, where they
+// land: a worker that outlived its hive is stuck somewhere, and a
+// randomized run that found it may not find it again.
+func (ch *chaos) stacksOf(proc string) string {
+	var pid int
+	if _, err := fmt.Sscanf(proc, "pid %d:", &pid); err != nil || !strings.Contains(proc, "llm-worker-rbee") {
+		return ""
+	}
+	arg := func(name string) string {
+		f := strings.Fields(proc)
+		for i := range f[:len(f)-1] {
+			if f[i] == name {
+				return f[i+1]
+			}
+		}
+		return ""
+	}
+	logPath := filepath.Join(ch.c.home, "hives", arg("--hive"), "workers", arg("--id")+".log")
+	_ = syscall.Kill(pid, syscall.SIGQUIT)
+	time.Sleep(2 * time.Second)
+	b, err := os.ReadFile(logPath)
+	if err != nil {
+		return fmt.Sprintf("\n  (no log: %v)", err)
+	}
+	const tail = 48 << 10
+	if len(b) > tail {
+		b = b[len(b)-tail:]
+	}
+	return "\n  its log's end:\n" + string(b)
 }
 
 // knownIDs are the ids that vary between runs, replaced when reasons group.
