@@ -1015,18 +1015,11 @@ func (ch *chaos) stacksOf(proc string) string {
 	if _, err := fmt.Sscanf(proc, "pid %d:", &pid); err != nil || !strings.Contains(proc, "llm-worker-rbee") {
 		return ""
 	}
-	arg := func(name string) string {
-		f := strings.Fields(proc)
-		for i := range f[:len(f)-1] {
-			if f[i] == name {
-				return f[i+1]
-			}
-		}
-		return ""
-	}
-	logPath := filepath.Join(ch.c.home, "hives", arg("--hive"), "workers", arg("--id")+".log")
+	argv := strings.Fields(proc)
+	logPath := filepath.Join(ch.c.home, "hives", flagValue(argv, "--hive"), "workers", flagValue(argv, "--id")+".log")
+	// A Go program prints every goroutine on SIGQUIT, then exits.
 	_ = syscall.Kill(pid, syscall.SIGQUIT)
-	time.Sleep(2 * time.Second)
+	ch.watch.await(10*time.Second, func() bool { return zombie(pid) })
 	b, err := os.ReadFile(logPath)
 	if err != nil {
 		return fmt.Sprintf("\n  (no log: %v)", err)
