@@ -219,7 +219,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer cancelRuns()
 	q.runCtx = runCtx
 
-	if err := q.ensureStreams(ctx); err != nil {
+	if err := q.setUpBus(ctx); err != nil {
 		return err
 	}
 	setupCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
@@ -412,12 +412,12 @@ func (q *Queen) lead(ctx context.Context, epoch uint64) {
 	log.Info().Msg("the scheduler term ended")
 }
 
-// ensureStreams creates the contract's streams and buckets and opens the
+// setUpBus creates the contract's streams and buckets and opens the
 // scheduler lease's, waiting for a bus whose JetStream is still starting
 // (a cluster electing its first leaders, a server coming up beside the
 // queen under systemd) for as long as ctx lasts, rather than exiting on
 // the first timeout.
-func (q *Queen) ensureStreams(ctx context.Context) error {
+func (q *Queen) setUpBus(ctx context.Context) error {
 	return bus.WhileStarting(ctx, func(err error, waited time.Duration) {
 		q.log.Warn().Err(err).Dur("waited", waited).Msg("the bus's JetStream does not answer yet; waiting for it")
 	}, func() error {
