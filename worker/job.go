@@ -104,6 +104,23 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	}
 
 	attempt := jobs.Attempt{Number: max(req.Attempt, 1), Worker: w.cfg.ID}
+	if !w.attempts.claim(id, attempt.Number, time.Now()) {
+		// A second copy of a request a slot of this process has or ran
+		// (a new term queues a waiting job again; a lost ack redelivers
+		// one): that slot decides, and the record cannot tell the two
+		// apart once the job runs.
+		log.Debug().Int("attempt", attempt.Number).Msg("skipping a copy of a request this worker already has")
+		_ = msg.Ack()
+		return
+	}
+	ours := false
+	defer func() {
+		if ours {
+			w.attempts.end(id, attempt.Number, time.Now())
+		} else {
+			w.attempts.release(id, attempt.Number)
+		}
+	}()
 	// The slot is free once generation stops, before the job's end is
 	// recorded: whoever sees the end and asks for the worker's status
 	// must find the slot free.
@@ -133,12 +150,17 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 		defer close(generated)
 		w.generate(genCtx, cancelGen, slot, id, req, ereq, attempt, pub, gate, freeSlot)
 	}()
+	var taken api.Job
 	if req.Record != nil && req.Record.ID == id {
 		known := *req.Record
 		known.Revision = req.RecordRevision
-		_, err = w.store.TakeAt(bctx, known, attempt, w.cfg.Hive)
+		taken, err = w.store.TakeAt(bctx, known, attempt, w.cfg.Hive)
 	} else {
-		_, err = w.store.Take(bctx, id, attempt, w.cfg.Hive)
+		taken, err = w.store.Take(bctx, id, attempt, w.cfg.Hive)
+	}
+	if err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) && w.tookEarlier(taken, err, id, attempt) {
+		log.Info().Err(err).Int("attempt", attempt.Number).Msg("the job is running on this attempt of this worker: a take whose answer was lost; running it")
+		err = nil
 	}
 	notOurs := func() {
 		cancelGen(errNotTaken)
@@ -168,6 +190,7 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 		return
 	}
 	// The job is ours now: its narration, then the tokens held back.
+	ours = true
 	w.narrator.Post(id, "infer", w.cfg.Model,
 		map[string]any{"slot": slotIdx, "attempt": attempt.Number, "prompt_tokens": promptTokens, "max_tokens": ereq.MaxTokens},
 		"worker %s on hive %s is generating with model %s", w.cfg.ID, w.cfg.Hive, w.cfg.Model)
@@ -185,6 +208,29 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	}
 	gate <- nil
 	<-generated
+}
+
+// tookEarlier says whether a take that failed with err finds the job taken
+// by this very attempt of this process all the same: the write of an
+// earlier take was applied but its answer lost (the bus cut in that round
+// trip), by this slot or by the slot of an earlier copy of the request.
+// Without this the job would stay "running" on a live worker that never
+// runs it, until its deadline. The slot holds the attempt in w.attempts,
+// so no other slot here runs it; a record taken before this process
+// started is a worker of the same id that died, and is not adopted.
+// taken is the record the take read, when it refused the transition;
+// otherwise the record is read again, riding out a short outage.
+func (w *worker) tookEarlier(taken api.Job, err error, id string, a jobs.Attempt) bool {
+	if !errors.Is(err, jobs.ErrIllegalTransition) && !errors.Is(err, jobs.ErrStale) {
+		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+		defer cancel()
+		var rerr error
+		if taken, rerr = retryOutage(ctx, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) }); rerr != nil {
+			return false
+		}
+	}
+	return taken.ID == id && taken.State == api.JobRunning && taken.Worker == a.Worker && taken.Attempts == a.Number &&
+		taken.StartedAt != nil && !taken.StartedAt.Before(w.started)
 }
 
 // reject fails a job whose parameters are bad before any work is done.

@@ -53,6 +53,9 @@ type worker struct {
 	plan       slotPlan
 	kvPerToken uint64
 
+	// attempts is the job attempts this process's slots hold or ran.
+	attempts attemptBook
+
 	// drain carries a drain request's grace from the endpoint to Run.
 	drain chan time.Duration
 

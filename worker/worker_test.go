@@ -573,3 +573,79 @@ func TestTheDecodeDoesNotWaitForTheTake(t *testing.T) {
 	require.EqualValues(t, res.CompletionTokens+result(next).CompletionTokens, workerStatus(t, f, "w1").TokensServed,
 		"only the tokens of its own jobs count as served")
 }
+
+// A take whose write was applied but whose answer was lost (the bus cut in
+// that round trip) leaves the record running on this worker's attempt
+// while the worker thinks it failed. When a copy of the request comes back
+// (the worker left it queued), the worker runs the job: without that it
+// would stay "running" on a live worker until its deadline.
+func TestATakeWhoseAnswerWasLostIsRunAllTheSame(t *testing.T) {
+	f := busfix.Start(t)
+	s := store(t, f)
+	start(t, f, "w1", 1)
+	args := api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 16}}
+	id := queueJob(t, f, args)
+	_, err := s.Take(context.Background(), id, jobs.Attempt{Number: 1, Worker: "w1"}, "hive1")
+	require.NoError(t, err, "the take as the worker's own write left it")
+	publishRequest(t, f, id, args)
+
+	got := follow(t, f, id, nil)
+	require.Equal(t, api.JobCompleted, got.final.State)
+	requireContiguous(t, got.tokens)
+	require.Equal(t, greedy(t, prompt, 16), got.text)
+}
+
+// A record running on a worker of the same id that started before this
+// process (a predecessor that died) is not this process's take: its
+// attempt is not run a second time here.
+func TestATakeOfAnEarlierWorkerOfTheSameIDIsNotRun(t *testing.T) {
+	f := busfix.Start(t)
+	s := store(t, f)
+	ctx := context.Background()
+	args := api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 16}}
+	id := queueJob(t, f, args)
+	_, err := s.Take(ctx, id, jobs.Attempt{Number: 1, Worker: "w1"}, "hive1")
+	require.NoError(t, err)
+	start(t, f, "w1", 1)
+	publishRequest(t, f, id, args)
+	// One slot, and the queue hands requests out in order: once the next
+	// job ended, the first request was handled.
+	next := submit(t, f, args)
+	require.Equal(t, api.JobCompleted, follow(t, f, next, nil).final.State)
+
+	subject, err := f.Bus.Space.JobEvent(id, subjects.EventToken)
+	require.NoError(t, err)
+	stream, err := f.Bus.JS.Stream(ctx, f.Bus.Space.JobsStream())
+	require.NoError(t, err)
+	_, err = stream.GetLastMsgForSubject(ctx, subject)
+	require.ErrorIs(t, err, jetstream.ErrMsgNotFound, "no token of an attempt taken before the worker started")
+	job, err := s.Get(ctx, id)
+	require.NoError(t, err)
+	require.Equal(t, api.JobRunning, job.State)
+}
+
+// Two copies of one attempt's request (a new term queues a waiting job
+// again while the first copy waits; a lost ack redelivers one) pulled by
+// two slots of one worker at once: the job runs once. The record cannot
+// tell the second slot's take from a take of the first whose answer was
+// lost; the worker's own book of the attempts its slots hold can.
+func TestTwoCopiesOfARequestRunOnce(t *testing.T) {
+	f := busfix.Start(t)
+	args := api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 200}}
+	id := queueJob(t, f, args)
+	publishRequest(t, f, id, args)
+	publishRequest(t, f, id, args)
+	start(t, f, "w1", 2, longContext)
+
+	got := follow(t, f, id, nil)
+	require.Equal(t, api.JobCompleted, got.final.State)
+	requireContiguous(t, got.tokens)
+	var res api.InferResult
+	job, err := store(t, f).Get(context.Background(), id)
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal(job.Result, &res))
+	// Both copies are handled (the second dropped) before the worker is
+	// idle again; a second generation would count its tokens as served.
+	eventually(t, func() bool { return workerStatus(t, f, "w1").SlotsBusy == 0 }, "the worker goes idle")
+	require.EqualValues(t, res.CompletionTokens, workerStatus(t, f, "w1").TokensServed, "one generation")
+}
