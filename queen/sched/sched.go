@@ -42,6 +42,9 @@ type Job struct {
 	Worker  string
 	Hive    string
 	Attempt int
+	// StartedAt is when the attempt's worker took the job, by the
+	// worker's clock (as its heartbeats' BeatAt).
+	StartedAt time.Time
 }
 
 // Pins restrict where a job may run.
@@ -368,7 +371,39 @@ func (s *Scheduler) viewChanged() {
 			delete(s.ready, id)
 		}
 	}
+	s.judgeRunning(v)
 	s.placeAll()
+}
+
+// judgeRunning gives up the attempts of running jobs that their live
+// workers say they do not run (notRunBy), once the view can be trusted.
+func (s *Scheduler) judgeRunning(v View) {
+	if !s.settled || s.replaying {
+		return
+	}
+	for _, j := range s.jobs {
+		if why, ok := notRunBy(v, j); ok {
+			s.recover(j, why)
+		}
+	}
+}
+
+// notRunBy says whether a job recorded as running on a live worker is not
+// run by it, and why: the worker's latest heartbeat, made after it took
+// the job, does not list it among the jobs its slots hold. That is a take
+// whose answer the worker never got (it let the job go, yet the record
+// says it runs it), or an end it could not record; either way nobody
+// would end the job before its deadline.
+func notRunBy(v View, j *Job) (string, bool) {
+	if j.State != api.JobRunning || j.StartedAt.IsZero() {
+		return "", false
+	}
+	w, live := v.Worker(j.Worker)
+	if !live || w.Jobs == nil || !w.BeatAt.After(j.StartedAt) || slices.Contains(w.Jobs, j.ID) {
+		return "", false
+	}
+	return fmt.Sprintf("worker %s on hive %s does not run it (its heartbeat at %s lists %d other jobs)",
+		j.Worker, j.Hive, w.BeatAt.Format("15:04:05.000"), len(w.Jobs)), true
 }
 
 func (s *Scheduler) setSettled(ok bool) {
@@ -393,6 +428,7 @@ func (s *Scheduler) setSettled(ok bool) {
 			s.enqueue(j)
 		}
 	}
+	s.judgeRunning(v)
 	s.placeAll()
 }
 
