@@ -32,6 +32,25 @@ var (
 // flushing tokens).
 const busTimeout = 10 * time.Second
 
+// stopWait is how long a job's tokens and end still wait for a bus that
+// went away once its worker, stopping, has cancelled it. The leader gives
+// the job up when the worker's heartbeat expires, so a stopped worker
+// (its hive killed, `rbee hive stop`) need not linger for the whole
+// outage bound: it exits within its drain grace and this.
+const stopWait = 5 * time.Second
+
+// outageCtx bounds a job's wait for a bus that went away:
+// cfg.BusOutage and one more try, and no later than the worker's
+// cutoff (stopWait after it halted).
+func (w *worker) outageCtx() (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.BusOutage+busTimeout)
+	if w.cutoff == nil {
+		return ctx, cancel
+	}
+	stop := context.AfterFunc(w.cutoff, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
 // runSlot pulls one request at a time, only while its slot is free, until
 // fetchCtx ends. Requests not pulled stay queued in JetStream for any
 // worker of the model. jobCtx ends generations cut short by a shutdown.
@@ -302,7 +321,7 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 	// Every token is stored before the end is, so no follower sees the
 	// end before the last token. A bus outage (the queen restarting) is
 	// waited out for as long as the worker rides one out at all.
-	fctx, fcancel := context.WithTimeout(context.Background(), w.cfg.BusOutage+busTimeout)
+	fctx, fcancel := w.outageCtx()
 	defer fcancel()
 	flushErr := pub.Flush(fctx)
 	freeSlot()
@@ -350,9 +369,10 @@ func paramError(err error) *api.Error {
 // have ended it first (the queen cancels or times out a job before
 // signalling the worker); then their state stands. A worker given up while
 // it was paused or cut off finds its attempt stale and changes nothing, not
-// even the narration. A bus outage is ridden out for cfg.BusOutage.
+// even the narration. A bus outage is ridden out for cfg.BusOutage
+// (outageCtx).
 func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *api.Error, result *api.InferResult) {
-	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.BusOutage+busTimeout)
+	ctx, cancel := w.outageCtx()
 	defer cancel()
 	var raw json.RawMessage
 	if result != nil {

@@ -55,6 +55,10 @@ type worker struct {
 
 	// attempts is the job attempts this process's slots hold or ran.
 	attempts attemptBook
+	// cutoff ends stopWait after a stopping worker cancelled its jobs
+	// (the drain grace ran out): no job waits for the bus beyond it. Set
+	// by serve before the slots start.
+	cutoff context.Context
 
 	// drain carries a drain request's grace from the endpoint to Run.
 	drain chan time.Duration
@@ -278,6 +282,10 @@ func (w *worker) serve(ctx context.Context, slots []engine.Slot, hbStopped <-cha
 	defer stopFetching()
 	jobCtx, cancelJobs := context.WithCancelCause(context.Background())
 	defer cancelJobs(nil)
+	cutoff, cut := context.WithCancel(context.Background())
+	defer cut()
+	context.AfterFunc(jobCtx, func() { time.AfterFunc(stopWait, cut) })
+	w.cutoff = cutoff
 
 	var wg sync.WaitGroup
 	for i, s := range slots {

@@ -672,3 +672,37 @@ func TestStatusListsTheJobsItsSlotsHold(t *testing.T) {
 	require.NotNil(t, st.Jobs, "the heartbeat carries the list")
 	eventually(t, func() bool { return len(workerStatus(t, f, "w1").Jobs) == 0 }, "the job leaves the list once it ended")
 }
+
+// A worker stopped while the bus is away (its hive killed during a cut)
+// cancels its jobs after the drain grace and gives their tokens and ends
+// a few seconds more, not the whole outage bound (minutes): the leader
+// gives its jobs up when its heartbeat expires.
+func TestAStoppedWorkerDoesNotWaitOutABusOutage(t *testing.T) {
+	f := busfix.Start(t)
+	u, err := url.Parse(f.URL)
+	require.NoError(t, err)
+	proxy, err := tcpproxy.Listen(u.Host)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = proxy.Close() })
+	w := start(t, f, "w1", 1, longContext, func(c *worker.Config) {
+		c.NATSURL = "nats://" + proxy.Addr()
+		c.BusOutage = 2 * time.Minute
+		c.DrainGrace = 300 * time.Millisecond
+	})
+	id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 2000}})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	generating := errors.New("generating")
+	err = f.Bus.Follow(ctx, id, 0, func(ev api.Event) error {
+		if ev.Token != nil {
+			proxy.Cut() // mid-generation: its tokens and end wait for the bus
+			return generating
+		}
+		return nil
+	})
+	require.ErrorIs(t, err, generating)
+	stopped := time.Now()
+	w.Cancel()
+	require.NoError(t, w.Wait(t, 60*time.Second))
+	require.Less(t, time.Since(stopped), 25*time.Second, "stopped within its grace and a few seconds, not the 2m outage bound")
+}
