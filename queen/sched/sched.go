@@ -45,6 +45,9 @@ type Job struct {
 	// StartedAt is when the attempt's worker took the job, by the
 	// worker's clock (as its heartbeats' BeatAt).
 	StartedAt time.Time
+	// unlisted is the BeatAt of the first heartbeat since StartedAt that
+	// did not list the job, while no later one did (judgeRunning).
+	unlisted time.Time
 }
 
 // Pins restrict where a job may run.
@@ -376,34 +379,36 @@ func (s *Scheduler) viewChanged() {
 }
 
 // judgeRunning gives up the attempts of running jobs that their live
-// workers say they do not run (notRunBy), once the view can be trusted.
+// workers say they do not run, once the view can be trusted: two of the
+// worker's heartbeats in a row, both made after it took the job, do not
+// list it among the jobs its slots hold. That is a take whose answer the
+// worker never got (it let the job go, yet the record says it runs it),
+// or an end it could not record; either way nobody would end the job
+// before its deadline. One beat would do by the worker's order (its list
+// is read after the beat's time); the second costs a beat and spares a
+// running job a wrong verdict should the worker's clock step back.
 func (s *Scheduler) judgeRunning(v View) {
 	if !s.settled || s.replaying {
 		return
 	}
 	for _, j := range s.jobs {
-		if why, ok := notRunBy(v, j); ok {
-			s.recover(j, why)
+		if j.State != api.JobRunning || j.StartedAt.IsZero() {
+			continue
+		}
+		w, live := v.Worker(j.Worker)
+		if !live || w.Jobs == nil || !w.BeatAt.After(j.StartedAt) {
+			continue
+		}
+		switch {
+		case slices.Contains(w.Jobs, j.ID):
+			j.unlisted = time.Time{}
+		case j.unlisted.IsZero():
+			j.unlisted = w.BeatAt
+		case w.BeatAt.After(j.unlisted):
+			s.recover(j, fmt.Sprintf("worker %s on hive %s does not run it (its heartbeats since %s list %d other jobs)",
+				j.Worker, j.Hive, j.unlisted.Format("15:04:05.000"), len(w.Jobs)))
 		}
 	}
-}
-
-// notRunBy says whether a job recorded as running on a live worker is not
-// run by it, and why: the worker's latest heartbeat, made after it took
-// the job, does not list it among the jobs its slots hold. That is a take
-// whose answer the worker never got (it let the job go, yet the record
-// says it runs it), or an end it could not record; either way nobody
-// would end the job before its deadline.
-func notRunBy(v View, j *Job) (string, bool) {
-	if j.State != api.JobRunning || j.StartedAt.IsZero() {
-		return "", false
-	}
-	w, live := v.Worker(j.Worker)
-	if !live || w.Jobs == nil || !w.BeatAt.After(j.StartedAt) || slices.Contains(w.Jobs, j.ID) {
-		return "", false
-	}
-	return fmt.Sprintf("worker %s on hive %s does not run it (its heartbeat at %s lists %d other jobs)",
-		j.Worker, j.Hive, w.BeatAt.Format("15:04:05.000"), len(w.Jobs)), true
 }
 
 func (s *Scheduler) setSettled(ok bool) {

@@ -440,11 +440,11 @@ func (c *cluster) beat(id string, at time.Time, jobs []string) {
 	c.workers[id] = w
 }
 
-// A job recorded as running on a live worker whose heartbeat, made after
-// the take, does not list it is not run by anyone (a take whose answer the
-// worker never got, an end it could not record): its attempt is given up
-// as if the worker were lost. Beats from before the take, and workers
-// that do not list their jobs, say nothing.
+// A job recorded as running on a live worker whose heartbeats, two in a
+// row made after the take, do not list it is not run by anyone (a take
+// whose answer the worker never got, an end it could not record): its
+// attempt is given up as if the worker were lost. Beats from before the
+// take, and workers that do not list their jobs, say nothing.
 func TestAJobItsLiveWorkerDoesNotRunIsRecovered(t *testing.T) {
 	c := newCluster().hive("h1", "tiny")
 	w := newWorld(t, c)
@@ -470,7 +470,17 @@ func TestAJobItsLiveWorkerDoesNotRunIsRecovered(t *testing.T) {
 		s.ViewChanged()
 		w.quiet()
 	}
-	c.beat("w1", took.Add(3*time.Second), []string{"j2"})
+	// A beat without it, then one with it, then one without: nothing yet.
+	for i, jobs := range [][]string{{"j2"}, {"j1"}, {}} {
+		c.beat("w1", took.Add(time.Duration(3+i)*time.Second), jobs)
+		s.ViewChanged()
+		w.quiet()
+		if i == 0 {
+			s.ViewChanged() // the same beat seen again is still one beat
+			w.quiet()
+		}
+	}
+	c.beat("w1", took.Add(6*time.Second), []string{"j2"})
 	s.ViewChanged()
 	require.Equal(t, []string{"recover j1"}, w.await(1))
 	require.Contains(t, w.recover["j1"], "worker w1 on hive h1 does not run it")
