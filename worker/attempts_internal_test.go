@@ -1,9 +1,14 @@
 package worker
 
 import (
+	"context"
+	"errors"
 	"testing"
 	"time"
 
+	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/jobs"
 	"github.com/stretchr/testify/require"
 )
 
@@ -20,4 +25,39 @@ func TestAttemptBook(t *testing.T) {
 	require.False(t, b.claim("j1", 1, now.Add(endedKept)), "an attempt run to its end is not run again")
 	require.True(t, b.claim("j1", 1, now.Add(endedKept+time.Second)), "until it is forgotten")
 	require.Len(t, b.ended, 0, "forgotten attempts leave the book")
+}
+
+// A take that failed without saying why (its answer lost) reads the record
+// again: the job is this worker's when it runs on this attempt, taken by
+// this process (after it started).
+func TestATakeWhoseAnswerWasLostReadsTheRecord(t *testing.T) {
+	f := busfix.Start(t)
+	ctx := context.Background()
+	store, err := jobs.Open(ctx, f.Bus, api.Actor{Component: "worker", ID: "w1"}, time.Hour)
+	require.NoError(t, err)
+	w := &worker{cfg: Config{ID: "w1"}, store: store, started: time.Now().UTC().Add(-time.Second)}
+	lost := errors.New("nats: timeout")
+	mine := jobs.Attempt{Number: 1, Worker: "w1"}
+
+	job := func() string {
+		j, err := store.Create(ctx, api.Job{ID: jobs.NewID(), Op: api.Operation{Kind: api.OpInfer}})
+		require.NoError(t, err)
+		return j.ID
+	}
+	taken := job()
+	_, err = store.Take(ctx, taken, mine, "h1")
+	require.NoError(t, err)
+	require.True(t, w.tookEarlier(api.Job{}, lost, taken, mine), "applied: the job runs on this attempt")
+	require.False(t, w.tookEarlier(api.Job{}, lost, taken, jobs.Attempt{Number: 2, Worker: "w1"}), "another attempt")
+
+	waiting := job()
+	require.False(t, w.tookEarlier(api.Job{}, lost, waiting, mine), "not applied: the job still waits")
+
+	other := job()
+	_, err = store.Take(ctx, other, jobs.Attempt{Number: 1, Worker: "w2"}, "h1")
+	require.NoError(t, err)
+	require.False(t, w.tookEarlier(api.Job{}, lost, other, mine), "another worker runs it")
+
+	w.started = time.Now().UTC().Add(time.Second)
+	require.False(t, w.tookEarlier(api.Job{}, lost, taken, mine), "taken before this process started: an earlier worker of this id")
 }
