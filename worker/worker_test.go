@@ -218,6 +218,18 @@ func workerStatus(t *testing.T, f *busfix.Fixture, id string) api.WorkerStatus {
 	return st
 }
 
+// requireNoToken checks that the job's stream holds no token of it.
+func requireNoToken(t *testing.T, f *busfix.Fixture, id, msg string) {
+	t.Helper()
+	ctx := context.Background()
+	subject, err := f.Bus.Space.JobEvent(id, subjects.EventToken)
+	require.NoError(t, err)
+	stream, err := f.Bus.JS.Stream(ctx, f.Bus.Space.JobsStream())
+	require.NoError(t, err)
+	_, err = stream.GetLastMsgForSubject(ctx, subject)
+	require.ErrorIs(t, err, jetstream.ErrMsgNotFound, msg)
+}
+
 func eventually(t *testing.T, cond func() bool, msg string) {
 	t.Helper()
 	require.Eventually(t, cond, 10*time.Second, 20*time.Millisecond, msg)
@@ -560,12 +572,7 @@ func TestTheDecodeDoesNotWaitForTheTake(t *testing.T) {
 	publishRequest(t, f, other, args)
 	next := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 4}})
 	require.Equal(t, api.JobCompleted, follow(t, f, next, nil).final.State)
-	subject, err := f.Bus.Space.JobEvent(other, subjects.EventToken)
-	require.NoError(t, err)
-	stream, err := f.Bus.JS.Stream(ctx, f.Bus.Space.JobsStream())
-	require.NoError(t, err)
-	_, err = stream.GetLastMsgForSubject(ctx, subject)
-	require.ErrorIs(t, err, jetstream.ErrMsgNotFound, "no token of a job another worker runs")
+	requireNoToken(t, f, other, "no token of a job another worker runs")
 	job, err := s.Get(ctx, other)
 	require.NoError(t, err)
 	require.Equal(t, api.JobRunning, job.State)
@@ -613,12 +620,7 @@ func TestATakeOfAnEarlierWorkerOfTheSameIDIsNotRun(t *testing.T) {
 	next := submit(t, f, args)
 	require.Equal(t, api.JobCompleted, follow(t, f, next, nil).final.State)
 
-	subject, err := f.Bus.Space.JobEvent(id, subjects.EventToken)
-	require.NoError(t, err)
-	stream, err := f.Bus.JS.Stream(ctx, f.Bus.Space.JobsStream())
-	require.NoError(t, err)
-	_, err = stream.GetLastMsgForSubject(ctx, subject)
-	require.ErrorIs(t, err, jetstream.ErrMsgNotFound, "no token of an attempt taken before the worker started")
+	requireNoToken(t, f, id, "no token of an attempt taken before the worker started")
 	job, err := s.Get(ctx, id)
 	require.NoError(t, err)
 	require.Equal(t, api.JobRunning, job.State)
