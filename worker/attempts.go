@@ -22,9 +22,11 @@ const endedKept = 10 * time.Minute
 type attemptBook struct {
 	mu sync.Mutex
 	// held is the attempts in a slot's hands; ended those run to their end,
-	// with when.
+	// with when, and byEnd the same in the order they ended, so forgetting
+	// them costs only those forgotten.
 	held  map[attemptKey]struct{}
 	ended map[attemptKey]time.Time
+	byEnd []attemptKey
 }
 
 type attemptKey struct {
@@ -37,10 +39,9 @@ type attemptKey struct {
 func (b *attemptBook) claim(job string, attempt int, now time.Time) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for k, at := range b.ended {
-		if now.Sub(at) > endedKept {
-			delete(b.ended, k)
-		}
+	for len(b.byEnd) > 0 && now.Sub(b.ended[b.byEnd[0]]) > endedKept {
+		delete(b.ended, b.byEnd[0])
+		b.byEnd = b.byEnd[1:]
 	}
 	k := attemptKey{job, attempt}
 	if _, ok := b.held[k]; ok {
@@ -73,6 +74,9 @@ func (b *attemptBook) end(job string, attempt int, now time.Time) {
 	delete(b.held, k)
 	if b.ended == nil {
 		b.ended = map[attemptKey]time.Time{}
+	}
+	if _, again := b.ended[k]; !again {
+		b.byEnd = append(b.byEnd, k)
 	}
 	b.ended[k] = now
 }

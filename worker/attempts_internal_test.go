@@ -24,7 +24,15 @@ func TestAttemptBook(t *testing.T) {
 	b.end("j1", 1, now)
 	require.False(t, b.claim("j1", 1, now.Add(endedKept)), "an attempt run to its end is not run again")
 	require.True(t, b.claim("j1", 1, now.Add(endedKept+time.Second)), "until it is forgotten")
-	require.Len(t, b.ended, 0, "forgotten attempts leave the book")
+	require.Empty(t, b.ended, "forgotten attempts leave the book")
+	require.Empty(t, b.byEnd)
+
+	// Forgotten in the order they ended, each when its time is up.
+	b.end("j1", 1, now)
+	b.end("j2", 1, now.Add(time.Minute))
+	require.True(t, b.claim("j3", 1, now.Add(endedKept+time.Second)))
+	require.False(t, b.claim("j2", 1, now.Add(endedKept+time.Second)), "j2 ended later")
+	require.Len(t, b.ended, 1)
 }
 
 // A take that failed without saying why (its answer lost) reads the record
