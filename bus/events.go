@@ -20,7 +20,7 @@ import (
 // PublishEvent stores one event of a job on its subject and waits for the
 // stream's acknowledgement, so an event that returned without error is
 // durable and will be seen by every follower.
-func (b *Bus) PublishEvent(ctx context.Context, job string, kind subjects.EventKind, v any) error {
+func (b *Bus) PublishEvent(ctx context.Context, job string, kind subjects.EventKind, v any, opts ...jetstream.PublishOpt) error {
 	subject, err := b.Space.JobEvent(job, kind)
 	if err != nil {
 		return err
@@ -29,7 +29,7 @@ func (b *Bus) PublishEvent(ctx context.Context, job string, kind subjects.EventK
 	if err != nil {
 		return fmt.Errorf("encode %s event: %w", kind, err)
 	}
-	if _, err := b.JS.Publish(ctx, subject, data); err != nil {
+	if _, err := b.JS.Publish(ctx, subject, data, opts...); err != nil {
 		return fmt.Errorf("publish %s event of job %s: %w", kind, job, err)
 	}
 	return nil

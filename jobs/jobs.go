@@ -398,16 +398,19 @@ func (s *Store) publishState(ctx context.Context, job api.Job, from api.JobState
 	// The record is what counts; its event is for followers, and must not
 	// hold a write up for long while a stream elects its leader, but for
 	// the job's end, which every follower waits for: that one waits out an
-	// election (a copy is harmless: a follow ends at the first end).
+	// election. A try whose answer was lost may have been stored: the
+	// end's message id, one per record revision, lets the stream drop the
+	// copy a retry sends, so the job ends once in its stream too.
 	publish := func() error {
 		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		defer cancel()
 		return s.bus.PublishEvent(pctx, job.ID, subjects.EventState, ev)
 	}
 	if job.State.Terminal() {
+		id := jetstream.WithMsgID(fmt.Sprintf("%s.%s.%d", job.ID, job.State, job.Revision))
 		publish = func() error {
 			return bus.WhileElecting(ctx, true, func(ctx context.Context, _ bool) error {
-				return s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev)
+				return s.bus.PublishEvent(ctx, job.ID, subjects.EventState, ev, id)
 			})
 		}
 	}
