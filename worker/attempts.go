@@ -50,7 +50,7 @@ func (b *attemptBook) claim(job string, attempt int, now time.Time) bool {
 		return false
 	}
 	if b.held == nil {
-		b.held, b.ended = map[attemptKey]struct{}{}, map[attemptKey]time.Time{}
+		b.held = map[attemptKey]struct{}{}
 	}
 	b.held[k] = struct{}{}
 	return true
