@@ -3,11 +3,14 @@ package worker
 import (
 	"context"
 	"errors"
+	"net/url"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/internal/testutil/tcpproxy"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/stretchr/testify/require"
 )
@@ -55,17 +58,66 @@ func TestATakeWhoseAnswerWasLostReadsTheRecord(t *testing.T) {
 	taken := job()
 	_, err = store.Take(ctx, taken, mine, "h1")
 	require.NoError(t, err)
-	require.True(t, w.tookEarlier(api.Job{}, lost, taken, mine), "applied: the job runs on this attempt")
-	require.False(t, w.tookEarlier(api.Job{}, lost, taken, jobs.Attempt{Number: 2, Worker: "w1"}), "another attempt")
+	require.True(t, w.tookEarlier(api.Job{}, lost, taken, mine, nil), "applied: the job runs on this attempt")
+	require.False(t, w.tookEarlier(api.Job{}, lost, taken, jobs.Attempt{Number: 2, Worker: "w1"}, nil), "another attempt")
 
 	waiting := job()
-	require.False(t, w.tookEarlier(api.Job{}, lost, waiting, mine), "not applied: the job still waits")
+	require.False(t, w.tookEarlier(api.Job{}, lost, waiting, mine, nil), "not applied: the job still waits")
 
 	other := job()
 	_, err = store.Take(ctx, other, jobs.Attempt{Number: 1, Worker: "w2"}, "h1")
 	require.NoError(t, err)
-	require.False(t, w.tookEarlier(api.Job{}, lost, other, mine), "another worker runs it")
+	require.False(t, w.tookEarlier(api.Job{}, lost, other, mine, nil), "another worker runs it")
 
 	w.started = time.Now().UTC().Add(time.Second)
-	require.False(t, w.tookEarlier(api.Job{}, lost, taken, mine), "taken before this process started: an earlier worker of this id")
+	require.False(t, w.tookEarlier(api.Job{}, lost, taken, mine, nil), "taken before this process started: an earlier worker of this id")
+}
+
+// A take whose answer was lost in a cut longer than one bus operation's
+// bound keeps its request and reads the record again until the bus is
+// back, as a running job rides the bus out: letting the request go first
+// could hand it to another worker, which finds the job running here and
+// drops it, and the job would wait on this live worker for its deadline.
+func TestATakeWhoseAnswerWasLostWaitsForTheRecord(t *testing.T) {
+	f := busfix.Start(t)
+	ctx := context.Background()
+	u, err := url.Parse(f.URL)
+	require.NoError(t, err)
+	proxy, err := tcpproxy.Listen(u.Host)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = proxy.Close() })
+	actor := api.Actor{Component: "worker", ID: "w1"}
+	store, err := jobs.Open(ctx, busfix.Connect(t, "nats://"+proxy.Addr()), actor, time.Hour)
+	require.NoError(t, err)
+	w := &worker{cfg: Config{ID: "w1", BusOutage: time.Minute}, store: store, started: time.Now().UTC().Add(-time.Second)}
+	mine := jobs.Attempt{Number: 1, Worker: "w1"}
+	direct, err := jobs.Open(ctx, f.Bus, actor, time.Hour)
+	require.NoError(t, err)
+	j, err := direct.Create(ctx, api.Job{ID: jobs.NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	_, err = direct.Take(ctx, j.ID, mine, "h1")
+	require.NoError(t, err, "the take as the worker's own write left it")
+
+	proxy.Cut()
+	var held atomic.Int32
+	took := make(chan bool, 1)
+	go func() {
+		took <- w.tookEarlier(api.Job{}, errors.New("nats: timeout"), j.ID, mine, func() { held.Add(1) })
+	}()
+	// Longer than one operation's bound (busTimeout): the wait the take's
+	// answer got before, when the request went back to the queue.
+	time.Sleep(busTimeout + time.Second)
+	select {
+	case v := <-took:
+		t.Fatalf("settled (%v) while the record could not be read", v)
+	default:
+	}
+	require.Positive(t, held.Load(), "the request is kept in progress meanwhile")
+	proxy.Heal()
+	select {
+	case v := <-took:
+		require.True(t, v, "the job runs on this attempt: the lost take was applied")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the record was not read once the bus was back")
+	}
 }

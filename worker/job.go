@@ -177,7 +177,7 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	} else {
 		taken, err = w.store.Take(bctx, id, attempt, w.cfg.Hive)
 	}
-	if err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) && w.tookEarlier(taken, err, id, attempt) {
+	if err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) && w.tookEarlier(taken, err, id, attempt, func() { _ = msg.InProgress() }) {
 		log.Info().Err(err).Int("attempt", attempt.Number).Msg("the job is running on this attempt of this worker: a take whose answer was lost; running it")
 		err = nil
 	}
@@ -237,12 +237,32 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 // runs it, until its deadline. The slot holds the attempt in w.attempts,
 // so no other slot here runs it; a record taken before this process
 // started is a worker of the same id that died, and is not adopted.
+//
 // taken is the record the take read, when it refused the transition;
-// otherwise the record is read again, riding out a short outage.
-func (w *worker) tookEarlier(taken api.Job, err error, id string, a jobs.Attempt) bool {
+// otherwise the record is read again until it answers, for as long as a
+// running job rides out the bus (the outage bound), keeping the request
+// (hold: its in-progress ack) meanwhile. Letting the request go before
+// the record settles it could hand it to another worker, which finds the
+// job running here and drops it: a job stranded on a live worker. Should
+// this worker die meanwhile, the leader gives its attempt up.
+func (w *worker) tookEarlier(taken api.Job, err error, id string, a jobs.Attempt, hold func()) bool {
 	if !errors.Is(err, jobs.ErrIllegalTransition) && !errors.Is(err, jobs.ErrStale) {
-		ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+		ctx, cancel := w.outageCtx()
 		defer cancel()
+		if hold != nil {
+			held := time.NewTicker(AckWait / 3)
+			defer held.Stop()
+			go func() {
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-held.C:
+						hold()
+					}
+				}
+			}()
+		}
 		var rerr error
 		if taken, rerr = retryOutage(ctx, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) }); rerr != nil {
 			return false
