@@ -2,7 +2,6 @@ package worker
 
 import (
 	"context"
-	"errors"
 	"net/url"
 	"sync/atomic"
 	"testing"
@@ -38,47 +37,64 @@ func TestAttemptBook(t *testing.T) {
 	require.Len(t, b.ended, 1)
 }
 
-// A take that failed without saying why (its answer lost) reads the record
-// again: the job is this worker's when it runs on this attempt, taken by
-// this process (after it started).
-func TestATakeWhoseAnswerWasLostReadsTheRecord(t *testing.T) {
+// A take that got no answer is settled by taking the job again: the job is
+// this worker's when the first write was applied (the job runs on this
+// attempt, taken by this process, after it started) or when the new write
+// is.
+func TestATakeWhoseAnswerWasLostIsSettledByTakingAgain(t *testing.T) {
 	f := busfix.Start(t)
 	ctx := context.Background()
 	store, err := jobs.Open(ctx, f.Bus, api.Actor{Component: "worker", ID: "w1"}, time.Hour)
 	require.NoError(t, err)
 	w := &worker{cfg: Config{ID: "w1"}, store: store, started: time.Now().UTC().Add(-time.Second)}
-	lost := errors.New("nats: timeout")
 	mine := jobs.Attempt{Number: 1, Worker: "w1"}
-
 	job := func() string {
 		j, err := store.Create(ctx, api.Job{ID: jobs.NewID(), Op: api.Operation{Kind: api.OpInfer}})
 		require.NoError(t, err)
 		return j.ID
 	}
+	retake := func(id string, a jobs.Attempt) bool {
+		t.Helper()
+		taken, err := w.retake(func(ctx context.Context) (api.Job, error) { return store.Take(ctx, id, a, "h1") }, func() {})
+		if err == nil {
+			return true
+		}
+		require.ErrorIs(t, err, jobs.ErrIllegalTransition)
+		return w.ownTake(taken, id, a)
+	}
+
 	taken := job()
 	_, err = store.Take(ctx, taken, mine, "h1")
 	require.NoError(t, err)
-	require.True(t, w.tookEarlier(api.Job{}, lost, taken, mine, nil), "applied: the job runs on this attempt")
-	require.False(t, w.tookEarlier(api.Job{}, lost, taken, jobs.Attempt{Number: 2, Worker: "w1"}, nil), "another attempt")
+	require.True(t, retake(taken, mine), "applied: the job runs on this attempt")
+	require.False(t, w.ownTake(mustGet(t, store, taken), taken, jobs.Attempt{Number: 2, Worker: "w1"}), "another attempt")
 
 	waiting := job()
-	require.False(t, w.tookEarlier(api.Job{}, lost, waiting, mine, nil), "not applied: the job still waits")
+	require.True(t, retake(waiting, mine), "not applied: taken now")
+	require.Equal(t, api.JobRunning, mustGet(t, store, waiting).State)
 
 	other := job()
 	_, err = store.Take(ctx, other, jobs.Attempt{Number: 1, Worker: "w2"}, "h1")
 	require.NoError(t, err)
-	require.False(t, w.tookEarlier(api.Job{}, lost, other, mine, nil), "another worker runs it")
+	require.False(t, retake(other, mine), "another worker runs it")
 
 	w.started = time.Now().UTC().Add(time.Second)
-	require.False(t, w.tookEarlier(api.Job{}, lost, taken, mine, nil), "taken before this process started: an earlier worker of this id")
+	require.False(t, retake(taken, mine), "taken before this process started: an earlier worker of this id")
+}
+
+func mustGet(t *testing.T, s *jobs.Store, id string) api.Job {
+	t.Helper()
+	j, err := s.Get(context.Background(), id)
+	require.NoError(t, err)
+	return j
 }
 
 // A take whose answer was lost in a cut longer than one bus operation's
-// bound keeps its request and reads the record again until the bus is
-// back, as a running job rides the bus out: letting the request go first
-// could hand it to another worker, which finds the job running here and
-// drops it, and the job would wait on this live worker for its deadline.
-func TestATakeWhoseAnswerWasLostWaitsForTheRecord(t *testing.T) {
+// bound keeps its request and takes the job again until the bus is back,
+// as a running job rides the bus out: letting the request go first could
+// hand it to another worker, which finds the job running here and drops
+// it, and the job would wait on this live worker for its deadline.
+func TestATakeWhoseAnswerWasLostWaitsForTheBus(t *testing.T) {
 	f := busfix.Start(t)
 	ctx := context.Background()
 	u, err := url.Parse(f.URL)
@@ -100,24 +116,31 @@ func TestATakeWhoseAnswerWasLostWaitsForTheRecord(t *testing.T) {
 
 	proxy.Cut()
 	var held atomic.Int32
-	took := make(chan bool, 1)
+	type settled struct {
+		taken api.Job
+		err   error
+	}
+	took := make(chan settled, 1)
 	go func() {
-		took <- w.tookEarlier(api.Job{}, errors.New("nats: timeout"), j.ID, mine, func() { held.Add(1) })
+		taken, err := w.retake(func(ctx context.Context) (api.Job, error) { return store.Take(ctx, j.ID, mine, "h1") },
+			func() { held.Add(1) })
+		took <- settled{taken, err}
 	}()
 	// Longer than one operation's bound (busTimeout): the wait the take's
 	// answer got before, when the request went back to the queue.
 	time.Sleep(busTimeout + time.Second)
 	select {
-	case v := <-took:
-		t.Fatalf("settled (%v) while the record could not be read", v)
+	case s := <-took:
+		t.Fatalf("settled (%v) while the bus was away", s.err)
 	default:
 	}
 	require.Positive(t, held.Load(), "the request is kept in progress meanwhile")
 	proxy.Heal()
 	select {
-	case v := <-took:
-		require.True(t, v, "the job runs on this attempt: the lost take was applied")
+	case s := <-took:
+		require.ErrorIs(t, s.err, jobs.ErrIllegalTransition)
+		require.True(t, w.ownTake(s.taken, j.ID, mine), "the job runs on this attempt: the lost take was applied")
 	case <-time.After(30 * time.Second):
-		t.Fatal("the record was not read once the bus was back")
+		t.Fatal("the take was not settled once the bus was back")
 	}
 }

@@ -169,15 +169,19 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 		defer close(generated)
 		w.generate(genCtx, cancelGen, slot, id, req, ereq, attempt, pub, gate, freeSlot)
 	}()
-	var taken api.Job
-	if req.Record != nil && req.Record.ID == id {
-		known := *req.Record
-		known.Revision = req.RecordRevision
-		taken, err = w.store.TakeAt(bctx, known, attempt, w.cfg.Hive)
-	} else {
-		taken, err = w.store.Take(bctx, id, attempt, w.cfg.Hive)
+	take := func(ctx context.Context) (api.Job, error) {
+		if req.Record != nil && req.Record.ID == id {
+			known := *req.Record
+			known.Revision = req.RecordRevision
+			return w.store.TakeAt(ctx, known, attempt, w.cfg.Hive)
+		}
+		return w.store.Take(ctx, id, attempt, w.cfg.Hive)
 	}
-	if err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) && w.tookEarlier(taken, err, id, attempt, func() { _ = msg.InProgress() }) {
+	taken, err := take(bctx)
+	if err != nil && bus.Unavailable(err) {
+		taken, err = w.retake(take, func() { _ = msg.InProgress() })
+	}
+	if (errors.Is(err, jobs.ErrIllegalTransition) || errors.Is(err, jobs.ErrStale)) && w.ownTake(taken, id, attempt) {
 		log.Info().Err(err).Int("attempt", attempt.Number).Msg("the job is running on this attempt of this worker: a take whose answer was lost; running it")
 		err = nil
 	}
@@ -229,45 +233,58 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	<-generated
 }
 
-// tookEarlier says whether a take that failed with err finds the job taken
-// by this very attempt of this process all the same: the write of an
-// earlier take was applied but its answer lost (the bus cut in that round
-// trip), by this slot or by the slot of an earlier copy of the request.
-// Without this the job would stay "running" on a live worker that never
-// runs it, until its deadline. The slot holds the attempt in w.attempts,
-// so no other slot here runs it; a record taken before this process
-// started is a worker of the same id that died, and is not adopted.
+// retake settles a take that got no answer (the bus away, or too slow for
+// busTimeout): its write may have been applied all the same. It takes the
+// job again, riding the bus out as a running job does (the outage bound,
+// cut short when the worker stops), and keeps the request meanwhile (hold:
+// its in-progress ack). Letting the request go before the take is settled
+// could hand it to another worker, which would find the job running here
+// and drop it: a job stranded on a live worker until its deadline.
 //
-// taken is the record the take read, when it refused the transition;
-// otherwise the record is read again until it answers, for as long as a
-// running job rides out the bus (the outage bound), keeping the request
-// (hold: its in-progress ack) meanwhile. Letting the request go before
-// the record settles it could hand it to another worker, which finds the
-// job running here and drops it: a job stranded on a live worker. Should
-// this worker die meanwhile, the leader gives its attempt up.
-func (w *worker) tookEarlier(taken api.Job, err error, id string, a jobs.Attempt, hold func()) bool {
-	if !errors.Is(err, jobs.ErrIllegalTransition) && !errors.Is(err, jobs.ErrStale) {
-		ctx, cancel := w.outageCtx()
-		defer cancel()
-		if hold != nil {
-			held := time.NewTicker(AckWait / 3)
-			defer held.Stop()
-			go func() {
-				for {
-					select {
-					case <-ctx.Done():
-						return
-					case <-held.C:
-						hold()
-					}
-				}
-			}()
+// A write that was applied makes the new take find the job running on
+// this attempt, which ownTake then tells apart; one that was not is made
+// now. Taking again rather than reading the record is what settles it: a
+// read may be answered by a replica that has not applied the write yet,
+// while a take's compare-and-swap goes to the stream's leader. Should this
+// worker die meanwhile, the leader gives its attempt up.
+func (w *worker) retake(take func(context.Context) (api.Job, error), hold func()) (api.Job, error) {
+	ctx, cancel := w.outageCtx()
+	defer cancel()
+	held := time.NewTicker(AckWait / 3)
+	defer held.Stop()
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-held.C:
+				hold()
+			}
 		}
-		var rerr error
-		if taken, rerr = retryOutage(ctx, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) }); rerr != nil {
-			return false
+	}()
+	for {
+		taken, err := retryOutage(ctx, take)
+		// A record read from a replica behind the leader fails the
+		// take's write as a conflict, however often it is tried.
+		if !errors.Is(err, jobs.ErrConflict) || ctx.Err() != nil {
+			return taken, err
+		}
+		select {
+		case <-ctx.Done():
+			return taken, err
+		case <-time.After(250 * time.Millisecond):
 		}
 	}
+}
+
+// ownTake says whether taken, a record a take found already running, was
+// taken by this very attempt of this process: the write of an earlier take
+// was applied but its answer lost, by this slot (retake) or by the slot of
+// an earlier copy of the request. The slot holds the attempt in
+// w.attempts, so no other slot here runs it; a record taken before this
+// process started is a worker of the same id that died, and is not
+// adopted.
+func (w *worker) ownTake(taken api.Job, id string, a jobs.Attempt) bool {
 	return taken.ID == id && taken.State == api.JobRunning && taken.Worker == a.Worker && taken.Attempts == a.Number &&
 		taken.StartedAt != nil && !taken.StartedAt.Before(w.started)
 }
