@@ -2,14 +2,12 @@ package worker
 
 import (
 	"context"
-	"net/url"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
-	"github.com/rbee-dev/rbee/internal/testutil/tcpproxy"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/stretchr/testify/require"
 )
@@ -97,11 +95,7 @@ func mustGet(t *testing.T, s *jobs.Store, id string) api.Job {
 func TestATakeWhoseAnswerWasLostWaitsForTheBus(t *testing.T) {
 	f := busfix.Start(t)
 	ctx := context.Background()
-	u, err := url.Parse(f.URL)
-	require.NoError(t, err)
-	proxy, err := tcpproxy.Listen(u.Host)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = proxy.Close() })
+	proxy := f.Proxy(t)
 	actor := api.Actor{Component: "worker", ID: "w1"}
 	store, err := jobs.Open(ctx, busfix.Connect(t, "nats://"+proxy.Addr()), actor, time.Hour)
 	require.NoError(t, err)

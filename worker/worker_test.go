@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,7 +18,6 @@ import (
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/internal/testutil/inproc"
-	"github.com/rbee-dev/rbee/internal/testutil/tcpproxy"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rbee-dev/rbee/worker"
@@ -538,11 +536,7 @@ func TestTheDecodeDoesNotWaitForTheTake(t *testing.T) {
 	f := busfix.Start(t)
 	s := store(t, f)
 	ctx := context.Background()
-	u, err := url.Parse(f.URL)
-	require.NoError(t, err)
-	proxy, err := tcpproxy.Listen(u.Host)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = proxy.Close() })
+	proxy := f.Proxy(t)
 	start(t, f, "w1", 1, func(c *worker.Config) { c.NATSURL = "nats://" + proxy.Addr() })
 	const latency = 100 * time.Millisecond
 	proxy.SetLatency(latency)
@@ -567,7 +561,7 @@ func TestTheDecodeDoesNotWaitForTheTake(t *testing.T) {
 		"the generation ran while its take (a round trip of 2 × %s) was in flight", latency)
 
 	other := queueJob(t, f, args)
-	_, err = s.Take(ctx, other, jobs.Attempt{Number: 1, Worker: "w0"}, "hive1")
+	_, err := s.Take(ctx, other, jobs.Attempt{Number: 1, Worker: "w0"}, "hive1")
 	require.NoError(t, err)
 	publishRequest(t, f, other, args)
 	next := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 4}})
@@ -658,11 +652,7 @@ func TestTwoCopiesOfARequestRunOnce(t *testing.T) {
 // gives its jobs up when its heartbeat expires.
 func TestAStoppedWorkerDoesNotWaitOutABusOutage(t *testing.T) {
 	f := busfix.Start(t)
-	u, err := url.Parse(f.URL)
-	require.NoError(t, err)
-	proxy, err := tcpproxy.Listen(u.Host)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = proxy.Close() })
+	proxy := f.Proxy(t)
 	w := start(t, f, "w1", 1, longContext, func(c *worker.Config) {
 		c.NATSURL = "nats://" + proxy.Addr()
 		c.BusOutage = 2 * time.Minute
@@ -672,7 +662,7 @@ func TestAStoppedWorkerDoesNotWaitOutABusOutage(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	generating := errors.New("generating")
-	err = f.Bus.Follow(ctx, id, 0, func(ev api.Event) error {
+	err := f.Bus.Follow(ctx, id, 0, func(ev api.Event) error {
 		if ev.Token != nil {
 			proxy.Cut() // mid-generation: its tokens and end wait for the bus
 			return generating

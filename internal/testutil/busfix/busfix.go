@@ -4,10 +4,12 @@ package busfix
 
 import (
 	"context"
+	"net/url"
 	"testing"
 	"time"
 
 	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/internal/testutil/tcpproxy"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 )
@@ -49,4 +51,16 @@ func ConnectAs(t testing.TB, url string, cr bus.Credentials) *bus.Bus {
 	require.NoError(t, err)
 	t.Cleanup(func() { b.NC.Close() })
 	return b
+}
+
+// Proxy starts a proxy to the server, closed with the test: a client that
+// connects through it ("nats://" + its Addr) can be cut off and healed.
+func (f *Fixture) Proxy(t testing.TB) *tcpproxy.Proxy {
+	t.Helper()
+	u, err := url.Parse(f.URL)
+	require.NoError(t, err)
+	p, err := tcpproxy.Listen(u.Host)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = p.Close() })
+	return p
 }
