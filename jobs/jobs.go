@@ -309,6 +309,25 @@ func (s *Store) Finish(ctx context.Context, id string, a Attempt, to api.JobStat
 	return s.transition(ctx, id, to, nil, a.current(id), mutate)
 }
 
+// Reject fails a job waiting for attempt a (a request the worker refused
+// before any work: its parameters do not fit the model), with why. The
+// check is made on the record the write goes against, so a job that moved
+// on meanwhile (taken by another worker's copy of the request, retried,
+// ended) is refused with ErrStale or ErrTerminal rather than failed: a
+// check on a read of its own, then a write, could fail a job another
+// worker had just taken.
+func (s *Store) Reject(ctx context.Context, id string, a Attempt, hive string, why *api.Error) (api.Job, error) {
+	return s.transition(ctx, id, api.JobFailed, nil, func(j api.Job) error {
+		if !j.State.Terminal() && (j.State != api.JobQueued || j.Attempts+1 != a.Number) {
+			return fmt.Errorf("job %s: %w: request of attempt %d, the job is %s at attempt %d", id, ErrStale, a.Number, j.State, j.Attempts)
+		}
+		return nil
+	}, func(j *api.Job) {
+		j.SetError(why)
+		j.Worker, j.Hive = a.Worker, hive
+	})
+}
+
 // Retry puts a running job back in the queue after attempt a's worker was
 // lost, keeping the attempt number: the next request carries a.Number+1.
 func (s *Store) Retry(ctx context.Context, id string, a Attempt) (api.Job, error) {

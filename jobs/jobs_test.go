@@ -206,3 +206,40 @@ func TestAttemptsAreFenced(t *testing.T) {
 	_, err = s.Finish(ctx, job.ID, w2, api.JobFailed, nil)
 	require.ErrorIs(t, err, jobs.ErrTerminal)
 }
+
+// A request refused before any work fails only the job waiting for its
+// attempt: not a job another worker took meanwhile, nor one waiting for a
+// later attempt.
+func TestRejectFailsOnlyAJobWaitingForTheAttempt(t *testing.T) {
+	s, _ := openStore(t)
+	ctx := context.Background()
+	create := func() string {
+		job, err := s.Create(ctx, api.Job{ID: jobs.NewID(), Op: api.Operation{Kind: api.OpInfer}})
+		require.NoError(t, err)
+		return job.ID
+	}
+	w1 := jobs.Attempt{Number: 1, Worker: "w1"}
+	why := api.Fail(api.ReasonInvalidParam, "prompt", "the prompt is too long")
+
+	taken := create()
+	_, err := s.Take(ctx, taken, jobs.Attempt{Number: 1, Worker: "w2"}, "h2")
+	require.NoError(t, err)
+	_, err = s.Reject(ctx, taken, w1, "h1", why)
+	require.ErrorIs(t, err, jobs.ErrStale, "another worker took it")
+	job, err := s.Get(ctx, taken)
+	require.NoError(t, err)
+	require.Equal(t, api.JobRunning, job.State)
+
+	_, err = s.Reject(ctx, create(), jobs.Attempt{Number: 2, Worker: "w1"}, "h1", why)
+	require.ErrorIs(t, err, jobs.ErrStale, "the job waits for attempt 1")
+
+	waiting := create()
+	failed, err := s.Reject(ctx, waiting, w1, "h1", why)
+	require.NoError(t, err)
+	require.Equal(t, api.JobFailed, failed.State)
+	require.Equal(t, why.Message, failed.Error)
+	require.Equal(t, api.ReasonInvalidParam, failed.Reason)
+	require.Equal(t, "w1", failed.Worker)
+	_, err = s.Reject(ctx, waiting, w1, "h1", why)
+	require.ErrorIs(t, err, jobs.ErrTerminal, "a copy of the request finds it ended")
+}

@@ -290,24 +290,21 @@ func (w *worker) ownTake(taken api.Job, id string, a jobs.Attempt) bool {
 }
 
 // reject fails a job whose parameters are bad before any work is done.
+// Only a job waiting for this request's attempt is failed: a redelivered
+// or stale request must not fail a job that moved on.
 func (w *worker) reject(ctx context.Context, msg jetstream.Msg, id string, attempt int, bad error) {
-	// Only a job waiting for this request's attempt is failed here: a
-	// redelivered or stale request must not fail a job that moved on.
-	if job, err := w.store.Get(ctx, id); err != nil || job.State != api.JobQueued || job.Attempts+1 != attempt {
-		_ = msg.Ack()
-		return
-	}
-	_, err := w.store.Transition(ctx, id, api.JobFailed, func(j *api.Job) {
-		j.SetError(paramError(bad))
-		j.Worker, j.Hive = w.cfg.ID, w.cfg.Hive
-	})
-	if err != nil && !errors.Is(err, jobs.ErrTerminal) && !errors.Is(err, jobs.ErrNotFound) {
+	_, err := w.store.Reject(ctx, id, jobs.Attempt{Number: attempt, Worker: w.cfg.ID}, w.cfg.Hive, paramError(bad))
+	switch {
+	case err == nil:
+		w.log.Info().Str("job", id).Err(bad).Msg("rejected a bad request")
+	case errors.Is(err, jobs.ErrTerminal), errors.Is(err, jobs.ErrNotFound), errors.Is(err, jobs.ErrStale):
+		w.log.Debug().Str("job", id).Err(err).Msg("skipping a bad request whose job is not waiting for it")
+	default:
 		w.log.Warn().Err(err).Str("job", id).Msg("could not fail a bad request; leaving it queued")
 		_ = msg.NakWithDelay(time.Second)
 		return
 	}
 	_ = msg.Ack()
-	w.log.Info().Str("job", id).Err(bad).Msg("rejected a bad request")
 }
 
 // First-token watch states.
