@@ -273,11 +273,12 @@ func (b *Bus) Replicas(ctx context.Context) (int, error) {
 	return max(1, st.CachedInfo().Config.Replicas), nil
 }
 
-// KV opens a bucket that EnsureStreams created.
+// KV opens a bucket that EnsureStreams created. Its Get reads from the
+// leader (LeaderReads).
 func (b *Bus) KV(ctx context.Context, bucket string) (jetstream.KeyValue, error) {
 	kv, err := b.JS.KeyValue(ctx, bucket)
 	if err != nil {
 		return nil, fmt.Errorf("open bucket %s (is the queen running?): %w", bucket, err)
 	}
-	return kv, nil
+	return LeaderReads(b.NC, kv), nil
 }

@@ -405,7 +405,9 @@ func openLeaseBucket(ctx context.Context, js jetstream.JetStream, bucket string,
 		log.Warn().Dur("configured", ttl).Dur("bucket", got).Msg("the lease bucket was made with another lease TTL; using the bucket's, which every queen on this bus shares")
 		ttl = got
 	}
-	return kv, ttl, nil
+	// Who holds the lease is read from the leader: a follower's answer
+	// may predate the last take or renewal.
+	return bus.LeaderReads(js.Conn(), kv), ttl, nil
 }
 
 // queenIDFile holds a queen's identity in its data directory, so a queen
