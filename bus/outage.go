@@ -18,3 +18,26 @@ const DefaultOutage = 3 * time.Minute
 func Unavailable(err error) bool {
 	return retryable(err) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrNoQuorum)
 }
+
+// unavailableRetry is how soon WhileUnavailable tries again.
+const unavailableRetry = 250 * time.Millisecond
+
+// WhileUnavailable calls op until it succeeds, fails for a reason other
+// than the bus being away (Unavailable), or ctx ends; each try is bounded
+// by try. What rides out an outage (a worker recording a job's end, a
+// queen recording an operation's start) bounds ctx by DefaultOutage.
+func WhileUnavailable[T any](ctx context.Context, try time.Duration, op func(context.Context) (T, error)) (T, error) {
+	for {
+		tctx, cancel := context.WithTimeout(ctx, try)
+		v, err := op(tctx)
+		cancel()
+		if err == nil || !Unavailable(err) || ctx.Err() != nil {
+			return v, err
+		}
+		select {
+		case <-ctx.Done():
+			return v, err
+		case <-time.After(unavailableRetry):
+		}
+	}
+}

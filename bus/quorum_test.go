@@ -115,3 +115,34 @@ func TestWhileStartingSaysAgainThatItWaits(t *testing.T) {
 	require.EqualError(t, err, "bad config")
 	require.Empty(t, told)
 }
+
+// WhileUnavailable tries again while the bus is away, each try bounded,
+// and returns at once any answer, error or not, and when its context ends.
+func TestWhileUnavailableRidesOutOnlyAnAbsentBus(t *testing.T) {
+	calls := 0
+	v, err := WhileUnavailable(context.Background(), time.Second, func(ctx context.Context) (int, error) {
+		calls++
+		deadline, ok := ctx.Deadline()
+		require.True(t, ok && time.Until(deadline) <= time.Second, "each try is bounded")
+		if calls < 3 {
+			return 0, nats.ErrNoResponders
+		}
+		return 7, nil
+	})
+	require.NoError(t, err)
+	require.Equal(t, 7, v)
+	require.Equal(t, 3, calls)
+
+	calls = 0
+	refused := errors.New("job is finished")
+	_, err = WhileUnavailable(context.Background(), time.Second, func(context.Context) (int, error) { calls++; return 0, refused })
+	require.ErrorIs(t, err, refused)
+	require.Equal(t, 1, calls, "an answer is not tried again")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = WhileUnavailable(ctx, time.Second, func(context.Context) (int, error) { return 0, ErrNoQuorum })
+	require.ErrorIs(t, err, ErrNoQuorum)
+	require.Less(t, time.Since(start), 2*time.Second, "it ends with its context")
+}

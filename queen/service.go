@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/internal/remote"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/jobs"
@@ -134,11 +135,37 @@ func (q *Queen) startLocal(job api.Job, run func(context.Context, api.Job) (any,
 				defer func() { _ = sub.Unsubscribe() }()
 			}
 		}
-		if _, err := q.jobs.Transition(ctx, job.ID, api.JobRunning, nil); err != nil {
-			q.log.Debug().Err(err).Str("job", job.ID).Msg("job did not start")
+		// The start is recorded before any work, so a keeper sees the
+		// job run. A bus that cannot store it now is waited out, as a
+		// worker waits to record a job's end; a job whose start cannot
+		// be recorded is failed, never left queued with nobody to run it.
+		sctx, scancel := context.WithTimeout(ctx, bus.DefaultOutage)
+		_, err := bus.WhileUnavailable(sctx, 10*time.Second, func(ctx context.Context) (api.Job, error) {
+			return q.jobs.Transition(ctx, job.ID, api.JobRunning, nil)
+		})
+		scancel()
+		switch {
+		case err == nil:
+		case errors.Is(err, jobs.ErrTerminal), ctx.Err() != nil && q.runCtx.Err() == nil:
+			// Cancelled or timed out before it started: whoever ended
+			// it recorded why.
+			q.log.Debug().Err(err).Str("job", job.ID).Msg("job ended before it started")
+			return
+		default:
+			q.log.Warn().Err(err).Str("job", job.ID).Msg("could not record the start of an operation; failing it")
+			why := api.AsError(err)
+			why.Message = "the queen could not record the operation's start: " + why.Message
+			if q.runCtx.Err() != nil {
+				why = api.Fail(api.ReasonUnavailable, "", "queen shut down before the operation started")
+			}
+			fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer fcancel()
+			_, _ = q.jobs.Transition(fctx, job.ID, api.JobFailed, func(j *api.Job) { j.SetError(why) })
 			return
 		}
 		result, err := run(ctx, job)
+		// The end's write is bounded from now: the run may take longer
+		// than any bound set before it.
 		fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer fcancel()
 		if err != nil {

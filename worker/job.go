@@ -243,10 +243,9 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 //
 // A write that was applied makes the new take find the job running on
 // this attempt, which ownTake then tells apart; one that was not is made
-// now. Taking again rather than reading the record is what settles it: a
-// read may be answered by a replica that has not applied the write yet,
-// while a take's compare-and-swap goes to the stream's leader. Should this
-// worker die meanwhile, the leader gives its attempt up.
+// now: one round trip settles it either way, where a read would need a
+// take after it. Should this worker die meanwhile, the leader gives its
+// attempt up.
 func (w *worker) retake(take func(context.Context) (api.Job, error), hold func()) (api.Job, error) {
 	ctx, cancel := w.outageCtx()
 	defer cancel()
@@ -263,7 +262,7 @@ func (w *worker) retake(take func(context.Context) (api.Job, error), hold func()
 		}
 	}()
 	for {
-		taken, err := retryOutage(ctx, take)
+		taken, err := bus.WhileUnavailable(ctx, busTimeout, take)
 		// A record read from a replica behind the leader fails the
 		// take's write as a conflict, however often it is tried.
 		if !errors.Is(err, jobs.ErrConflict) || ctx.Err() != nil {
@@ -412,7 +411,7 @@ func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *a
 	if result != nil {
 		raw, _ = json.Marshal(result)
 	}
-	if job, err := retryOutage(ctx, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) }); err == nil &&
+	if job, err := bus.WhileUnavailable(ctx, busTimeout, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) }); err == nil &&
 		(job.State.Terminal() || job.Attempts != attempt.Number || job.Worker != attempt.Worker) {
 		w.log.Info().Str("job", id).Int("attempt", attempt.Number).Str("state", string(job.State)).
 			Msg("the job moved on without this attempt; its end is not recorded")
@@ -428,7 +427,7 @@ func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *a
 	default:
 		w.narrator.Warn(ctx, id, "infer", w.cfg.Model, "%s", why.Message)
 	}
-	_, err := retryOutage(ctx, func(ctx context.Context) (api.Job, error) {
+	_, err := bus.WhileUnavailable(ctx, busTimeout, func(ctx context.Context) (api.Job, error) {
 		return w.store.Finish(ctx, id, attempt, to, func(j *api.Job) {
 			j.SetError(why)
 			if raw != nil {
@@ -442,24 +441,6 @@ func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *a
 		w.log.Debug().Str("job", id).Err(err).Msg("job already ended")
 	default:
 		w.log.Error().Str("job", id).Str("state", string(to)).Err(err).Msg("could not record the end of a job")
-	}
-}
-
-// retryOutage calls op until it succeeds, fails for a reason other than
-// the bus being away, or ctx ends: each try gets busTimeout.
-func retryOutage[T any](ctx context.Context, op func(context.Context) (T, error)) (T, error) {
-	for {
-		tctx, cancel := context.WithTimeout(ctx, busTimeout)
-		v, err := op(tctx)
-		cancel()
-		if err == nil || !bus.Unavailable(err) || ctx.Err() != nil {
-			return v, err
-		}
-		select {
-		case <-ctx.Done():
-			return v, err
-		case <-time.After(250 * time.Millisecond):
-		}
 	}
 }
 
