@@ -184,6 +184,13 @@ type Server struct {
 	opts *server.Options
 }
 
+// Interest reports whether a message published on subject in this
+// server's account would reach a subscriber: its own, or one that a route
+// or leaf connection told it of.
+func (s *Server) Interest(subject string) bool {
+	return s.srv.GlobalAccount().SubscriptionInterest(subject)
+}
+
 // StartServer starts an embedded nats-server with JetStream on file storage
 // and waits until it accepts clients. Listening on any address but loopback
 // without credentials is refused: a bus that runs inference and starts

@@ -45,7 +45,14 @@ const (
 	// leafWatchInterval is how often the link is looked at, so the hive
 	// beats as soon as it is back rather than at its next interval.
 	leafWatchInterval = 100 * time.Millisecond
+	// hubJetStreamWait bounds the wait, once the link is up, for the
+	// hub's JetStream to be reachable across it (hubJetStream).
+	hubJetStreamWait = 5 * time.Second
 )
+
+// hubJetStream is a subject of the hub's JetStream API: the leaf knows
+// the hub serves it once the hub's interest in it has crossed the link.
+const hubJetStream = "$JS.API.INFO"
 
 // leaf is the hive's own bus server, a leaf node of the hub.
 type leaf struct {
@@ -128,6 +135,19 @@ func startLeaf(ctx context.Context, cfg Config, log zerolog.Logger) (*leaf, erro
 		case <-joinCtx.Done():
 			srv.Shutdown()
 			return nil, fmt.Errorf("%w: hive %s could not join the hub at %s through a leaf connection within %s", bus.ErrUnreachable, cfg.ID, hub, leafJoinTimeout)
+		case <-t.C:
+		}
+	}
+	// The link being up is not the hub's interest having crossed it: a
+	// JetStream request sent in between (the hive opens its buckets at
+	// once) meets no responders, as seen under load by a few ms. Wait
+	// for it, boundedly: a hub without JetStream never shows it, and the
+	// hive's first request then says so.
+	interest, cancelInterest := context.WithTimeout(joinCtx, hubJetStreamWait)
+	defer cancelInterest()
+	for !srv.Interest(hubJetStream) && interest.Err() == nil {
+		select {
+		case <-interest.Done():
 		case <-t.C:
 		}
 	}

@@ -36,6 +36,7 @@ func Start[T any](t testing.TB, name string, run func(context.Context) error, re
 	select {
 	case v = <-ready:
 	case err := <-d.done:
+		d.done <- err // for the cleanup, which would wait for it
 		t.Fatalf("%s stopped before it was ready: %v", name, err)
 	case <-time.After(readyWithin):
 		t.Fatalf("%s not ready within %s", name, readyWithin)
