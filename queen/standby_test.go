@@ -7,8 +7,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
+	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 )
@@ -98,12 +100,32 @@ func TestStandbyServesWhileAnotherQueenLeads(t *testing.T) {
 	require.Equal(t, api.ReasonTimeout, job.Reason)
 	require.Contains(t, job.Error, "timed out after 300ms")
 
-	// The leader stops cleanly and releases the lease: the standby leads
-	// long before the lease would have expired.
-	stopped := time.Now()
+	// The leader stops cleanly and releases the lease: the standby takes
+	// it at its next try, not once it expires. A release deletes the
+	// key, while an expiry leaves no mark in this bucket: the key's
+	// watcher sees the release, then the standby's take. (Timed against
+	// the lease's TTL instead, a machine busy enough to hold up the
+	// leader's shutdown for a TTL made this fail.)
+	leases, err := f.Bus.JS.KeyValue(ctx, f.Bus.Space.LeasesBucket())
+	require.NoError(t, err)
+	changes, err := leases.Watch(ctx, subjects.SchedulerLease, jetstream.UpdatesOnly())
+	require.NoError(t, err)
+	defer func() { _ = changes.Stop() }()
 	stopA()
-	require.Eventually(t, b.Leading, testLeaseTTL, 10*time.Millisecond, "the standby did not take the released lease")
-	require.Less(t, time.Since(stopped), testLeaseTTL)
+	next := func() jetstream.KeyValueEntry {
+		select {
+		case e := <-changes.Updates():
+			return e
+		case <-ctx.Done():
+			t.Fatal("the lease did not change")
+			return nil
+		}
+	}
+	require.Equal(t, jetstream.KeyValueDelete, next().Operation(), "the leader released the lease")
+	taken := next()
+	require.Equal(t, jetstream.KeyValuePut, taken.Operation())
+	require.Contains(t, string(taken.Value()), `"queen-b"`, "the standby took it")
+	require.Eventually(t, b.Leading, 10*time.Second, 10*time.Millisecond, "the standby did not take the released lease")
 	st, err = b.status(ctx, struct{}{})
 	require.NoError(t, err)
 	require.Equal(t, api.QueenLeader, st.Role)
