@@ -53,6 +53,12 @@ func dial(t *testing.T, s *sshd.Server) *remote.Client {
 	return c
 }
 
+// remoteCheckWait bounds the wait for what a remote command does by
+// itself (a pid file written, a killed process gone), each look an SSH
+// round trip: generous, since the suite's other tests may hold both cores
+// (5 s was once not enough for two looks), and returning at once.
+const remoteCheckWait = 30 * time.Second
+
 func TestClient(t *testing.T) {
 	s := sshd.Start(t)
 	c := dial(t, s)
@@ -117,7 +123,7 @@ func TestClient(t *testing.T) {
 		require.Eventually(t, func() bool {
 			alive, err := c.Alive(ctx, child)
 			return err == nil && !alive
-		}, 5*time.Second, 50*time.Millisecond, "remote process survived cancellation")
+		}, remoteCheckWait, 50*time.Millisecond, "remote process survived cancellation")
 		// The connection is still usable.
 		out, _, err := c.Run(ctx, "echo still-here")
 		require.NoError(t, err)
@@ -196,13 +202,13 @@ func TestClient(t *testing.T) {
 		require.Eventually(t, func() bool {
 			b, _ := os.ReadFile(pidFile)
 			return strings.TrimSpace(string(b)) == strconv.Itoa(pid)
-		}, 5*time.Second, 20*time.Millisecond)
+		}, remoteCheckWait, 20*time.Millisecond)
 
 		require.NoError(t, c.Kill(ctx, pid, "TERM"))
 		require.Eventually(t, func() bool {
 			alive, err := c.Alive(ctx, pid)
 			return err == nil && !alive
-		}, 5*time.Second, 50*time.Millisecond)
+		}, remoteCheckWait, 50*time.Millisecond)
 
 		out, err := c.Tail(ctx, logPath, 5)
 		require.NoError(t, err)
@@ -221,15 +227,20 @@ func TestClient(t *testing.T) {
 			b, _ := os.ReadFile(childFile)
 			child, err = strconv.Atoi(strings.TrimSpace(string(b)))
 			return err == nil
-		}, 5*time.Second, 20*time.Millisecond)
+		}, remoteCheckWait, 20*time.Millisecond)
 		t.Cleanup(func() { _ = c.Kill(context.Background(), child, "KILL") })
 
 		require.NoError(t, c.Kill(ctx, pid, ""))
-		require.Eventually(t, func() bool {
-			a1, _ := c.Alive(ctx, pid)
-			a2, _ := c.Alive(ctx, child)
-			return !a1 && !a2
-		}, 5*time.Second, 50*time.Millisecond)
+		for deadline := time.Now().Add(remoteCheckWait); ; time.Sleep(50 * time.Millisecond) {
+			a1, err1 := c.Alive(ctx, pid)
+			a2, err2 := c.Alive(ctx, child)
+			if err1 == nil && err2 == nil && !a1 && !a2 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the group outlived its kill: process alive=%v (%v), child alive=%v (%v)", a1, err1, a2, err2)
+			}
+		}
 	})
 
 	t.Run("tail", func(t *testing.T) {
