@@ -226,6 +226,21 @@ func (c *cluster) startHive(ctx context.Context, id string, extra ...string) (*p
 	}
 }
 
+// addModel copies the model file into a hive's catalog as name, as
+// `rbee model download file://…` does, and returns the path of the
+// catalog's copy (the file the hive's workers load).
+func (c *cluster) addModel(ctx context.Context, hive, name, file string) (string, error) {
+	end, err := c.run(ctx, api.OpModelDownload, api.ModelAddArgs{Hive: hive, Source: "file://" + file, Name: name})
+	if err != nil {
+		return "", fmt.Errorf("adding %s to hive %s: %w", name, hive, err)
+	}
+	var m api.Model
+	if err := json.Unmarshal(end.Result, &m); err != nil || m.Path == "" {
+		return "", fmt.Errorf("adding %s to hive %s: the job's result names no file (%s)", name, hive, end.Result)
+	}
+	return m.Path, nil
+}
+
 // synth writes a generated model into a hive's catalog.
 func (c *cluster) synth(ctx context.Context, hive, name, size string) error {
 	subject, err := c.b.Space.Hive(hive, api.HiveEpModelSynth)

@@ -231,6 +231,7 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 	}
 	t.Notes = append(t.Notes, "a (Threads = every core) is at the mercy of anything else the machine runs: ggml's threads meet at a spinning barrier after every operation, so one thread descheduled stalls the whole step. "+
 		"On this project's 2-core VM with other work running, a quick run put a at a twelfth of a1 on the 26 M model at N = 1 and at a sixth on the 412 M one at N = 8, and a probe of the same load options alone swung between 230 and 514 tokens/s from one minute to the next; a1 does not depend on it. Run this section on a quiet machine.")
+	t.Notes = append(t.Notes, "Every way reads the same file of each model: the copy in the hive's catalog, which c's worker maps. Two copies of the same bytes can decode at different speeds on a VM, by where their pages lie in its memory (on the AMD VM of this project, 2026-12-06: the 412 M model in-process at 33 against 53 tokens/s from two copies, the slow one as fast as the other once its pages were dropped and read again); before this, a, a1 and b read the bench's own file and c the hive's copy, and c ÷ best on the 412 M model read 0.47–0.56 in a run where the same ways on one file read 0.90–1.00.")
 	// Targets this run could not get to are listed as not measured.
 	defer func() {
 		seen := map[string]bool{}
@@ -266,6 +267,38 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 		}
 		e.logf("concurrency: generated %s in %s", m.name, time.Since(t0).Round(100*time.Millisecond))
 	}
+	// The cluster first: a queen, one hive holding both models, a warm
+	// 8-slot worker per model.
+	var cErr error
+	var c *cluster
+	var wayC concWay
+	if c, _, err = e.startQueen(ctx, queenSpec{}); err != nil {
+		cErr = err
+	} else {
+		defer c.close()
+		cErr = func() error {
+			if _, _, err := c.startHive(ctx, "local"); err != nil {
+				return err
+			}
+			// The engine ways below read the hive's copies, the very
+			// files its workers map: a model's pages in the page cache
+			// are then the same for every way. Two copies of one model
+			// can decode at different speeds on a VM (measured: 33
+			// against 53 tokens/s on the 412 M model, in-process, the
+			// same bytes in two files; the slow one was fast once its
+			// pages were dropped and read again), so ways that read
+			// different files would compare the machine's memory, not
+			// the ways.
+			for _, m := range models {
+				path, err := c.addModel(ctx, "local", m.name, m.path)
+				if err != nil {
+					return err
+				}
+				m.path = path
+			}
+			return nil
+		}()
+	}
 	// One loaded copy per way and model; weights are mapped, so the
 	// copies share them in the page cache, but each has its KV cache.
 	configs := []struct {
@@ -292,34 +325,13 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 		}
 		ways = append(ways, engineWay(cf.name, cf.short, loaded[cf.short]))
 	}
-
-	// The cluster: a queen, one hive, a warm 8-slot worker per model.
-	var cErr error
-	var c *cluster
-	var wayC concWay
-	if c, _, err = e.startQueen(ctx, queenSpec{}); err != nil {
-		cErr = err
-	} else {
-		defer c.close()
-		cErr = func() error {
-			if _, _, err := c.startHive(ctx, "local"); err != nil {
-				return err
+	if cErr == nil {
+		for _, m := range models {
+			if _, err := c.spawnWorkerSlots(ctx, "local", m.name, concSlots, m.ctx); err != nil {
+				cErr = fmt.Errorf("spawning a %d-slot worker for %s: %w", concSlots, m.name, err)
+				break
 			}
-			if err := c.synth(ctx, "local", models[0].name, "large"); err != nil {
-				return err
-			}
-			// The hive generates only the tiny and the large model; the
-			// memory-bound one is added from the bench's file.
-			if _, err := c.run(ctx, api.OpModelDownload, api.ModelAddArgs{Hive: "local", Source: "file://" + models[1].path, Name: models[1].name}); err != nil {
-				return fmt.Errorf("adding %s to the hive: %w", models[1].name, err)
-			}
-			for _, m := range models {
-				if _, err := c.spawnWorkerSlots(ctx, "local", m.name, concSlots, m.ctx); err != nil {
-					return fmt.Errorf("spawning a %d-slot worker for %s: %w", concSlots, m.name, err)
-				}
-			}
-			return nil
-		}()
+		}
 	}
 	if cErr != nil {
 		cErr = fmt.Errorf("c not measured: %w", cErr)

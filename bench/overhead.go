@@ -88,6 +88,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			overheadPrompt, overheadSeed, n, overheadCtx, rounds),
 		Header: []string{"model", "way", "tokens", "TTFT p50", "TTFT p99", "inter-token p50", "inter-token p99", "tokens/s p50 (e2e)", "tok/s ÷ A", "added TTFT p50 (vs A)"},
 	}
+	t.Notes = append(t.Notes, "A reads the same file of each model as the workers of B, C and D: the copy in the hive's catalog (see table 8 for why).")
 	t.Notes = append(t.Notes, "Spread: on the 2-core VM of this project, seven runs of this table on one day put the added TTFT p50 of B and C at 2.1–3.6 ms on the tiny model and anywhere from −1.2 to +4.4 ms on the large one, and the tokens/s ratios at 0.91–0.98; even the in-process engine (A) ran the tiny model at 15,500 to 19,000 tokens/s. Compare runs on one machine, not single numbers.")
 	t.Notes = append(t.Notes, "Ollama, measured on these machines on the same kind of generated models with 1 thread (issue 6), adds about 4.5–5 ms to time to first token and reaches 0.86–0.94 of the direct engine's tokens/s on the larger model and 0.69–0.87 on the tiny one, in two independent measurements; with 2 threads on 2 cores it falls to about 0.5.")
 
@@ -96,18 +97,42 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		return t, err
 	}
 	dir := e.dir("models")
-	models := []struct{ name, size string }{{"tiny", "tiny"}, {"large", "large"}}
-	loaded := map[string]engine.Model{}
+	models := []struct{ name, path string }{{"tiny", filepath.Join(dir, "tiny.gguf")}, {"large", filepath.Join(dir, "large.gguf")}}
 	for _, m := range models {
 		cfg := gguf.Tiny()
-		if m.size == "large" {
+		if m.name == "large" {
 			cfg = gguf.Large()
 		}
-		path := filepath.Join(dir, m.name+".gguf")
-		if err := gguf.SynthFile(path, cfg); err != nil {
+		if err := gguf.SynthFile(m.path, cfg); err != nil {
 			return t, err
 		}
-		mdl, err := llama.Load(ctx, path, engine.LoadOptions{ContextSize: overheadCtx, Threads: 1, Device: "cpu"})
+	}
+
+	// The cluster: a queen with its gateway, one hive holding both
+	// models, a warm worker per model. A reads the hive's copies, the
+	// files its workers map, so that every way reads the same pages
+	// (see table 8's addModel).
+	c, _, err := e.startQueen(ctx, queenSpec{Gateway: true})
+	if err != nil {
+		return t, err
+	}
+	defer c.close()
+	var bcErr error
+	if _, _, err := c.startHive(ctx, "local"); err != nil {
+		bcErr = fmt.Errorf("B and C not measured: %w", err)
+	} else {
+		for i, m := range models {
+			path, err := c.addModel(ctx, "local", m.name, m.path)
+			if err != nil {
+				bcErr = fmt.Errorf("B and C not measured: %w", err)
+				break
+			}
+			models[i].path = path
+		}
+	}
+	loaded := map[string]engine.Model{}
+	for _, m := range models {
+		mdl, err := llama.Load(ctx, m.path, engine.LoadOptions{ContextSize: overheadCtx, Threads: 1, Device: "cpu"})
 		if err != nil {
 			return t, err
 		}
@@ -131,34 +156,19 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		}
 		return newGenRun(t0, arrivals)
 	}}
-
-	// The cluster: a queen with its gateway, one hive, a warm worker per model.
-	c, _, err := e.startQueen(ctx, queenSpec{Gateway: true})
-	if err != nil {
-		return t, err
-	}
-	defer c.close()
 	ways := []way{wayA}
-	var bcErr error
-	if _, _, err := c.startHive(ctx, "local"); err != nil {
-		bcErr = fmt.Errorf("B and C not measured: %w", err)
-	} else {
-		var werr error
+	if bcErr == nil {
 		for _, m := range models {
-			if werr = c.synth(ctx, "local", m.name, m.size); werr != nil {
-				break
-			}
-			if _, werr = c.spawnWorker(ctx, "local", m.name); werr != nil {
+			if _, err := c.spawnWorker(ctx, "local", m.name); err != nil {
+				bcErr = fmt.Errorf("B and C not measured: %w", err)
 				break
 			}
 		}
-		if werr != nil {
-			bcErr = fmt.Errorf("B and C not measured: %w", werr)
-		} else {
-			ways = append(ways, way{"B keeper → queen → worker", c.inferBus}, way{"C OpenAI gateway (SSE)", c.inferGateway})
-			if _, err := exec.LookPath("curl"); err == nil {
-				ways = append(ways, way{"D curl → gateway (outside client, TTFT only)", c.inferCurl})
-			}
+	}
+	if bcErr == nil {
+		ways = append(ways, way{"B keeper → queen → worker", c.inferBus}, way{"C OpenAI gateway (SSE)", c.inferGateway})
+		if _, err := exec.LookPath("curl"); err == nil {
+			ways = append(ways, way{"D curl → gateway (outside client, TTFT only)", c.inferCurl})
 		}
 	}
 
