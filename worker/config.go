@@ -86,9 +86,9 @@ type Config struct {
 	DrainGrace time.Duration
 	// DefaultMaxTokens applies to requests without max_tokens.
 	DefaultMaxTokens int
-	// BusOutage is how long a running job rides out a bus that went away
-	// (its tokens and its end wait for the bus to come back) before the
-	// job is failed (bus.DefaultOutage).
+	// BusOutage is how long a running job's tokens wait for a bus that
+	// went away before the job is failed (bus.DefaultOutage). Its end,
+	// failed or not, waits for the bus as long as the worker lives.
 	BusOutage time.Duration
 
 	// NATSURL, Credentials and Namespace say how to reach the bus;

@@ -39,16 +39,35 @@ const busTimeout = 10 * time.Second
 // outage bound: it exits within its drain grace and this.
 const stopWait = 5 * time.Second
 
-// outageCtx bounds a job's wait for a bus that went away:
+// outageCtx bounds a job's tokens' wait for a bus that went away:
 // cfg.BusOutage and one more try, and no later than the worker's
-// cutoff (stopWait after it halted).
+// cutoff (stopWait after it halted). Tokens are held in memory meanwhile;
+// past the bound the job ends failed rather than hold them on.
 func (w *worker) outageCtx() (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.BusOutage+busTimeout)
+	return ctx, w.cutAtStop(cancel)
+}
+
+// untilStopped bounds what a live worker owes a job's record (the take of
+// a request it holds, the end of a job it ran) by nothing but its own
+// stop: a bus away for longer than any bound (a queen restarted minutes
+// later) comes back to a worker that still owes them. Given up, either
+// would leave the job running on a live worker until its deadline: the
+// leader judges a job by its worker's heartbeat, which beats again. A
+// stopped worker's heartbeat goes, and the leader then gives its jobs up.
+func (w *worker) untilStopped() (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.Background())
+	return ctx, w.cutAtStop(cancel)
+}
+
+// cutAtStop makes cancel also run at the worker's cutoff (stopWait after
+// it halted), and returns what runs it at once and forgets the cutoff.
+func (w *worker) cutAtStop(cancel context.CancelFunc) context.CancelFunc {
 	if w.cutoff == nil {
-		return ctx, cancel
+		return cancel
 	}
 	stop := context.AfterFunc(w.cutoff, cancel)
-	return ctx, func() { stop(); cancel() }
+	return func() { stop(); cancel() }
 }
 
 // runSlot pulls one request at a time, only while its slot is free, until
@@ -235,8 +254,8 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 
 // retake settles a take that got no answer (the bus away, or too slow for
 // busTimeout): its write may have been applied all the same. It takes the
-// job again, riding the bus out as a running job does (the outage bound,
-// cut short when the worker stops), and keeps the request meanwhile (hold:
+// job again until the bus answers or the worker stops (untilStopped), and
+// keeps the request meanwhile (hold:
 // its in-progress ack). Letting the request go before the take is settled
 // could hand it to another worker, which would find the job running here
 // and drop it: a job stranded on a live worker until its deadline.
@@ -247,7 +266,7 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 // take after it. Should this worker die meanwhile, the leader gives its
 // attempt up.
 func (w *worker) retake(take func(context.Context) (api.Job, error), hold func()) (api.Job, error) {
-	ctx, cancel := w.outageCtx()
+	ctx, cancel := w.untilStopped()
 	defer cancel()
 	held := time.NewTicker(AckWait / 3)
 	defer held.Stop()
@@ -353,7 +372,8 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 	}
 	// Every token is stored before the end is, so no follower sees the
 	// end before the last token. A bus outage (the queen restarting) is
-	// waited out for as long as the worker rides one out at all.
+	// waited out for cfg.BusOutage, the tokens kept in memory; past it the
+	// job ends failed, an end recorded once the bus is back (finish).
 	fctx, fcancel := w.outageCtx()
 	defer fcancel()
 	flushErr := pub.Flush(fctx)
@@ -402,10 +422,11 @@ func paramError(err error) *api.Error {
 // have ended it first (the queen cancels or times out a job before
 // signalling the worker); then their state stands. A worker given up while
 // it was paused or cut off finds its attempt stale and changes nothing, not
-// even the narration. A bus outage is ridden out for cfg.BusOutage
-// (outageCtx).
+// even the narration. A bus outage is ridden out for as long as the worker
+// lives (untilStopped): the end is this worker's to record, and no one
+// else records it while its heartbeat says it lives.
 func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *api.Error, result *api.InferResult) {
-	ctx, cancel := w.outageCtx()
+	ctx, cancel := w.untilStopped()
 	defer cancel()
 	var raw json.RawMessage
 	if result != nil {

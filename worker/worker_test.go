@@ -675,3 +675,42 @@ func TestAStoppedWorkerDoesNotWaitOutABusOutage(t *testing.T) {
 	require.NoError(t, w.Wait(t, 60*time.Second))
 	require.Less(t, time.Since(stopped), 25*time.Second, "stopped within its grace and a few seconds, not the 2m outage bound")
 }
+
+// A bus away for longer than a job's tokens wait for it (a queen restarted
+// minutes later) fails the job, and the worker, alive all along, records
+// that end once the bus is back. Given up, the end would leave the job
+// running on a live worker until its deadline: the leader judges a job by
+// its worker's heartbeat, which beats again.
+func TestAnEndOwedThroughALongOutageIsRecordedOnceTheBusIsBack(t *testing.T) {
+	f := busfix.Start(t)
+	proxy := f.Proxy(t)
+	start(t, f, "w1", 1, longContext, func(c *worker.Config) {
+		c.NATSURL = "nats://" + proxy.Addr()
+		c.BusOutage = time.Second
+	})
+	id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 2000}})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	generating := errors.New("generating")
+	err := f.Bus.Follow(ctx, id, 0, func(ev api.Event) error {
+		if ev.Token != nil {
+			proxy.Cut()
+			return generating
+		}
+		return nil
+	})
+	require.ErrorIs(t, err, generating)
+	// Longer than the tokens' bound and the end's bound before it (each
+	// the outage bound and one 10 s bus operation), so a worker that gave
+	// the end up has done so.
+	time.Sleep(25 * time.Second)
+	proxy.Heal()
+
+	got := follow(t, f, id, nil)
+	require.Equal(t, api.JobFailed, got.final.State)
+	require.Contains(t, got.final.Error, "not stored")
+	requireContiguous(t, got.tokens)
+	job, err := store(t, f).Get(context.Background(), id)
+	require.NoError(t, err)
+	require.Equal(t, api.JobFailed, job.State)
+}
