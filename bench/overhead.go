@@ -261,6 +261,17 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 				Detail: fmt.Sprintf("%s (%s vs %s)", ms(d), ms(a.ttft.p50()), ms(base.ttft.p50()))})
 		}
 	}
+	if bcErr == nil && ctx.Err() == nil {
+		n := 200
+		if e.opts.Quick {
+			n = 20
+		}
+		if hp, err := c.measureHops(ctx, n); err != nil {
+			t.Notes = append(t.Notes, "The machine's price of one hop: not measured: "+err.Error())
+		} else {
+			t.Notes = append(t.Notes, hp.note(n))
+		}
+	}
 	if len(errs) > 0 {
 		if len(errs) > 5 {
 			errs = append(errs[:5], fmt.Sprintf("… and %d more", len(errs)-5))
