@@ -88,10 +88,11 @@ func mustGet(t *testing.T, s *jobs.Store, id string) api.Job {
 }
 
 // A take whose answer was lost in a cut longer than one bus operation's
-// bound keeps its request and takes the job again until the bus is back,
-// as a running job rides the bus out: letting the request go first could
-// hand it to another worker, which finds the job running here and drops
-// it, and the job would wait on this live worker for its deadline.
+// bound, and longer than a job's tokens wait for the bus, keeps its
+// request and takes the job again until the bus is back: letting the
+// request go first could hand it to another worker, which finds the job
+// running here and drops it, and the job would wait on this live worker
+// for its deadline.
 func TestATakeWhoseAnswerWasLostWaitsForTheBus(t *testing.T) {
 	f := busfix.Start(t)
 	ctx := context.Background()
@@ -99,7 +100,7 @@ func TestATakeWhoseAnswerWasLostWaitsForTheBus(t *testing.T) {
 	actor := api.Actor{Component: "worker", ID: "w1"}
 	store, err := jobs.Open(ctx, busfix.Connect(t, "nats://"+proxy.Addr()), actor, time.Hour)
 	require.NoError(t, err)
-	w := &worker{cfg: Config{ID: "w1", BusOutage: time.Minute}, store: store, started: time.Now().UTC().Add(-time.Second)}
+	w := &worker{cfg: Config{ID: "w1", BusOutage: time.Second}, store: store, started: time.Now().UTC().Add(-time.Second)}
 	mine := jobs.Attempt{Number: 1, Worker: "w1"}
 	direct, err := jobs.Open(ctx, f.Bus, actor, time.Hour)
 	require.NoError(t, err)
@@ -120,9 +121,10 @@ func TestATakeWhoseAnswerWasLostWaitsForTheBus(t *testing.T) {
 			func() { held.Add(1) })
 		took <- settled{taken, err}
 	}()
-	// Longer than one operation's bound (busTimeout): the wait the take's
-	// answer got before, when the request went back to the queue.
-	time.Sleep(busTimeout + time.Second)
+	// Longer than one operation's bound (busTimeout), and than the outage
+	// bound and one more try: the waits the take got before, when the
+	// request went back to the queue.
+	time.Sleep(busTimeout + 3*time.Second)
 	select {
 	case s := <-took:
 		t.Fatalf("settled (%v) while the bus was away", s.err)
