@@ -18,6 +18,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/internal/testutil/inproc"
+	"github.com/rbee-dev/rbee/internal/testutil/tcpproxy"
 	"github.com/rbee-dev/rbee/jobs"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/rbee-dev/rbee/worker"
@@ -658,22 +659,29 @@ func TestAStoppedWorkerDoesNotWaitOutABusOutage(t *testing.T) {
 		c.BusOutage = 2 * time.Minute
 		c.DrainGrace = 300 * time.Millisecond
 	})
-	id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 2000}})
+	cutAtFirstToken(t, f, proxy, submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 2000}}))
+	stopped := time.Now()
+	w.Cancel()
+	require.NoError(t, w.Wait(t, 60*time.Second))
+	require.Less(t, time.Since(stopped), 25*time.Second, "stopped within its grace and a few seconds, not the 2m outage bound")
+}
+
+// cutAtFirstToken cuts the worker's link to the bus once job id has
+// streamed its first token: mid-generation, its tokens and end then wait
+// for the bus.
+func cutAtFirstToken(t *testing.T, f *busfix.Fixture, proxy *tcpproxy.Proxy, id string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	generating := errors.New("generating")
 	err := f.Bus.Follow(ctx, id, 0, func(ev api.Event) error {
 		if ev.Token != nil {
-			proxy.Cut() // mid-generation: its tokens and end wait for the bus
+			proxy.Cut()
 			return generating
 		}
 		return nil
 	})
 	require.ErrorIs(t, err, generating)
-	stopped := time.Now()
-	w.Cancel()
-	require.NoError(t, w.Wait(t, 60*time.Second))
-	require.Less(t, time.Since(stopped), 25*time.Second, "stopped within its grace and a few seconds, not the 2m outage bound")
 }
 
 // A bus away for longer than a job's tokens wait for it (a queen restarted
@@ -689,17 +697,7 @@ func TestAnEndOwedThroughALongOutageIsRecordedOnceTheBusIsBack(t *testing.T) {
 		c.BusOutage = time.Second
 	})
 	id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 2000}})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	generating := errors.New("generating")
-	err := f.Bus.Follow(ctx, id, 0, func(ev api.Event) error {
-		if ev.Token != nil {
-			proxy.Cut()
-			return generating
-		}
-		return nil
-	})
-	require.ErrorIs(t, err, generating)
+	cutAtFirstToken(t, f, proxy, id)
 	// Longer than the tokens' bound and the end's bound before it (each
 	// the outage bound and one 10 s bus operation), so a worker that gave
 	// the end up has done so.
