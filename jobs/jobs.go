@@ -309,6 +309,20 @@ func (s *Store) Finish(ctx context.Context, id string, a Attempt, to api.JobStat
 	return s.transition(ctx, id, to, nil, a.current(id), mutate)
 }
 
+// FinishAt is Finish written against known, the job's record as its
+// worker last read it (a worker reads it to tell whether the end is still
+// its own to narrate): a copy by which attempt a may end the job is
+// written against without another read, and a write it lost to a change
+// since is read again and checked as Finish checks it. A copy that says
+// otherwise is not trusted to refuse: Finish reads the record and decides.
+func (s *Store) FinishAt(ctx context.Context, known api.Job, a Attempt, to api.JobState, mutate func(*api.Job)) (api.Job, error) {
+	check := a.current(known.ID)
+	if known.Revision == 0 || CheckTransition(known.State, to) != nil || check(known) != nil {
+		return s.Finish(ctx, known.ID, a, to, mutate)
+	}
+	return s.transition(ctx, known.ID, to, &known, check, mutate)
+}
+
 // Reject fails a job waiting for attempt a (a request the worker refused
 // before any work: its parameters do not fit the model), with why. The
 // check is made on the record the write goes against, so a job that moved

@@ -77,3 +77,61 @@ func TestTakeAtWritesWithoutReading(t *testing.T) {
 	_, err = s.TakeAt(ctx, plain, w1, "h1")
 	require.NoError(t, err)
 }
+
+// A worker ending its job against the record it just read writes once,
+// without a second read; a copy that went stale since (the queen retried
+// the job) loses the write and the record read again refuses it; and a
+// copy older than the worker's own take is not trusted to refuse: the
+// record is read and the end recorded.
+func TestFinishAtWritesWithoutReading(t *testing.T) {
+	f := busfix.Start(t)
+	ctx := context.Background()
+	s, err := Open(ctx, f.Bus, api.Actor{Component: "test"}, time.Hour)
+	require.NoError(t, err)
+	rc := &readCounter{KeyValue: s.kv}
+	s.kv = rc
+	w1 := Attempt{Number: 1, Worker: "w1"}
+	result := func(j *api.Job) { j.Result = []byte(`{"tokens":3}`) }
+
+	created, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	taken, err := s.TakeAt(ctx, created, w1, "h1")
+	require.NoError(t, err)
+	rc.reads.Store(0)
+	done, err := s.FinishAt(ctx, taken, w1, api.JobCompleted, result)
+	require.NoError(t, err)
+	require.Zero(t, rc.reads.Load(), "a current copy is written against without a read")
+	stored, err := s.Get(ctx, created.ID)
+	require.NoError(t, err)
+	require.Equal(t, done, stored)
+	require.Equal(t, api.JobCompleted, stored.State)
+	require.JSONEq(t, `{"tokens":3}`, string(stored.Result))
+
+	// Retried by the queen after the copy was read: the write conflicts,
+	// and the record read again refuses it as Finish would (the job is
+	// queued again).
+	retried, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	copyOfTake, err := s.Take(ctx, retried.ID, w1, "h1")
+	require.NoError(t, err)
+	_, err = s.Retry(ctx, retried.ID, w1)
+	require.NoError(t, err)
+	_, err = s.FinishAt(ctx, copyOfTake, w1, api.JobCompleted, result)
+	require.ErrorIs(t, err, ErrIllegalTransition)
+	stored, err = s.Get(ctx, retried.ID)
+	require.NoError(t, err)
+	require.Equal(t, api.JobQueued, stored.State, "the retried job waits for its next attempt")
+
+	// A copy from before the take (a read that lagged): read again.
+	lagging, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
+	require.NoError(t, err)
+	_, err = s.Take(ctx, lagging.ID, w1, "h1")
+	require.NoError(t, err)
+	rc.reads.Store(0)
+	_, err = s.FinishAt(ctx, lagging, w1, api.JobCompleted, result)
+	require.NoError(t, err)
+	require.NotZero(t, rc.reads.Load())
+	stored, err = s.Get(ctx, lagging.ID)
+	require.NoError(t, err)
+	require.Equal(t, api.JobCompleted, stored.State)
+}

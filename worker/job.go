@@ -432,9 +432,11 @@ func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *a
 	if result != nil {
 		raw, _ = json.Marshal(result)
 	}
-	if job, err := bus.WhileUnavailable(ctx, busTimeout, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) }); err == nil &&
-		(job.State.Terminal() || job.Attempts != attempt.Number || job.Worker != attempt.Worker) {
-		w.log.Info().Str("job", id).Int("attempt", attempt.Number).Str("state", string(job.State)).
+	known, err := bus.WhileUnavailable(ctx, busTimeout, func(ctx context.Context) (api.Job, error) { return w.store.Get(ctx, id) })
+	if err != nil {
+		known = api.Job{ID: id} // FinishAt reads it
+	} else if known.State.Terminal() || known.Attempts != attempt.Number || known.Worker != attempt.Worker {
+		w.log.Info().Str("job", id).Int("attempt", attempt.Number).Str("state", string(known.State)).
 			Msg("the job moved on without this attempt; its end is not recorded")
 		return
 	}
@@ -448,8 +450,10 @@ func (w *worker) finish(id string, attempt jobs.Attempt, to api.JobState, why *a
 	default:
 		w.narrator.Warn(ctx, id, "infer", w.cfg.Model, "%s", why.Message)
 	}
-	_, err := bus.WhileUnavailable(ctx, busTimeout, func(ctx context.Context) (api.Job, error) {
-		return w.store.Finish(ctx, id, attempt, to, func(j *api.Job) {
+	// Written against the record just read: one round trip, not a read
+	// and a write, unless the record changed since.
+	_, err = bus.WhileUnavailable(ctx, busTimeout, func(ctx context.Context) (api.Job, error) {
+		return w.store.FinishAt(ctx, known, attempt, to, func(j *api.Job) {
 			j.SetError(why)
 			if raw != nil {
 				j.Result = raw
