@@ -255,10 +255,10 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 // retake settles a take that got no answer (the bus away, or too slow for
 // busTimeout): its write may have been applied all the same. It takes the
 // job again until the bus answers or the worker stops (untilStopped), and
-// keeps the request meanwhile (hold:
-// its in-progress ack). Letting the request go before the take is settled
-// could hand it to another worker, which would find the job running here
-// and drop it: a job stranded on a live worker until its deadline.
+// keeps the request meanwhile (hold: its in-progress ack). Letting the
+// request go before the take is settled could hand it to another worker,
+// which would find the job running here and drop it: a job stranded on a
+// live worker until its deadline.
 //
 // A write that was applied makes the new take find the job running on
 // this attempt, which ownTake then tells apart; one that was not is made
