@@ -24,16 +24,24 @@ func (r *readCounter) Get(ctx context.Context, key string) (jetstream.KeyValueEn
 	return r.KeyValue.Get(ctx, key)
 }
 
+// countingStore is a store on a bus of its own whose record reads are
+// counted.
+func countingStore(t *testing.T) (*Store, *readCounter) {
+	t.Helper()
+	f := busfix.Start(t)
+	s, err := Open(context.Background(), f.Bus, api.Actor{Component: "test"}, time.Hour)
+	require.NoError(t, err)
+	rc := &readCounter{KeyValue: s.kv}
+	s.kv = rc
+	return s, rc
+}
+
 // A worker handed the record as the queen created it takes the job with
 // one write and no read; a copy that is stale (the job was cancelled, or
 // retried, since) is read again and refused as Take refuses it.
 func TestTakeAtWritesWithoutReading(t *testing.T) {
-	f := busfix.Start(t)
 	ctx := context.Background()
-	s, err := Open(ctx, f.Bus, api.Actor{Component: "test"}, time.Hour)
-	require.NoError(t, err)
-	rc := &readCounter{KeyValue: s.kv}
-	s.kv = rc
+	s, rc := countingStore(t)
 	w1 := Attempt{Number: 1, Worker: "w1"}
 
 	created, err := s.Create(ctx, api.Job{ID: NewID(), Op: api.Operation{Kind: api.OpInfer}})
@@ -84,12 +92,8 @@ func TestTakeAtWritesWithoutReading(t *testing.T) {
 // copy older than the worker's own take is not trusted to refuse: the
 // record is read and the end recorded.
 func TestFinishAtWritesWithoutReading(t *testing.T) {
-	f := busfix.Start(t)
 	ctx := context.Background()
-	s, err := Open(ctx, f.Bus, api.Actor{Component: "test"}, time.Hour)
-	require.NoError(t, err)
-	rc := &readCounter{KeyValue: s.kv}
-	s.kv = rc
+	s, rc := countingStore(t)
 	w1 := Attempt{Number: 1, Worker: "w1"}
 	result := func(j *api.Job) { j.Result = []byte(`{"tokens":3}`) }
 
