@@ -86,7 +86,7 @@ func TestQueenDownPastTheHeartbeatTTLKeepsLiveJobsStreaming(t *testing.T) {
 
 	after := strings.TrimSpace(r0.stdout)
 	eventually(t, 60*time.Second, func() bool { return c.job(after).State == api.JobCompleted }, "the job submitted right after the restart did not complete")
-	j := c.job(jobIDFrom(t, k.stderr.String()))
+	j := c.job(k.jobID(t))
 	var res api.InferResult
 	require.NoError(t, json.Unmarshal(j.Result, &res))
 	require.Equal(t, longTokens, res.CompletionTokens)
@@ -107,7 +107,7 @@ func TestPausedWorkerGivenUpCannotChangeTheOutcome(t *testing.T) {
 	ws := c.readyWorkers("large", 1)
 	k := c.start(longInfer()...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
-	id := jobIDFrom(t, k.stderr.String())
+	id := k.jobID(t)
 	require.NoError(t, syscall.Kill(ws[0].PID, syscall.SIGSTOP))
 	resumed := false
 	resume := func() {

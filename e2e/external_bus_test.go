@@ -124,7 +124,7 @@ func TestExternalBusOutageIsRiddenOutByEveryStream(t *testing.T) {
 	for !readChunk() {
 	}
 	require.Equal(t, 0, k.wait(t, 2*time.Minute), k.stderr.String())
-	keeperJob := jobIDFrom(t, k.stderr.String())
+	keeperJob := k.jobID(t)
 	for _, id := range []string{gatewayJob, keeperJob} {
 		j := c.job(id)
 		require.Equal(t, api.JobCompleted, j.State, "%s: %s", id, j.Error)

@@ -265,14 +265,41 @@ func (k *runningKeeper) wait(t *testing.T, d time.Duration) int {
 	}
 }
 
+// jobID is the id of the job a running keeper submitted. It waits for the
+// keeper's "submitted" line: the keeper prints it before any token, but its
+// stderr and stdout are copied into the test by two goroutines, so a token
+// seen on stdout says nothing of whether that line has been copied yet.
+func (k *runningKeeper) jobID(t *testing.T) string {
+	t.Helper()
+	var id string
+	eventually(t, 30*time.Second, func() bool {
+		id = submittedJob(k.stderr.String())
+		return id != ""
+	}, "the keeper printed no job id; stderr:\n%s", k.stderr)
+	return id
+}
+
+// jobIDFrom is the id of the job in a finished keeper's stderr.
 func jobIDFrom(t *testing.T, stderr string) string {
 	t.Helper()
-	for _, line := range strings.Split(stderr, "\n") {
+	id := submittedJob(stderr)
+	if id == "" {
+		t.Fatalf("no job id in:\n%s", stderr)
+	}
+	return id
+}
+
+// submittedJob finds the job id in the keeper's whole "submitted" line, or
+// returns "" when that line has not (all) arrived.
+func submittedJob(stderr string) string {
+	lines := strings.Split(stderr, "\n")
+	for _, line := range lines[:len(lines)-1] { // the last has no newline yet
 		if i := strings.Index(line, "job "); i >= 0 && strings.Contains(line, "submitted") {
-			return strings.Fields(line[i+4:])[0]
+			if f := strings.Fields(line[i+4:]); len(f) > 0 {
+				return f[0]
+			}
 		}
 	}
-	t.Fatalf("no job id in:\n%s", stderr)
 	return ""
 }
 
@@ -333,7 +360,7 @@ func TestCtrlCCancelsTheJobAndFreesTheSlot(t *testing.T) {
 	c.readyHive(map[string]string{"large": "large"})
 	k := c.start(longInfer()...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
-	id := jobIDFrom(t, k.stderr.String())
+	id := k.jobID(t)
 	require.NoError(t, k.cmd.Process.Signal(syscall.SIGINT))
 	require.Equal(t, 130, k.wait(t, 10*time.Second))
 	eventually(t, 5*time.Second, func() bool { return c.job(id).State == api.JobCancelled }, "job not cancelled")
@@ -483,7 +510,7 @@ func TestHiveLostWhileAJobWaitsForItsWorkerFailsTheJobClearly(t *testing.T) {
 	require.Equal(t, 1, k.wait(t, 20*time.Second), k.stderr.String())
 	require.Less(t, time.Since(killed), 8*time.Second, "failed later than the hive-lost bound")
 	require.Contains(t, k.stderr.String(), "hive local was lost while starting the worker")
-	require.Equal(t, api.JobFailed, c.job(jobIDFrom(t, k.stderr.String())).State)
+	require.Equal(t, api.JobFailed, c.job(k.jobID(t)).State)
 }
 
 // After each way a job can end (completed, failed, timed out, its client
@@ -611,7 +638,7 @@ func TestWorkerDyingBeforeTheFirstTokenIsRetriedElsewhere(t *testing.T) {
 	}
 	require.Equal(t, 0, k.wait(t, 60*time.Second), k.stderr.String())
 	require.Contains(t, k.stderr.String(), "retrying the job on another worker (attempt 2)")
-	j := c.job(jobIDFrom(t, k.stderr.String()))
+	j := c.job(k.jobID(t))
 	require.Equal(t, api.JobCompleted, j.State)
 	require.NotEqual(t, victim, j.Worker)
 	require.Equal(t, 2, j.Attempts)

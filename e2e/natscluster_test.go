@@ -253,7 +253,7 @@ func TestClusterRidesOutTheLossOfAnyOneServer(t *testing.T) {
 		for _, run := range []*runningKeeper{k, after} {
 			require.Equal(t, 0, run.wait(t, 3*time.Minute), run.stderr.String())
 			require.Equal(t, longGreedy.text+"\n", run.stdout.String(), "the client's answer equals a run without the fault")
-			j := c.job(jobIDFrom(t, run.stderr.String()))
+			j := c.job(run.jobID(t))
 			require.Equal(t, 1, j.Attempts, "the job ran once")
 		}
 		r := c.mustRbee("--json", "hive", "list")

@@ -85,7 +85,7 @@ func TestKeeperGivesUpOnALostBusWithTheCommandToReattach(t *testing.T) {
 	c.readyHive(map[string]string{"large": "large"})
 	k := c.start(longInfer("--reconnect-timeout", "3s")...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
-	id := jobIDFrom(t, k.stderr.String())
+	id := k.jobID(t)
 
 	c.killQueen()
 	killed := time.Now()
@@ -118,7 +118,7 @@ func TestKeeperSaysOnceThatTheBusIsBack(t *testing.T) {
 	c.readyHive(map[string]string{"large": "large"})
 	k := c.start(longInfer("--reconnect-timeout", "60s")...)
 	eventually(t, 90*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
-	id := jobIDFrom(t, k.stderr.String())
+	id := k.jobID(t)
 
 	c.killQueen()
 	eventually(t, 5*time.Second, func() bool { return strings.Contains(k.stderr.String(), "[rbee] lost the bus at") }, "the keeper did not say it lost the bus")

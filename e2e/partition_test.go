@@ -57,13 +57,13 @@ func TestPartitionOfOneHiveLeavesTheOtherUndisturbed(t *testing.T) {
 
 	require.Equal(t, 0, west.wait(t, 3*time.Minute), west.stderr.String())
 	require.Equal(t, longGreedy.text+"\n", west.stdout.String(), "the other hive's job has its own answer")
-	westJob := c.job(jobIDFrom(t, west.stderr.String()))
+	westJob := c.job(west.jobID(t))
 	require.Equal(t, api.JobCompleted, westJob.State)
 	require.Equal(t, 1, westJob.Attempts, "it ran once, where it started")
 
 	code := east.wait(t, 2*time.Minute)
 	t.Logf("the cut-off hive's job: exit %d: %s", code, lastLine(east.stderr.String()))
-	eastJob := c.job(jobIDFrom(t, east.stderr.String()))
+	eastJob := c.job(east.jobID(t))
 	if code == 0 {
 		require.Equal(t, longGreedy.text+"\n", east.stdout.String(), "a job placed again has its own answer")
 		require.Equal(t, api.JobCompleted, eastJob.State)

@@ -312,9 +312,8 @@ func TestQueensStandbyTakesOverFromAKilledLeader(t *testing.T) {
 	var keepers []*runningKeeper
 	for i := range 3 {
 		k := c.start("infer", "-m", "large", "--temperature", "0", "--max-tokens", strconv.Itoa(shortTokens), fmt.Sprintf("waiting job %d", i))
-		eventually(t, 30*time.Second, func() bool { return strings.Contains(k.stderr.String(), "submitted") }, "waiting job %d was not submitted", i)
 		keepers = append(keepers, k)
-		waiting = append(waiting, jobIDFrom(t, k.stderr.String()))
+		waiting = append(waiting, k.jobID(t))
 	}
 	obs := connectOpen(t, c.url())
 	for _, id := range waiting {
@@ -357,7 +356,7 @@ func TestQueensStandbyTakesOverFromAKilledLeader(t *testing.T) {
 	for i, k := range keepers {
 		require.Equal(t, 0, k.wait(t, 2*time.Minute), "waiting job %d: %s", i, k.stderr.String())
 	}
-	all := append([]string{res.job, jobIDFrom(t, long.stderr.String())}, waiting...)
+	all := append([]string{res.job, long.jobID(t)}, waiting...)
 	var started []time.Time
 	for _, id := range all {
 		j := jobRecord(t, obs, id)

@@ -80,7 +80,7 @@ func TestAClientCannotForgeAnotherJobsEvents(t *testing.T) {
 	c.readyWorkers("large", 1)
 	victim := c.start("infer", "-m", "large", "--temperature", "0", "--max-tokens", fmt.Sprint(tokens), prompt)
 	eventually(t, 60*time.Second, func() bool { return victim.stdout.String() != "" }, "no token arrived")
-	id := jobIDFrom(t, victim.stderr.String())
+	id := victim.jobID(t)
 
 	forger := c.connectWatched(bus.Credentials{KeyFile: c.keyFile(auth.ClientName)})
 	tap, err := forger.NC.SubscribeSync("rbee.job." + id + ".>")
