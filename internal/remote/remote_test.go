@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -468,4 +469,49 @@ func TestRSAOnlyKnownHost(t *testing.T) {
 	c := dial(t, s)
 	_, _, err := c.Run(context.Background(), "true")
 	require.NoError(t, err)
+}
+
+// A copy that arrives different from the file sent is caught by the remote
+// checksum and discarded: the old file stays in place and no temporary
+// file is left. The remote login here runs every command with a `cat`
+// that appends a byte, as a corrupting link or disk would, while the
+// checksum itself is the system's.
+func TestUploadCorruptedInTransitIsDiscarded(t *testing.T) {
+	s := sshd.Start(t)
+	ctx := context.Background()
+	dst := filepath.Join(s.Dir, "bin", "rbee-hive")
+	local := filepath.Join(t.TempDir(), "rbee-hive")
+	require.NoError(t, os.WriteFile(local, []byte("v1\n"), 0o755))
+	require.NoError(t, dial(t, s).Upload(ctx, local, dst, 0))
+
+	realCat, err := exec.LookPath("cat")
+	require.NoError(t, err)
+	corrupt := filepath.Join(s.Dir, "corrupt")
+	require.NoError(t, os.MkdirAll(corrupt, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(corrupt, "cat"),
+		[]byte("#!/bin/sh\n"+realCat+" \"$@\" && printf X\n"), 0o755))
+	// sshd reads authorized_keys at each login; the forced command puts
+	// the corrupting cat first on PATH and runs what the client asked.
+	authKeys := filepath.Join(s.Dir, "authorized_keys")
+	pub, err := os.ReadFile(authKeys)
+	require.NoError(t, err)
+	forced := fmt.Sprintf(`command="PATH=%s:$PATH; eval \"$SSH_ORIGINAL_COMMAND\"" `, corrupt)
+	require.NoError(t, os.WriteFile(authKeys, append([]byte(forced), pub...), 0o600))
+
+	require.NoError(t, os.WriteFile(local, []byte("v2\n"), 0o755))
+	err = dial(t, s).Upload(ctx, local, dst, 0)
+	require.Error(t, err)
+	sum := sha256.Sum256([]byte("v2\n"))
+	bad := sha256.Sum256([]byte("v2\nX"))
+	assert.Contains(t, err.Error(), "checksum mismatch")
+	assert.Contains(t, err.Error(), hex.EncodeToString(sum[:]), "names the sum sent")
+	assert.Contains(t, err.Error(), hex.EncodeToString(bad[:]), "and the sum that arrived")
+	assert.Contains(t, err.Error(), "discarded")
+
+	got, err := os.ReadFile(dst)
+	require.NoError(t, err)
+	assert.Equal(t, "v1\n", string(got), "the corrupted copy did not replace the file")
+	entries, err := os.ReadDir(filepath.Dir(dst))
+	require.NoError(t, err)
+	require.Len(t, entries, 1, "a temporary file was left: %v", entries)
 }
