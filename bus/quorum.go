@@ -38,11 +38,26 @@ func StoreErr(err error) error {
 	return err
 }
 
+// electionTimeoutMax is how long nats-server's Raft followers (v2.15,
+// raft.go's maxElectionTimeoutDefault) wait after the last heartbeat of a
+// leader before they campaign: a stream whose leader's server was killed
+// has none for up to this long, then for the vote and until the new
+// leader's interest in the stream's subjects has reached every server.
+const electionTimeoutMax = 9 * time.Second
+
 // QuorumWait bounds how long a write waits out a stream's leader election
-// (a cluster that lost the server leading a stream elects another within
-// seconds) before it is refused with ErrNoQuorum. It stays below the 15 s
-// a keeper waits for the queen's answer, so the keeper hears the reason.
-const QuorumWait = 10 * time.Second
+// before it is refused with ErrNoQuorum: the slowest election after a
+// server's death, with room for the vote and for a loaded machine's
+// timers (10 s was not: a submit made as a leader was killed was refused
+// in a CI run, its stream elected just after). It stays below the 15 s a
+// keeper waits for the queen's answer, so the keeper hears the reason.
+const QuorumWait = electionTimeoutMax + 3*time.Second
+
+// retryPause is the longest pause between two tries of a write: a write
+// to a stream without a leader is refused at once (no server has interest
+// in its subjects), so the pause is what a write waits beyond the
+// election's end.
+const retryPause = 500 * time.Millisecond
 
 // attemptTimeout bounds one try of a write: a stream whose leader just
 // died still has interest on its subjects (its followers), so a publish
@@ -82,7 +97,7 @@ func WhileElecting(ctx context.Context, idempotent bool, write Write) error {
 			return fmt.Errorf("%w (%w)", ErrNoQuorum, err)
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, time.Second)
+		backoff = min(2*backoff, retryPause)
 	}
 }
 

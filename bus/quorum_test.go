@@ -50,6 +50,25 @@ func TestWhileElectingRetriesOnlyWritesNobodyTook(t *testing.T) {
 	require.NotErrorIs(t, err, ErrNoQuorum)
 }
 
+// A write made as a stream's leader dies waits out the slowest election
+// nats-server holds (its followers campaign up to electionTimeoutMax after
+// the leader's last heartbeat, then vote, and the new leader's interest
+// spreads), on a machine whose timers run late, and is stored soon after.
+func TestWhileElectingOutlastsTheSlowestElection(t *testing.T) {
+	t.Parallel()
+	elected := time.Now().Add(electionTimeoutMax + time.Second)
+	calls := 0
+	err := WhileElecting(context.Background(), true, func(context.Context, bool) error {
+		calls++
+		if time.Now().Before(elected) {
+			return jetstream.ErrNoStreamResponse
+		}
+		return nil
+	})
+	require.NoError(t, err, "after %d tries", calls)
+	require.Less(t, time.Since(elected), retryPause+time.Second, "stored soon after the election")
+}
+
 // A bus that stays without quorum answers with the reason, for programs
 // (unavailable, HTTP 503) and for people.
 func TestNoQuorumIsAnAnswerWithItsReason(t *testing.T) {
