@@ -48,9 +48,10 @@ const electionTimeoutMax = 9 * time.Second
 // QuorumWait bounds how long a write waits out a stream's leader election
 // before it is refused with ErrNoQuorum: the slowest election after a
 // server's death, with room for the vote and for a loaded machine's
-// timers (10 s was not: a submit made as a leader was killed was refused
-// in a CI run, its stream elected just after). It stays below the 15 s a
-// keeper waits for the queen's answer, so the keeper hears the reason.
+// timers (10 s was not: in a suite run, a job submitted just after a
+// stream leader's server was killed was refused with no quorum). It stays
+// below the 15 s a keeper waits for the queen's answer, so the keeper
+// hears the reason.
 const QuorumWait = electionTimeoutMax + 3*time.Second
 
 // retryPause is the longest pause between two tries of a write: a write
