@@ -106,11 +106,12 @@ func newCluster(t *testing.T) *cluster {
 	binaries.Path(t, "queen-rbee")
 	c := &cluster{t: t, bin: filepath.Dir(binaries.Path(t, "rbee")), home: t.TempDir(), port: freePort(t)}
 	c.gateway = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	// The environment holds none of the person's rbee settings
+	// (binaries.Main removed them): only what each test sets.
 	c.env = append(os.Environ(),
 		"RBEE_HOME="+c.home,
 		"RBEE_NATS_PORT="+strconv.Itoa(c.port),
 		"RBEE_GATEWAY="+c.gateway,
-		"RBEE_NATS_URL=", "RBEE_NAMESPACE=",
 		"PATH="+c.bin+string(os.PathListSeparator)+os.Getenv("PATH"),
 	)
 	t.Cleanup(c.stopAll)

@@ -3,8 +3,9 @@ package keeper
 import (
 	"fmt"
 	"os"
-	"strings"
 	"testing"
+
+	"github.com/rbee-dev/rbee/internal/testutil/testenv"
 )
 
 // TestMain runs the package's tests in a home of their own, with none of
@@ -14,19 +15,12 @@ import (
 // writes a client credential into ~/.local/share/rbee), a test that
 // dialled its own bus presented that credential and was refused.
 func TestMain(m *testing.M) {
-	for _, kv := range os.Environ() {
-		name, _, _ := strings.Cut(kv, "=")
-		if strings.HasPrefix(name, "RBEE_") || name == "XDG_DATA_HOME" {
-			_ = os.Unsetenv(name)
-		}
-	}
-	home, err := os.MkdirTemp("", "rbee-keeper-test-")
+	done, err := testenv.Isolate()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	_ = os.Setenv("RBEE_HOME", home)
 	code := m.Run()
-	_ = os.RemoveAll(home)
+	done()
 	os.Exit(code)
 }

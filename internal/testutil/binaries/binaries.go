@@ -22,6 +22,8 @@ import (
 	"runtime"
 	"sync"
 	"testing"
+
+	"github.com/rbee-dev/rbee/internal/testutil/testenv"
 )
 
 // Names of the programs under cmd/.
@@ -47,8 +49,16 @@ var (
 )
 
 // Main runs m's tests and then removes the programs they built, returning
-// m.Run's exit code for os.Exit. Call it from TestMain.
+// m.Run's exit code for os.Exit. Call it from TestMain. The tests, and the
+// programs they start, run without the rbee settings of the person running
+// them and in a home of their own (see testenv).
 func Main(m *testing.M) int {
+	done, err := testenv.Isolate()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "binaries:", err)
+		return 1
+	}
+	defer done()
 	mu.Lock()
 	managed = true
 	mu.Unlock()

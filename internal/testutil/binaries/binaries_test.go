@@ -1,9 +1,11 @@
 package binaries
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -13,7 +15,8 @@ func TestMain(m *testing.M) { os.Exit(Main(m)) }
 
 // envChild makes this test binary, re-run by TestMainRemovesBuiltPrograms,
 // build one program and write its directory to the file the variable names.
-const envChild = "RBEE_BINARIES_TEST_CHILD"
+// (Not an RBEE_* name: Main removes those it does not know.)
+const envChild = "BINARIES_TEST_CHILD"
 
 // TestMainRemovesBuiltPrograms runs a test process that builds a program
 // and checks that nothing of it is left once that process has exited.
@@ -48,6 +51,66 @@ func TestChildBuildsOneProgram(t *testing.T) {
 		t.Fatalf("built program missing: %v", err)
 	}
 	if err := os.WriteFile(report, []byte(filepath.Dir(p)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// envSettingsChild makes this test binary, re-run by
+// TestMainRunsWithoutThePersonsSettings, write what it sees of rbee's
+// settings to the file the variable names.
+const envSettingsChild = "BINARIES_TEST_SETTINGS_CHILD"
+
+// TestMainRunsWithoutThePersonsSettings runs a test process with a
+// person's rbee settings in its environment (a credential, an API key, a
+// home holding a credential) and checks that its tests, and so the
+// programs they start, see none of them, while the settings that choose
+// what is tested pass.
+func TestMainRunsWithoutThePersonsSettings(t *testing.T) {
+	dir := t.TempDir()
+	report := filepath.Join(dir, "report")
+	personHome := filepath.Join(dir, "person")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestChildReportsSettings$", "-test.count=1")
+	cmd.Env = append(os.Environ(), envSettingsChild+"="+report,
+		"RBEE_CREDS=/person/client.creds", "RBEE_API_KEY=person-key", "RBEE_HOME="+personHome,
+		"RBEE_CHAOS_SEED=7", "RBEE_LLAMA_LIB=/opt/llama-cuda")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("child test process: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatalf("the child did not report: %v", err)
+	}
+	got := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		k, v, _ := strings.Cut(line, "=")
+		got[k] = v
+	}
+	for k, want := range map[string]string{"RBEE_CREDS": "", "RBEE_API_KEY": "", "RBEE_CHAOS_SEED": "7", "RBEE_LLAMA_LIB": "/opt/llama-cuda"} {
+		if got[k] != want {
+			t.Errorf("the child's tests saw %s=%q, want %q", k, got[k], want)
+		}
+	}
+	home := got["RBEE_HOME"]
+	if home == "" || home == personHome || !strings.HasPrefix(home, os.TempDir()) {
+		t.Errorf("the child's tests ran with RBEE_HOME=%q, want a temporary home of their own (the person's: %s)", home, personHome)
+	}
+	if _, err := os.Stat(home); !os.IsNotExist(err) {
+		t.Errorf("the child's home %s is still there after its tests ended (stat: %v)", home, err)
+	}
+}
+
+// TestChildReportsSettings is the child of
+// TestMainRunsWithoutThePersonsSettings.
+func TestChildReportsSettings(t *testing.T) {
+	report := os.Getenv(envSettingsChild)
+	if report == "" {
+		t.Skip("only run as TestMainRunsWithoutThePersonsSettings's child")
+	}
+	var b strings.Builder
+	for _, k := range []string{"RBEE_CREDS", "RBEE_API_KEY", "RBEE_HOME", "RBEE_CHAOS_SEED", "RBEE_LLAMA_LIB"} {
+		fmt.Fprintf(&b, "%s=%s\n", k, os.Getenv(k))
+	}
+	if err := os.WriteFile(report, []byte(b.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
