@@ -96,15 +96,14 @@ const ResponseWindow = time.Hour
 // Permissions are the subjects the holder of key pub, acting as p, may
 // publish and subscribe to in space s.
 func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions {
-	ns := s.Namespace()
 	inbox := InboxPrefix(pub) + ".>"
 	switch p.Role {
 	case RoleQueen:
-		pubs := []string{ns + ".>", "$SRV.>", "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"}
+		pubs := []string{s.All(), "$SRV.>", "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST"}
 		for _, b := range buckets(s) {
-			pubs = append(pubs, "$KV."+b+".>")
+			pubs = append(pubs, subjects.KVSubject(b, ">"))
 		}
-		subs := []string{ns + ".>", "$SRV.>", inbox}
+		subs := []string{s.All(), "$SRV.>", inbox}
 		for _, st := range streams(s) {
 			pubs = append(pubs, ownStream(st)...)
 			// A cluster's leader elections: the registry judges no
@@ -117,9 +116,9 @@ func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions 
 			Response:  responses,
 		}
 	case RoleClient:
-		pubs := []string{ns + ".queen.>", "$SRV.>", "$JS.API.INFO"}
+		pubs := []string{s.QueenGroup() + ".>", "$SRV.>", "$JS.API.INFO"}
 		for _, ep := range ClientHiveEndpoints {
-			pubs = append(pubs, ns+".hive.*."+ep)
+			pubs = append(pubs, s.EveryHive(ep))
 		}
 		pubs = append(pubs, readStream(s.JobsStream())...)
 		pubs = append(pubs, consumeStream(s.JobsStream())...)
@@ -129,16 +128,19 @@ func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions 
 			// Reading everything in the namespace is what `nats sub
 			// 'rbee.>'` needs; nothing secret travels there (credentials
 			// go to their holder's own inbox).
-			Subscribe: &server.SubjectPermission{Allow: []string{ns + ".>", inbox}},
+			Subscribe: &server.SubjectPermission{Allow: []string{s.All(), inbox}},
 		}
 	case RoleHive:
 		h := p.Hive
 		hives, workers := s.HivesBucket(), s.WorkersBucket()
+		// Its own workers' endpoints (a hive id is one token: the
+		// principal was validated).
+		hiveWorkers, _ := s.HiveWorkers(h)
 		pubs := []string{
 			subjects.KVSubject(hives, h),
 			subjects.KVSubject(workers, subjects.WorkerKey(h, "*")),
-			ns + ".job.*.narration", ns + ".cluster.narration",
-			ns + ".worker." + h + ".>",
+			s.AllNarration(), s.ClusterNarration(),
+			hiveWorkers,
 			s.WorkerCredentials(h),
 			"$SRV.>", "$JS.API.INFO",
 		}
@@ -147,21 +149,20 @@ func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions 
 		group, _ := s.HiveGroup(h)
 		return &server.Permissions{
 			Publish: &server.SubjectPermission{Allow: pubs},
-			Subscribe: &server.SubjectPermission{Allow: []string{group + ".>", ns + ".job.*.cancel", "$SRV.>", inbox,
+			Subscribe: &server.SubjectPermission{Allow: []string{group + ".>", s.EveryJobCancel(), "$SRV.>", inbox,
 				// Its starting workers' first beats, as they are stored.
 				subjects.KVSubject(workers, subjects.WorkerKey(h, "*"))}},
 			Response: responses,
 		}
 	case RoleWorker:
 		workers, jobsKV := s.WorkersBucket(), s.JobsBucket()
-		pubs := []string{
+		pubs := append(jobEvents(s),
 			subjects.KVSubject(workers, subjects.WorkerKey(p.Hive, p.Worker)),
-			ns + ".job.*.narration", ns + ".job.*.token", ns + ".job.*.state", ns + ".cluster.narration",
 			// Taking and finishing a job are compare-and-swap writes to
 			// its record; see the README's security model.
 			subjects.KVSubject(jobsKV, "*"),
 			"$SRV.>", "$JS.API.INFO",
-		}
+		)
 		pubs = append(pubs, readStream(subjects.KVStream(workers))...)
 		pubs = append(pubs, readStream(subjects.KVStream(jobsKV))...)
 		pubs = append(pubs, readStream(s.InferStream())...)
@@ -175,7 +176,7 @@ func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions 
 		group, _ := s.WorkerGroup(p.Hive, p.Worker)
 		return &server.Permissions{
 			Publish:   &server.SubjectPermission{Allow: pubs},
-			Subscribe: &server.SubjectPermission{Allow: []string{group + ".>", ns + ".job.*.cancel", "$SRV.>", inbox}},
+			Subscribe: &server.SubjectPermission{Allow: []string{group + ".>", s.EveryJobCancel(), "$SRV.>", inbox}},
 			Response:  responses,
 		}
 	}
@@ -190,6 +191,12 @@ func Permissions(s subjects.Space, p Principal, pub string) *server.Permissions 
 // reading a hive and managing its models. Starting and stopping workers and
 // shutting a hive down go through the queen, which records them as jobs.
 var ClientHiveEndpoints = []string{api.HiveEpCapabilities, api.HiveEpStatus, api.HiveEpModelList, api.HiveEpModelGet, api.HiveEpModelDelete, api.HiveEpModelSynth}
+
+// jobEvents is publishing every kind of job event and the cluster's
+// narration: what a worker does for the jobs it runs.
+func jobEvents(s subjects.Space) []string {
+	return append(s.JobsStreamSubjects(), s.ClusterNarration())
+}
 
 func streams(s subjects.Space) []string {
 	out := []string{s.JobsStream(), s.InferStream(), s.RequestsStream()}

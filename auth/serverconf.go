@@ -92,21 +92,21 @@ func callers(creds []Credential) []string {
 // model left open (the work queue's per-model consumer names are not
 // tokens a permission can open, so any consumer of the work queue).
 func hiveWorkers(s subjects.Space, hive string) *server.Permissions {
-	ns, st := s.Namespace(), s.InferStream()
+	st := s.InferStream()
 	workers, jobsKV := s.WorkersBucket(), s.JobsBucket()
-	pubs := []string{
+	endpoints, _ := s.HiveWorkers(hive) // a validated hive id
+	pubs := append(jobEvents(s),
 		subjects.KVSubject(workers, subjects.WorkerKey(hive, "*")),
-		ns + ".job.*.narration", ns + ".job.*.token", ns + ".job.*.state", ns + ".cluster.narration",
 		subjects.KVSubject(jobsKV, "*"),
-		"$JS.API.CONSUMER.CREATE." + st + ".*", "$JS.API.CONSUMER.CREATE." + st + ".*.>",
-		"$JS.API.CONSUMER.DURABLE.CREATE." + st + ".*", "$JS.API.CONSUMER.INFO." + st + ".*",
-		"$JS.API.CONSUMER.MSG.NEXT." + st + ".*", "$JS.ACK." + st + ".>",
-	}
+		"$JS.API.CONSUMER.CREATE."+st+".*", "$JS.API.CONSUMER.CREATE."+st+".*.>",
+		"$JS.API.CONSUMER.DURABLE.CREATE."+st+".*", "$JS.API.CONSUMER.INFO."+st+".*",
+		"$JS.API.CONSUMER.MSG.NEXT."+st+".*", "$JS.ACK."+st+".>",
+	)
 	pubs = append(pubs, readStream(subjects.KVStream(jobsKV))...)
 	pubs = append(pubs, readStream(st)...)
 	return &server.Permissions{
 		Publish:   &server.SubjectPermission{Allow: pubs},
-		Subscribe: &server.SubjectPermission{Allow: []string{ns + ".worker." + hive + ".*.>"}},
+		Subscribe: &server.SubjectPermission{Allow: []string{endpoints}},
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/subjects"
 )
 
 // benchJobs measures the control plane's job throughput: max_tokens 1 jobs
@@ -138,7 +139,7 @@ func (c *cluster) floodJobs(ctx context.Context, e *env, n int) (*Table, error) 
 	}
 	var mu sync.Mutex
 	seen := map[string]*jobSeen{}
-	sub, err := c.b.NC.Subscribe(c.b.Space.Namespace()+".job.*.state", func(m *nats.Msg) {
+	sub, err := c.b.NC.Subscribe(c.b.Space.EveryJob(subjects.EventState), func(m *nats.Msg) {
 		id, _, ok := c.b.Space.JobIDFromSubject(m.Subject)
 		if !ok {
 			return
@@ -282,7 +283,7 @@ func tokenCounts(ctx context.Context, c *cluster) (map[string]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(c.b.Space.Namespace()+".job.*.token"))
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(c.b.Space.EveryJob(subjects.EventToken)))
 	if err != nil {
 		return nil, err
 	}

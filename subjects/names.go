@@ -65,6 +65,9 @@ func (s Space) HiveGroup(hive string) (string, error) {
 	return s.ns + ".hive." + hive, nil
 }
 
+// EveryHive matches one endpoint of every hive.
+func (s Space) EveryHive(endpoint string) string { return s.ns + ".hive.*." + endpoint }
+
 // Hive is the subject of one endpoint of one hive.
 func (s Space) Hive(hive, endpoint string) (string, error) {
 	g, err := s.HiveGroup(hive)
@@ -85,6 +88,15 @@ func (s Space) WorkerGroup(hive, worker string) (string, error) {
 		return "", err
 	}
 	return s.ns + ".worker." + hive + "." + worker, nil
+}
+
+// HiveWorkers matches every endpoint of every worker of one hive: what the
+// hive may call, and what its workers serve.
+func (s Space) HiveWorkers(hive string) (string, error) {
+	if err := ValidateID(KindHive, hive); err != nil {
+		return "", err
+	}
+	return s.ns + ".worker." + hive + ".*.>", nil
 }
 
 // Worker is the subject of one endpoint of one worker of a hive.
@@ -157,7 +169,7 @@ func (s Space) JobsStream() string { return strings.ToUpper(s.ns) + "_JOBS" }
 // JobsStreamSubjects are the subjects JobsStream captures. Cancel is left out
 // on purpose: it is a core signal to whoever runs the job, not history.
 func (s Space) JobsStreamSubjects() []string {
-	return []string{s.ns + ".job.*.narration", s.ns + ".job.*.token", s.ns + ".job.*.state"}
+	return []string{s.EveryJob(EventNarration), s.EveryJob(EventToken), s.EveryJob(EventState)}
 }
 
 // EventKind is the last token of a job event subject.
@@ -182,6 +194,9 @@ func (s Space) JobEvent(job string, kind EventKind) (string, error) {
 	return s.ns + ".job." + job + "." + string(kind), nil
 }
 
+// EveryJob matches one kind of event of every job.
+func (s Space) EveryJob(kind EventKind) string { return s.ns + ".job.*." + string(kind) }
+
 // JobEvents matches every stored event of one job.
 func (s Space) JobEvents(job string) (string, error) {
 	if err := ValidateID(KindJob, job); err != nil {
@@ -199,8 +214,12 @@ func (s Space) JobCancel(job string) (string, error) {
 	return s.ns + ".job." + job + ".cancel", nil
 }
 
+// EveryJobCancel matches the cancel signal of every job: what every worker
+// listens to.
+func (s Space) EveryJobCancel() string { return s.ns + ".job.*.cancel" }
+
 // AllNarration matches the narration of every job.
-func (s Space) AllNarration() string { return s.ns + ".job.*.narration" }
+func (s Space) AllNarration() string { return s.EveryJob(EventNarration) }
 
 // ClusterNarration carries narration that belongs to no job (a hive lost, a
 // worker exited). It is core pub/sub: live only, like a log tail.

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/rbee-dev/rbee/subjects"
 	"github.com/stretchr/testify/require"
 )
@@ -130,4 +131,48 @@ func FuzzIDsCannotEscapeTheirToken(f *testing.F) {
 			check(subj, 3)
 		}
 	})
+}
+
+// TestWildcardsMatchWhatTheyName checks each wildcard of the space against
+// the subjects it stands for, with the server's own matching: permissions
+// and stream subjects are built from them.
+func TestWildcardsMatchWhatTheyName(t *testing.T) {
+	s, err := subjects.New("ns")
+	require.NoError(t, err)
+	matches := func(subject, filter string) bool { return server.SubjectMatchesFilter(subject, filter) }
+
+	for _, kind := range []subjects.EventKind{subjects.EventNarration, subjects.EventToken, subjects.EventState} {
+		ev, err := s.JobEvent("job-1", kind)
+		require.NoError(t, err)
+		require.True(t, matches(ev, s.EveryJob(kind)), "%s by EveryJob(%s)", ev, kind)
+		stored := 0
+		for _, f := range s.JobsStreamSubjects() {
+			if matches(ev, f) {
+				stored++
+			}
+		}
+		require.Equal(t, 1, stored, "%s: captured by exactly one of the stream's subjects", ev)
+	}
+	cancel, err := s.JobCancel("job-1")
+	require.NoError(t, err)
+	require.True(t, matches(cancel, s.EveryJobCancel()))
+	for _, f := range s.JobsStreamSubjects() {
+		require.False(t, matches(cancel, f), "a cancel is a live signal, never stored (%s)", f)
+	}
+
+	ep, err := s.Hive("h1", "status")
+	require.NoError(t, err)
+	require.True(t, matches(ep, s.EveryHive("status")))
+	require.False(t, matches(ep, s.EveryHive("models")))
+
+	w, err := s.Worker("h1", "w1", "status")
+	require.NoError(t, err)
+	own, err := s.HiveWorkers("h1")
+	require.NoError(t, err)
+	other, err := s.HiveWorkers("h2")
+	require.NoError(t, err)
+	require.True(t, matches(w, own), "a hive's workers' endpoints")
+	require.False(t, matches(w, other), "another hive's workers")
+	_, err = s.HiveWorkers("a.b")
+	require.Error(t, err, "a hive id that would widen the wildcard")
 }
