@@ -44,6 +44,10 @@ type hive struct {
 	kick chan struct{}
 	// shutdown carries a shutdown request's job id from the endpoint to Run.
 	shutdown chan string
+	// stopCtx ends when the hive begins to stop (stopping): what rides out
+	// a bus outage gives up soon after, so a stop is not held back by it.
+	stopCtx  context.Context
+	stopping context.CancelFunc
 
 	mu      sync.Mutex
 	caps    api.Capabilities
@@ -68,6 +72,8 @@ func Run(ctx context.Context, cfg Config) error {
 		kick: make(chan struct{}, 1), shutdown: make(chan string, 1),
 		workers: map[string]*workerProc{},
 	}
+	h.stopCtx, h.stopping = context.WithCancel(context.Background())
+	defer h.stopping()
 	for _, dir := range []string{cfg.DataDir, cfg.workersDir(), cfg.tmpDir()} {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return fmt.Errorf("hive %s: data directory: %w", cfg.ID, err)
@@ -243,6 +249,7 @@ func (h *hive) stop(jobID string, svc micro.Service, eps []*bus.Endpoints, leave
 	ctx, cancel := context.WithTimeout(context.Background(), 4*h.cfg.StopGrace+15*time.Second)
 	defer cancel()
 	h.log.Info().Msg("shutting down")
+	h.stopping()
 	if jobID != "" {
 		h.narrator.Say(ctx, jobID, "shutdown", h.cfg.ID, "hive %s shutting down", h.cfg.ID)
 	}

@@ -320,9 +320,7 @@ func (h *hive) supervise(w *workerProc) {
 		}
 	}
 	if purge {
-		if err := h.bus.PurgeExited(ctx, h.bus.Space.WorkersBucket(), subjects.WorkerKey(h.cfg.ID, w.id), bus.ExitReport{Exit: w.exit}, bus.HeartbeatMarkerTTL); err != nil {
-			h.log.Warn().Err(err).Str("worker", w.id).Msg("purging the registry entry of an exited worker")
-		}
+		h.reportExit(w)
 	}
 	h.mu.Lock()
 	delete(h.workers, w.id)
@@ -347,6 +345,32 @@ func (h *hive) supervise(w *workerProc) {
 	}
 	close(w.gone)
 	h.kickBeat()
+}
+
+// reportExit purges the registry entry of a worker that exited, saying how.
+// A worker that dies while the bus is away (the queen that embeds it
+// restarting, a cut link) is reported once it is back, for as long as a
+// job's end would be (bus.DefaultOutage), or until 5 s after the hive
+// begins to stop: the queen tells a death from a silence by this report
+// alone, and a report given up on leaves the worker "lost" once its entry's
+// TTL runs out instead of "died (signal: killed)".
+func (h *hive) reportExit(w *workerProc) {
+	ctx, cancel := context.WithTimeout(context.Background(), bus.DefaultOutage)
+	defer cancel()
+	stop := context.AfterFunc(h.stopCtx, func() { time.AfterFunc(5*time.Second, cancel) })
+	defer stop()
+	key := subjects.WorkerKey(h.cfg.ID, w.id)
+	_, err := bus.WhileUnavailable(ctx, 5*time.Second, func(ctx context.Context) (struct{}, error) {
+		// Not sent while the connection knows it is down: nats.go would
+		// keep each try for the reconnect and send them all then.
+		if !h.bus.NC.IsConnected() {
+			return struct{}{}, nats.ErrDisconnected
+		}
+		return struct{}{}, h.bus.PurgeExited(ctx, h.bus.Space.WorkersBucket(), key, bus.ExitReport{Exit: w.exit}, bus.HeartbeatMarkerTTL)
+	})
+	if err != nil {
+		h.log.Warn().Err(err).Str("worker", w.id).Msg("purging the registry entry of an exited worker")
+	}
 }
 
 // workerStop drains a worker, then signals it. Codes: 404 unknown worker,

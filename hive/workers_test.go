@@ -1,6 +1,7 @@
 package hive_test
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/hive"
 	"github.com/rbee-dev/rbee/internal/testutil/binaries"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
@@ -167,4 +169,46 @@ func TestWorkerThatFailsToStartIsReportedWithItsLog(t *testing.T) {
 	err = call(t, b, "flaky", api.HiveEpWorkerSpawn, api.WorkerSpawnArgs{Model: "tiny"}, nil, time.Minute)
 	requireCode(t, err, api.CodeInternal, "failed to load model tiny (exit status 3)", "error: cannot load model: bad magic")
 	n.await(t, time.Second, "the load failure on the cluster", containing("exited while loading model tiny (exit status 3)"))
+}
+
+// A worker that dies while its hive is cut off from the bus is reported as
+// dead, with how, once the bus is back: the queen tells a death from a
+// silence by that report alone (a queen restarted meanwhile judged the
+// worker "lost" in a suite run). The cut outlasts the one 5 s try the
+// report was once given, and the worker's entry expires by its TTL
+// meanwhile.
+func TestAWorkerThatDiesWhileTheBusIsAwayIsReportedWhenItIsBack(t *testing.T) {
+	t.Parallel()
+	lib := llamaLib(t)
+	workerBin := binaries.Path(t, "llm-worker-rbee")
+	fix := busfix.Start(t)
+	proxy := fix.Proxy(t)
+	startHive(t, fix, "cutoff", func(c *hive.Config) {
+		c.WorkerBin, c.LlamaLib, c.NATSURL = workerBin, lib, "nats://"+proxy.Addr()
+	})
+	b := fix.Bus
+	mustCall(t, b, "cutoff", api.HiveEpModelSynth, api.ModelSynthArgs{Name: "tiny"}, nil)
+	var r api.WorkerSpawnReply
+	mustCall(t, b, "cutoff", api.HiveEpWorkerSpawn, api.WorkerSpawnArgs{Model: "tiny", Slots: 1, Ctx: 256, Threads: 1}, &r)
+	wk := watchKey(t, b, b.Space.WorkersBucket(), subjects.WorkerKey(r.Worker.Hive, r.Worker.ID))
+	awaitEntry(t, wk, 5*time.Second, "the worker's entry", isPut)
+
+	// The link dies without either end seeing it: the hive's first report
+	// is lost on the way, as a report sent just before a server goes down
+	// or answered by a server not ready for it.
+	proxy.Stall()
+	require.NoError(t, syscall.Kill(r.Worker.PID, syscall.SIGKILL))
+	awaitEntry(t, wk, 10*time.Second, "the entry's expiry while cut off", func(e jetstream.KeyValueEntry) bool { return !isPut(e) })
+	time.Sleep(6 * time.Second)
+	proxy.Cut()
+	proxy.Heal()
+	healed := time.Now()
+	e := awaitEntry(t, wk, 15*time.Second, "exit report", func(e jetstream.KeyValueEntry) bool {
+		var rep bus.ExitReport
+		return e.Operation() == jetstream.KeyValuePurge && json.Unmarshal(e.Value(), &rep) == nil && rep.Exit != ""
+	})
+	var rep bus.ExitReport
+	require.NoError(t, json.Unmarshal(e.Value(), &rep))
+	require.Equal(t, "signal: killed", rep.Exit)
+	t.Logf("reported %s after the heal", time.Since(healed).Round(time.Millisecond))
 }

@@ -1,7 +1,8 @@
 // Package tcpproxy is a loopback TCP proxy for tests that need to cut one
 // client's connection to a server (a hive's bus connection) without touching
 // the server or the client: Cut drops every live connection and refuses new
-// ones until Heal. SetLatency makes the link a long one instead.
+// ones until Heal. SetLatency makes the link a long one instead, and Stall a
+// dead one that neither end sees end.
 package tcpproxy
 
 import (
@@ -25,6 +26,8 @@ type Proxy struct {
 
 	// latency is how long each byte takes through the proxy, each way.
 	latency atomic.Int64
+	// stalled drops every byte, either way, while connections stay open.
+	stalled atomic.Bool
 
 	mu     sync.Mutex
 	cut    bool
@@ -66,11 +69,18 @@ func (p *Proxy) Cut() {
 // what is sent meanwhile is not held up behind it.
 func (p *Proxy) SetLatency(d time.Duration) { p.latency.Store(int64(d)) }
 
-// Heal accepts and forwards new connections again.
+// Stall makes the link a dead one that neither end sees end, as a cable
+// pulled or a machine frozen: connections stay open, and everything sent
+// either way from now on is lost, not held. Only a client's own timeouts
+// tell it; Cut ends the connections, Heal forwards again.
+func (p *Proxy) Stall() { p.stalled.Store(true) }
+
+// Heal accepts and forwards new connections again, and ends a Stall.
 func (p *Proxy) Heal() {
 	p.mu.Lock()
 	p.cut = false
 	p.mu.Unlock()
+	p.stalled.Store(false)
 }
 
 // IsCut reports whether the proxy is cut.
@@ -153,6 +163,9 @@ func (p *Proxy) copyDelayed(dst, src net.Conn) {
 	for pc := range pieces {
 		if d := time.Duration(p.latency.Load()); d > 0 {
 			time.Sleep(time.Until(pc.at.Add(d)))
+		}
+		if p.stalled.Load() {
+			continue
 		}
 		if _, err := dst.Write(pc.data); err != nil {
 			// End the reader too (forward closes both sides anyway).

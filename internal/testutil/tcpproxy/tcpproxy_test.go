@@ -111,6 +111,29 @@ func TestCutDropsLiveConnectionsAndRefusesNewOnesUntilHeal(t *testing.T) {
 	require.Equal(t, "after", got)
 }
 
+func TestStallLosesTrafficButKeepsConnectionsOpen(t *testing.T) {
+	p, err := Listen(echoServer(t))
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, p.Close()) })
+	c := dial(t, p.Addr())
+	_, err = roundTrip(c, "before")
+	require.NoError(t, err)
+
+	p.Stall()
+	_ = c.SetDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err = io.WriteString(c, "lost\n")
+	require.NoError(t, err, "the client can still write")
+	_, err = c.Read(make([]byte, 1))
+	var ne net.Error
+	require.True(t, errors.As(err, &ne) && ne.Timeout(), "nothing comes back, and nothing ends: %v", err)
+	require.Equal(t, 2, p.Live())
+
+	p.Heal()
+	got, err := roundTrip(c, "after")
+	require.NoError(t, err)
+	require.Equal(t, "after", got, "what was sent during the stall is lost, not delivered late")
+}
+
 func TestTargetDownEndsTheClient(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
