@@ -261,6 +261,12 @@ type WorkerStatus struct {
 	Version      string    `json:"version"`
 	StartedAt    time.Time `json:"started_at"`
 	BeatAt       time.Time `json:"beat_at"`
+	// Jobs are the jobs the worker's slots hold at BeatAt: being taken,
+	// generating, or recording their end. The leader gives up the attempt
+	// of a job recorded as running on the worker since before BeatAt that
+	// is not among them (the worker is live, but does not run it). Nil
+	// from a worker that does not say.
+	Jobs []string `json:"jobs"`
 }
 
 // Duration is a time.Duration that encodes as a Go duration string.

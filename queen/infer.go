@@ -509,6 +509,9 @@ func (q *Queen) watchJobs(ctx context.Context, t *term) error {
 // schedJob is what the scheduler needs of a record.
 func schedJob(job api.Job) sched.Job {
 	j := sched.Job{ID: job.ID, State: job.State, Worker: job.Worker, Hive: job.Hive, Attempt: job.Attempts}
+	if job.StartedAt != nil {
+		j.StartedAt = *job.StartedAt
+	}
 	var a api.InferArgs
 	if json.Unmarshal(job.Op.Args, &a) == nil {
 		j.Model, j.Pins, j.Pull, j.Source = a.Model, sched.Pins{Hive: a.Hive, Device: a.Device}, a.Pull, a.Source

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"slices"
 	"sync"
 	"time"
 )
@@ -78,4 +79,17 @@ func (b *attemptBook) end(job string, attempt int, now time.Time) {
 		b.byEnd = append(b.byEnd, k)
 	}
 	b.ended[k] = now
+}
+
+// jobs lists the jobs whose attempts slots hold now, sorted; never nil (an
+// empty list says that no slot holds any).
+func (b *attemptBook) jobs() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]string, 0, len(b.held))
+	for k := range b.held {
+		out = append(out, k.job)
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }

@@ -401,6 +401,10 @@ func (w *worker) jobSpeed(tps float64) {
 
 // status is what the heartbeat and the status endpoint report.
 func (w *worker) status() api.WorkerStatus {
+	// The time first, then the jobs: a job taken before BeatAt was
+	// claimed before it (attemptBook), so it is listed.
+	at := time.Now().UTC()
+	held := w.attempts.jobs()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return api.WorkerStatus{
@@ -408,7 +412,7 @@ func (w *worker) status() api.WorkerStatus {
 		SlotsTotal: w.cfg.Slots, SlotsBusy: w.busy, ContextSize: w.ctxSize, MemoryUsed: w.memoryUsed(),
 		KVCacheBytes: uint64(w.cfg.Slots) * w.plan.KVPerSlot, KVUsedBytes: w.kvUsed(),
 		State: w.state, TokensServed: w.tokensServed, TokensPerSec: w.tokensPerSec,
-		PID: os.Getpid(), Version: version.Version, StartedAt: w.started, BeatAt: time.Now().UTC(),
+		PID: os.Getpid(), Version: version.Version, StartedAt: w.started, BeatAt: at, Jobs: held,
 	}
 }
 

@@ -647,6 +647,29 @@ func TestTwoCopiesOfARequestRunOnce(t *testing.T) {
 	require.EqualValues(t, res.CompletionTokens, workerStatus(t, f, "w1").TokensServed, "one generation")
 }
 
+// The worker's status (and so its heartbeat) lists the jobs its slots
+// hold, from before the take until the end is recorded: the leader gives
+// up a job recorded as running on a worker that does not list it.
+func TestStatusListsTheJobsItsSlotsHold(t *testing.T) {
+	f := busfix.Start(t)
+	start(t, f, "w1", 2, longContext)
+	require.NotNil(t, workerStatus(t, f, "w1").Jobs, "an idle worker says it holds none")
+	require.Empty(t, workerStatus(t, f, "w1").Jobs)
+	id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 200}})
+	var during []string
+	got := follow(t, f, id, func(tok api.Token) {
+		if tok.Index == 0 {
+			during = workerStatus(t, f, "w1").Jobs
+		}
+	})
+	require.Equal(t, api.JobCompleted, got.final.State)
+	require.Equal(t, []string{id}, during)
+	st, err := entry(t, f, "w1")
+	require.NoError(t, err)
+	require.NotNil(t, st.Jobs, "the heartbeat carries the list")
+	eventually(t, func() bool { return len(workerStatus(t, f, "w1").Jobs) == 0 }, "the job leaves the list once it ended")
+}
+
 // A worker stopped while the bus is away (its hive killed during a cut)
 // cancels its jobs after the drain grace and gives their tokens and ends
 // a few seconds more, not the whole outage bound (minutes): the leader

@@ -42,6 +42,12 @@ type Job struct {
 	Worker  string
 	Hive    string
 	Attempt int
+	// StartedAt is when the attempt's worker took the job, by the
+	// worker's clock (as its heartbeats' BeatAt).
+	StartedAt time.Time
+	// unlisted is the BeatAt of the first heartbeat since StartedAt that
+	// did not list the job, while no later one did (judgeRunning).
+	unlisted time.Time
 }
 
 // Pins restrict where a job may run.
@@ -368,7 +374,41 @@ func (s *Scheduler) viewChanged() {
 			delete(s.ready, id)
 		}
 	}
+	s.judgeRunning(v)
 	s.placeAll()
+}
+
+// judgeRunning gives up the attempts of running jobs that their live
+// workers say they do not run, once the view can be trusted: two of the
+// worker's heartbeats in a row, both made after it took the job, do not
+// list it among the jobs its slots hold. That is a take whose answer the
+// worker never got (it let the job go, yet the record says it runs it),
+// or an end it could not record; either way nobody would end the job
+// before its deadline. One beat would do by the worker's order (its list
+// is read after the beat's time); the second costs a beat and spares a
+// running job a wrong verdict should the worker's clock step back.
+func (s *Scheduler) judgeRunning(v View) {
+	if !s.settled || s.replaying {
+		return
+	}
+	for _, j := range s.jobs {
+		if j.State != api.JobRunning || j.StartedAt.IsZero() {
+			continue
+		}
+		w, live := v.Worker(j.Worker)
+		if !live || w.Jobs == nil || !w.BeatAt.After(j.StartedAt) {
+			continue
+		}
+		switch {
+		case slices.Contains(w.Jobs, j.ID):
+			j.unlisted = time.Time{}
+		case j.unlisted.IsZero():
+			j.unlisted = w.BeatAt
+		case w.BeatAt.After(j.unlisted):
+			s.recover(j, fmt.Sprintf("worker %s on hive %s does not run it (its heartbeats since %s list %d other jobs)",
+				j.Worker, j.Hive, j.unlisted.Format("15:04:05.000"), len(w.Jobs)))
+		}
+	}
 }
 
 func (s *Scheduler) setSettled(ok bool) {
@@ -393,6 +433,7 @@ func (s *Scheduler) setSettled(ok bool) {
 			s.enqueue(j)
 		}
 	}
+	s.judgeRunning(v)
 	s.placeAll()
 }
 

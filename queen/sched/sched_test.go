@@ -429,3 +429,61 @@ func TestUnfinishedDecisionsAreTakenAgainAfterASettle(t *testing.T) {
 	require.ElementsMatch(t, []string{"recover j1", "fail j2"}, w.await(2))
 	w.quiet()
 }
+
+// beat sets what worker id's latest heartbeat says: when, and the jobs its
+// slots hold (nil: a worker that does not say).
+func (c *cluster) beat(id string, at time.Time, jobs []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	w := c.workers[id]
+	w.BeatAt, w.Jobs = at, jobs
+	c.workers[id] = w
+}
+
+// A job recorded as running on a live worker whose heartbeats, two in a
+// row made after the take, do not list it is not run by anyone (a take
+// whose answer the worker never got, an end it could not record): its
+// attempt is given up as if the worker were lost. Beats from before the
+// take, and workers that do not list their jobs, say nothing.
+func TestAJobItsLiveWorkerDoesNotRunIsRecovered(t *testing.T) {
+	c := newCluster().hive("h1", "tiny")
+	w := newWorld(t, c)
+	c.worker("w1", "h1", "tiny")
+	s := start(t, c, w)
+	took := time.Now().UTC()
+	j := running("j1", "tiny", "w1", 1)
+	j.StartedAt = took
+	s.JobChanged(j, false)
+	s.ViewChanged()
+	w.quiet()
+
+	for _, b := range []struct {
+		at   time.Time
+		jobs []string
+	}{
+		{took.Add(-time.Second), []string{}},              // before the take
+		{took.Add(time.Second), nil},                      // does not say
+		{took.Add(time.Second), []string{"j1"}},           // runs it
+		{took.Add(2 * time.Second), []string{"j1", "j2"}}, // and another
+	} {
+		c.beat("w1", b.at, b.jobs)
+		s.ViewChanged()
+		w.quiet()
+	}
+	// A beat without it, then one with it, then one without: nothing yet.
+	for i, jobs := range [][]string{{"j2"}, {"j1"}, {}} {
+		c.beat("w1", took.Add(time.Duration(3+i)*time.Second), jobs)
+		s.ViewChanged()
+		w.quiet()
+		if i == 0 {
+			s.ViewChanged() // the same beat seen again is still one beat
+			w.quiet()
+		}
+	}
+	c.beat("w1", took.Add(6*time.Second), []string{"j2"})
+	s.ViewChanged()
+	require.Equal(t, []string{"recover j1"}, w.await(1))
+	require.Contains(t, w.recover["j1"], "worker w1 on hive h1 does not run it")
+	s.ViewChanged()
+	w.quiet() // judged once, until its record moves on
+}
