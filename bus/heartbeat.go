@@ -48,7 +48,14 @@ type Heartbeat struct {
 	// (guarded by it) says the entry was deleted for good.
 	beating sync.Mutex
 	left    bool
+	// abort ends the beat in flight, if any (Reconnected).
+	abortMu sync.Mutex
+	abort   context.CancelCauseFunc
 }
+
+// errReconnected ends a beat whose request went out on a connection that
+// is gone: its answer will never come.
+var errReconnected = errors.New("the connection was replaced while the beat waited for its answer")
 
 // DefaultHeartbeatInterval is how often components beat unless configured.
 const DefaultHeartbeatInterval = time.Second
@@ -73,6 +80,22 @@ func (b *Bus) NewHeartbeat(bucket, key string, interval time.Duration, value fun
 		interval: interval, ttl: TTLForInterval(interval), value: value, instance: nuid.Next(),
 		kick: make(chan struct{}, 1),
 	}
+}
+
+// Reconnected ends the beat in flight, if any, and makes Run beat at once.
+// Call it when the connection is back after a drop: a beat sent on the
+// connection that dropped (or into a link that died unseen) is never
+// answered, and waiting out its timeout (the interval and a second) before
+// beating again would let the entry's TTL (three intervals) run out on a
+// component that is alive, when its last beat before the drop was already
+// up to an interval old.
+func (h *Heartbeat) Reconnected() {
+	h.abortMu.Lock()
+	if h.abort != nil {
+		h.abort(errReconnected)
+	}
+	h.abortMu.Unlock()
+	h.Kick()
 }
 
 // Kick makes Run beat at once instead of at its next tick: after the bus
@@ -135,13 +158,28 @@ func (h *Heartbeat) Beat(ctx context.Context) error {
 	if h.left {
 		return nil
 	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	h.abortMu.Lock()
+	h.abort = cancel
+	h.abortMu.Unlock()
+	defer func() {
+		h.abortMu.Lock()
+		h.abort = nil
+		h.abortMu.Unlock()
+	}()
 	h.mu.Lock()
 	rev := h.rev
 	h.mu.Unlock()
 	err := h.publish(ctx, rev)
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
-		return h.register(ctx)
+		err = h.register(ctx)
+	}
+	// A beat ended by Reconnected may have been stored all the same; the
+	// next one then finds the revision moved and re-reads the entry.
+	if err != nil && errors.Is(context.Cause(ctx), errReconnected) {
+		return errReconnected
 	}
 	return err
 }
@@ -186,6 +224,10 @@ func (h *Heartbeat) Run(ctx context.Context, onError func(error)) error {
 		if err != nil {
 			if errors.Is(err, ErrDuplicate) {
 				return err
+			}
+			// Ended by Reconnected, which kicked: the next beat goes now.
+			if errors.Is(err, errReconnected) {
+				continue
 			}
 			if onError != nil && ctx.Err() == nil {
 				onError(err)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -30,6 +31,8 @@ type hive struct {
 	catalog  *catalog.Catalog
 	narrator *bus.Narrator
 	hb       *bus.Heartbeat
+	// beat is hb for the bus's callbacks, which may run before it is made.
+	beat atomic.Pointer[bus.Heartbeat]
 	// leaf is the hive's own bus server when it joins through a leaf
 	// connection (Config.Leaf); nil otherwise.
 	leaf *leaf
@@ -104,7 +107,7 @@ func Run(ctx context.Context, cfg Config) error {
 		Name: "rbee-hive " + cfg.ID, Reconnect: true, Extra: cfg.BusOptions, Log: h.log,
 		// After a reconnect the registry may have lost the entry (a queen
 		// restarted with a fresh bus); beat at once rather than wait.
-		OnReconnect: h.kickBeat,
+		OnReconnect: h.rebeat,
 	}
 	if len(cfg.Leaf) > 0 {
 		if h.leaf, err = startLeaf(ctx, cfg, h.log); err != nil {
@@ -152,6 +155,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	h.hb = h.bus.NewHeartbeat(h.bus.Space.HivesBucket(), cfg.ID, cfg.Heartbeat, h.beatValue)
+	h.beat.Store(h.hb)
 	if err := h.hb.Register(setupCtx); err != nil {
 		_ = svc.Stop()
 		if errors.Is(err, bus.ErrDuplicate) {
@@ -174,7 +178,7 @@ func Run(ctx context.Context, cfg Config) error {
 		beats.Add(1)
 		go func() {
 			defer beats.Done()
-			if err := h.leaf.watch(beatCtx, h.kickBeat); err != nil {
+			if err := h.leaf.watch(beatCtx, h.rebeat); err != nil {
 				refused <- err
 			}
 		}()
@@ -292,6 +296,17 @@ func (h *hive) refuseLiveNamesake(ctx context.Context) error {
 	age := time.Since(e.Created()).Round(100 * time.Millisecond)
 	return fmt.Errorf("hive %s is already registered by another live process (last beat %s ago); stop it first, or wait %s if it just died: %w",
 		h.cfg.ID, age, bus.TTLForInterval(h.cfg.Heartbeat), bus.ErrDuplicate)
+}
+
+// rebeat beats at once after the bus came back (the connection, or the
+// leaf's link to the hub): the beat in flight, sent on what dropped, is
+// given up rather than waited for.
+func (h *hive) rebeat() {
+	if hb := h.beat.Load(); hb != nil {
+		hb.Reconnected() // and its Run beats now
+		return
+	}
+	h.kickBeat()
 }
 
 func (h *hive) kickBeat() {

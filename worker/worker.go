@@ -113,10 +113,11 @@ func Run(ctx context.Context, cfg Config) error {
 		URL: cfg.NATSURL, Credentials: cfg.Credentials, Namespace: cfg.Namespace,
 		Name: "llm-worker-rbee " + cfg.ID, Reconnect: true, Extra: cfg.BusOptions, Log: w.log,
 		// Beat at once when the bus is back, well within the grace the
-		// queen gives before it judges liveness.
+		// queen gives before it judges liveness, without waiting for a
+		// beat the dropped connection took with it.
 		OnReconnect: func() {
 			if hb := w.beat.Load(); hb != nil {
-				hb.Kick()
+				hb.Reconnected()
 			}
 		},
 	})
