@@ -16,9 +16,9 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// A worker whose take of a job was applied but whose answer was lost lets
-// the job go, while its record says it runs it; the worker lives on and
-// beats. Its heartbeats list the jobs its slots hold, so the leader sees
+// A worker that does not run a job its record says it runs (a take or an
+// end whose write failed in a way the worker did not see through) lives
+// on and beats. Its heartbeats list the jobs its slots hold, so the leader sees
 // that nobody runs this one and queues it again within two beats, as for
 // a lost worker, rather than leaving it "running" until its deadline.
 func TestAJobItsLiveWorkerDoesNotRunIsQueuedAgain(t *testing.T) {

@@ -381,10 +381,10 @@ func (s *Scheduler) viewChanged() {
 // judgeRunning gives up the attempts of running jobs that their live
 // workers say they do not run, once the view can be trusted: two of the
 // worker's heartbeats in a row, both made after it took the job, do not
-// list it among the jobs its slots hold. That is a take whose answer the
-// worker never got (it let the job go, yet the record says it runs it),
-// or an end it could not record; either way nobody would end the job
-// before its deadline. One beat would do by the worker's order (its list
+// list it among the jobs its slots hold (a worker lists a job from before
+// its take until its end is recorded). Nobody would end such a job before
+// its deadline: a take or an end whose write failed in a way the worker
+// did not see through. One beat would do by the worker's order (its list
 // is read after the beat's time); the second costs a beat and spares a
 // running job a wrong verdict should the worker's clock step back.
 func (s *Scheduler) judgeRunning(v View) {
