@@ -353,8 +353,13 @@ func TestABeatLostWithItsConnectionIsGivenUpOnReconnect(t *testing.T) {
 	ctx := context.Background()
 	b, err := bus.Connect(ctx, bus.ConnectConfig{URL: "nats://" + proxy.Addr(), Name: t.Name(), Reconnect: true, Log: zerolog.Nop(),
 		OnReconnect: func() {
-			hb.Load().Reconnected()
-			reconnected <- struct{}{}
+			if h := hb.Load(); h != nil {
+				h.Reconnected()
+			}
+			select {
+			case reconnected <- struct{}{}:
+			default:
+			}
 		}})
 	require.NoError(t, err)
 	t.Cleanup(b.NC.Close)
