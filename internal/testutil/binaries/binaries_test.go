@@ -21,23 +21,31 @@ const envChild = "BINARIES_TEST_CHILD"
 // TestMainRemovesBuiltPrograms runs a test process that builds a program
 // and checks that nothing of it is left once that process has exited.
 func TestMainRemovesBuiltPrograms(t *testing.T) {
-	report := filepath.Join(t.TempDir(), "dir")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestChildBuildsOneProgram$", "-test.count=1")
-	cmd.Env = append(os.Environ(), envChild+"="+report)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("child test process: %v\n%s", err, out)
-	}
-	b, err := os.ReadFile(report)
-	if err != nil {
-		t.Fatalf("the child did not report its directory: %v", err)
-	}
-	d := string(b)
+	d := runChild(t, "TestChildBuildsOneProgram", envChild)
 	if filepath.Base(d) == "." || d == "" {
 		t.Fatalf("the child reported %q", d)
 	}
 	if _, err := os.Stat(d); !os.IsNotExist(err) {
 		t.Fatalf("%s is still there after the tests ended (stat: %v); each test run would leave ~200 MB behind", d, err)
 	}
+}
+
+// runChild runs this test binary's test name in a child process, with env
+// added to the environment and reportVar naming a file for the child to
+// write, and returns what the child wrote there.
+func runChild(t *testing.T, name, reportVar string, env ...string) string {
+	t.Helper()
+	report := filepath.Join(t.TempDir(), "report")
+	cmd := exec.Command(os.Args[0], "-test.run=^"+name+"$", "-test.count=1")
+	cmd.Env = append(append(os.Environ(), reportVar+"="+report), env...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("child test process %s: %v\n%s", name, err, out)
+	}
+	b, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatalf("the child %s did not report: %v", name, err)
+	}
+	return string(b)
 }
 
 // TestChildBuildsOneProgram is the child of TestMainRemovesBuiltPrograms.
@@ -62,26 +70,16 @@ const envSettingsChild = "BINARIES_TEST_SETTINGS_CHILD"
 
 // TestMainRunsWithoutThePersonsSettings runs a test process with a
 // person's rbee settings in its environment (a credential, an API key, a
-// home holding a credential) and checks that its tests, and so the
+// home) and checks that its tests, and so the
 // programs they start, see none of them, while the settings that choose
 // what is tested pass.
 func TestMainRunsWithoutThePersonsSettings(t *testing.T) {
-	dir := t.TempDir()
-	report := filepath.Join(dir, "report")
-	personHome := filepath.Join(dir, "person")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestChildReportsSettings$", "-test.count=1")
-	cmd.Env = append(os.Environ(), envSettingsChild+"="+report,
+	personHome := filepath.Join(t.TempDir(), "person")
+	reported := runChild(t, "TestChildReportsSettings", envSettingsChild,
 		"RBEE_CREDS=/person/client.creds", "RBEE_API_KEY=person-key", "RBEE_HOME="+personHome,
 		"RBEE_CHAOS_SEED=7", "RBEE_LLAMA_LIB=/opt/llama-cuda")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("child test process: %v\n%s", err, out)
-	}
-	b, err := os.ReadFile(report)
-	if err != nil {
-		t.Fatalf("the child did not report: %v", err)
-	}
 	got := map[string]string{}
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+	for _, line := range strings.Split(strings.TrimSpace(reported), "\n") {
 		k, v, _ := strings.Cut(line, "=")
 		got[k] = v
 	}
