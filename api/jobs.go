@@ -234,3 +234,16 @@ type Event struct {
 
 // Terminal reports whether e ends its job's stream.
 func (e Event) Terminal() bool { return e.State != nil && e.State.State.Terminal() }
+
+// GiveUp is the body of a message on a job's cancel subject that ends one
+// attempt of the job rather than the job: the leader judged the attempt's
+// worker lost and records what happens to the job next itself (queued
+// again, or failed with Error). A worker that runs that very attempt after
+// all (it was only slow or cut off) stops it and records nothing, so its
+// end cannot read "cancelled" where nobody cancelled; a worker running any
+// other attempt goes on. An empty body cancels the job, whatever attempt
+// runs (what a person sending it by hand means).
+type GiveUp struct {
+	Attempt int    `json:"attempt"`
+	Error   *Error `json:"error,omitempty"`
+}

@@ -367,8 +367,10 @@ func (q *Queen) recoverJob(ctx context.Context, j sched.Job, why string) {
 	lost := api.Fail(api.ReasonWorkerLost, "", "%s", why)
 	a := jobs.Attempt{Number: j.Attempt, Worker: j.Worker}
 	// Tell a worker that is only paused or cut off to stop, should it
-	// wake up: its attempt is over either way.
-	q.signalCancel(j.ID)
+	// wake up: its attempt is over either way. It stops without
+	// recording an end (it would read "cancelled"); the writes below
+	// record what follows.
+	q.signalGiveUp(j.ID, j.Attempt, lost)
 	if j.Attempt < maxAttempts && !q.tokenSent(ctx, j.ID) {
 		_, err := q.jobs.Retry(ctx, j.ID, a)
 		switch {

@@ -52,6 +52,15 @@ func TestAJobItsLiveWorkerDoesNotRunIsQueuedAgain(t *testing.T) {
 	_, err = store.Take(ctx, reply.JobID, jobs.Attempt{Number: 1, Worker: "w1"}, "h1")
 	require.NoError(t, err, "the take, as the worker's write left it")
 
+	// The worker hears that its attempt is given up (api.GiveUp), so
+	// that, should it run the job after all, it stops without recording
+	// an end of its own.
+	cancelSubject, err := b.Space.JobCancel(reply.JobID)
+	require.NoError(t, err)
+	signals, err := b.NC.SubscribeSync(cancelSubject)
+	require.NoError(t, err)
+	require.NoError(t, b.NC.Flush())
+
 	// While the worker lists the job, it runs it: two such beats seen.
 	for range 2 {
 		require.NoError(t, beat(reply.JobID))
@@ -75,4 +84,11 @@ func TestAJobItsLiveWorkerDoesNotRunIsQueuedAgain(t *testing.T) {
 	}, 10*time.Second, refreshEvery, "the job is queued again")
 	require.Equal(t, 1, job.Attempts, "its next request is attempt 2")
 	require.Empty(t, job.Worker)
+	msg, err := signals.NextMsg(5 * time.Second)
+	require.NoError(t, err, "the worker is told")
+	var given api.GiveUp
+	require.NoError(t, json.Unmarshal(msg.Data, &given))
+	require.Equal(t, 1, given.Attempt)
+	require.NotNil(t, given.Error)
+	require.Equal(t, api.ReasonWorkerLost, given.Error.Reason)
 }

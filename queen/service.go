@@ -268,6 +268,16 @@ func (q *Queen) signalCancel(id string) {
 	}
 }
 
+// signalGiveUp tells the worker of one attempt of a job, should it still
+// run it, that the attempt is over and the queen records what follows
+// (api.GiveUp).
+func (q *Queen) signalGiveUp(id string, attempt int, why *api.Error) {
+	if subj, err := q.bus.Space.JobCancel(id); err == nil {
+		data, _ := json.Marshal(api.GiveUp{Attempt: attempt, Error: why})
+		_ = q.bus.NC.Publish(subj, data)
+	}
+}
+
 func (q *Queen) jobCancel(ctx context.Context, req api.JobRequest) (api.Job, error) {
 	job, err := q.cancelJob(ctx, req.ID, api.Fail(api.ReasonCancelled, "", "cancelled by user"), api.JobCancelled)
 	if errors.Is(err, jobs.ErrTerminal) {

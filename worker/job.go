@@ -26,7 +26,25 @@ var (
 	// errNotTaken stops a generation begun while its job was being taken
 	// when the take fails.
 	errNotTaken = errors.New("the job was not taken")
+	// errGivenUp stops an attempt the leader gave up (api.GiveUp): the
+	// leader records the job's next state, so the worker records none.
+	errGivenUp = errors.New("the leader gave this attempt up")
 )
+
+// cancelCause reads a message on the cancel subject of a job whose slot runs
+// attempt: the cause to stop the generation with, or nil when the message
+// gives up another attempt. A body that is not a give-up (empty, or written
+// by hand) cancels the job.
+func cancelCause(body []byte, attempt int) error {
+	var g api.GiveUp
+	if len(body) == 0 || json.Unmarshal(body, &g) != nil || g.Attempt == 0 {
+		return errCancelled
+	}
+	if g.Attempt != attempt {
+		return nil
+	}
+	return errGivenUp
+}
 
 // busTimeout bounds each bus operation of a job (state writes, acks,
 // flushing tokens).
@@ -127,7 +145,12 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	genCtx, cancelGen := context.WithCancelCause(jobCtx)
 	defer cancelGen(nil)
 	cancelSubject, _ := w.bus.Space.JobCancel(id)
-	sub, err := w.bus.NC.Subscribe(cancelSubject, func(*nats.Msg) { cancelGen(errCancelled) })
+	attemptNo := max(req.Attempt, 1)
+	sub, err := w.bus.NC.Subscribe(cancelSubject, func(m *nats.Msg) {
+		if cause := cancelCause(m.Data, attemptNo); cause != nil {
+			cancelGen(cause)
+		}
+	})
 	if err != nil {
 		log.Warn().Err(err).Msg("cannot listen for cancellation; leaving the request queued")
 		_ = msg.NakWithDelay(time.Second)
@@ -137,11 +160,11 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 
 	ereq, promptTokens, bad := w.prepare(req.Args)
 	if bad != nil {
-		w.reject(bctx, msg, id, max(req.Attempt, 1), bad)
+		w.reject(bctx, msg, id, attemptNo, bad)
 		return
 	}
 
-	attempt := jobs.Attempt{Number: max(req.Attempt, 1), Worker: w.cfg.ID}
+	attempt := jobs.Attempt{Number: attemptNo, Worker: w.cfg.ID}
 	if !w.attempts.claim(id, attempt.Number, time.Now()) {
 		// A second copy of a request a slot of this process has or ran
 		// (a new term queues a waiting job again; a lost ack redelivers
@@ -370,6 +393,21 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		w.tokensDropped(served)
 		return // not ours: nothing was published, nothing is recorded
 	}
+	cause := context.Cause(ctx)
+	if res.StopReason == engine.StopCancelled && errors.Is(cause, errGivenUp) {
+		// The leader gave this attempt up and records the job's next
+		// state: tokens not yet stored are dropped (the job may run
+		// again, and a token stored now would make the leader fail it
+		// instead), and the end is the leader's to write. A generation
+		// that ended of itself before the give-up came is recorded
+		// below: its end and the leader's are fenced by the attempt,
+		// and the first written wins.
+		pub.Close()
+		freeSlot()
+		w.log.Info().Str("job", id).Int("attempt", attempt.Number).Int("tokens", served).
+			Msg("the leader gave this attempt up; stopped without recording its end")
+		return
+	}
 	// Every token is stored before the end is, so no follower sees the
 	// end before the last token. A bus outage (the queen restarting) is
 	// waited out for cfg.BusOutage, the tokens kept in memory; past it the
@@ -385,7 +423,6 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		TimeToFirstToken: api.Duration(res.TimeToFirstToken), Duration: api.Duration(res.Duration),
 		TokensPerSecond: tokensPerSecond(res), Worker: w.cfg.ID, Hive: w.cfg.Hive, Attempt: attempt.Number,
 	}
-	cause := context.Cause(ctx)
 	switch {
 	case errors.Is(genErr, errNoFirstToken) || (res.StopReason == engine.StopCancelled && errors.Is(cause, errNoFirstToken)):
 		w.finish(id, attempt, api.JobFailed, api.Fail(api.ReasonTimeout, "", "no first token within %s from worker %s on hive %s", ftt, w.cfg.ID, w.cfg.Hive), nil)

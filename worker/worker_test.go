@@ -670,6 +670,59 @@ func TestStatusListsTheJobsItsSlotsHold(t *testing.T) {
 	eventually(t, func() bool { return len(workerStatus(t, f, "w1").Jobs) == 0 }, "the job leaves the list once it ended")
 }
 
+// The leader gives up an attempt whose worker it judged lost; a worker that
+// runs it after all (only slow, or cut off a while) hears so on the job's
+// cancel subject. It stops that attempt and records nothing, since the
+// leader records what follows (queued again, or failed as lost): before,
+// it recorded the job cancelled, which nobody had asked for. A give-up of
+// another attempt leaves the one it runs alone.
+func TestAnAttemptGivenUpStopsWithoutRecordingItsEnd(t *testing.T) {
+	f := busfix.Start(t)
+	start(t, f, "w1", 1, longContext)
+	giveUp := func(id string, attempt int) {
+		subject, err := f.Bus.Space.JobCancel(id)
+		require.NoError(t, err)
+		data, err := json.Marshal(api.GiveUp{Attempt: attempt, Error: api.Fail(api.ReasonWorkerLost, "", "worker w1 missed its heartbeats")})
+		require.NoError(t, err)
+		require.NoError(t, f.Bus.NC.Publish(subject, data))
+	}
+
+	t.Run("another attempt", func(t *testing.T) {
+		const max = 200
+		id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: max}})
+		var once sync.Once
+		got := follow(t, f, id, func(api.Token) { once.Do(func() { giveUp(id, 2) }) })
+		require.Equal(t, api.JobCompleted, got.final.State)
+		require.Len(t, got.tokens, max)
+	})
+
+	t.Run("its own", func(t *testing.T) {
+		const max = 2000
+		id := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: max}})
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		errFirst := errors.New("first token")
+		err := f.Bus.Follow(ctx, id, 0, func(ev api.Event) error {
+			if ev.Token != nil {
+				giveUp(id, 1)
+				return errFirst
+			}
+			return nil
+		})
+		require.ErrorIs(t, err, errFirst)
+		eventually(t, func() bool {
+			st := workerStatus(t, f, "w1")
+			return st.SlotsBusy == 0 && len(st.Jobs) == 0
+		}, "the attempt stops, its slot freed and its job no longer held")
+		job, err := store(t, f).Get(context.Background(), id)
+		require.NoError(t, err)
+		require.Equal(t, api.JobRunning, job.State, "the worker leaves the job's next state to the leader")
+		require.Equal(t, 1, job.Attempts)
+		require.Equal(t, "w1", job.Worker)
+		require.Empty(t, job.Error)
+	})
+}
+
 // A worker stopped while the bus is away (its hive killed during a cut)
 // cancels its jobs after the drain grace and gives their tokens and ends
 // a few seconds more, not the whole outage bound (minutes): the leader
