@@ -9,11 +9,13 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/auth"
 	"github.com/rbee-dev/rbee/bus"
+	"github.com/rbee-dev/rbee/hive/catalog"
 	"github.com/rbee-dev/rbee/internal/cliutil"
 	"github.com/rbee-dev/rbee/internal/llamalib"
 	"github.com/rbee-dev/rbee/internal/proc"
@@ -158,7 +160,7 @@ func (q *Queen) runHiveStart(ctx context.Context, job api.Job) (any, error) {
 	}
 	st := snap.Hives[name].Status
 	q.say(ctx, job.ID, "online", name, "hive %s is online: %s, %d CPU threads, %d GPU(s), %s RAM free",
-		name, st.Capabilities.Hostname, st.Capabilities.CPU.Threads, len(st.Capabilities.GPUs), humanBytes(st.RAMFree))
+		name, st.Capabilities.Hostname, st.Capabilities.CPU.Threads, len(st.Capabilities.GPUs), catalog.HumanBytes(st.RAMFree))
 	return st, nil
 }
 
@@ -551,4 +553,21 @@ func (q *Queen) modelList(ctx context.Context, req api.HiveRequest) ([]api.Model
 		out = append(out, reply)
 	}
 	return out, nil
+}
+
+// signalPid signals a local hive the queen did not start (its pid from the
+// hive's own report): TERM, or KILL. A process already gone is not an
+// error.
+func signalPid(pid int, sig string) error {
+	if pid <= 0 {
+		return fmt.Errorf("no pid known")
+	}
+	s := syscall.SIGTERM
+	if sig == "KILL" {
+		s = syscall.SIGKILL
+	}
+	if err := syscall.Kill(pid, s); err != nil && err != syscall.ESRCH {
+		return err
+	}
+	return nil
 }

@@ -471,6 +471,6 @@ func (r *Registry) narrate(ctx context.Context, action, hive, format string, arg
 func (r *Registry) narrateLevel(ctx context.Context, level, action, hive, format string, args ...any) {
 	n := r.bus.Narrator(api.Actor{Component: "queen"}, hive, "")
 	ev := api.Narration{Level: level, Action: action, Target: hive}
-	ev.Human = sprintf(format, args...)
+	ev.Human = fmt.Sprintf(format, args...)
 	_ = n.Narrate(ctx, ev)
 }
