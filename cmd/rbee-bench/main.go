@@ -14,7 +14,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/rbee-dev/rbee/bench"
+	"github.com/rbee-dev/rbee/internal/bench"
 	"github.com/rbee-dev/rbee/internal/threadpolicy"
 )
 
