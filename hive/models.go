@@ -11,16 +11,12 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/rbee-dev/rbee/api"
+	"github.com/rbee-dev/rbee/bus"
 	"github.com/rbee-dev/rbee/hive/catalog"
 	"github.com/rbee-dev/rbee/internal/gguf"
 	"github.com/rbee-dev/rbee/subjects"
 )
-
-// errJobCancelled is the cause of a model add stopped by its job's cancel
-// signal.
-var errJobCancelled = errors.New("job cancelled")
 
 // catalogCode maps a catalog error to the code the hive answers:
 //
@@ -46,7 +42,7 @@ func catalogCode(err error) int {
 		return CodeInsufficientMemory
 	case errors.Is(err, catalog.ErrDownload):
 		return api.CodeUnavailable
-	case errors.Is(err, errJobCancelled), errors.Is(err, context.Canceled):
+	case errors.Is(err, bus.ErrJobCancelled), errors.Is(err, context.Canceled):
 		return CodeCancelled
 	case errors.Is(err, context.DeadlineExceeded):
 		return api.CodeTimeout
@@ -129,15 +125,14 @@ func (h *hive) modelAdd(ctx context.Context, args api.ModelAddArgs) (api.Model, 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	if args.JobID != "" {
-		subject, err := h.bus.Space.JobCancel(args.JobID)
-		if err != nil {
+		if err := subjects.ValidateID(subjects.KindJob, args.JobID); err != nil {
 			return api.Model{}, api.Errorf(api.CodeBadRequest, "%v", err)
 		}
-		sub, err := h.bus.NC.Subscribe(subject, func(*nats.Msg) { cancel(errJobCancelled) })
+		stop, err := h.bus.OnCancel(args.JobID, 0, cancel)
 		if err != nil {
 			return api.Model{}, api.Errorf(api.CodeInternal, "listening for job %s's cancel: %v", args.JobID, err)
 		}
-		defer func() { _ = sub.Unsubscribe() }()
+		defer stop()
 		// The subscription must be live before the download starts, or
 		// a quick cancel could be missed.
 		if err := h.bus.NC.FlushWithContext(ctx); err != nil {
@@ -157,7 +152,7 @@ func (h *hive) modelAdd(ctx context.Context, args api.ModelAddArgs) (api.Model, 
 	}
 	m, err := h.catalog.Add(ctx, catalog.AddRequest{Source: args.Source, Name: args.Name, SHA256: args.SHA256}, progress)
 	if err != nil {
-		if cause := context.Cause(ctx); errors.Is(cause, errJobCancelled) {
+		if cause := context.Cause(ctx); errors.Is(cause, bus.ErrJobCancelled) {
 			err = fmt.Errorf("%w: %w", cause, err)
 		}
 		h.narrator.Warn(context.WithoutCancel(ctx), args.JobID, "download", args.Source, "download of %s failed: %v", args.Source, err)

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/api"
 	"github.com/rbee-dev/rbee/bus"
@@ -130,10 +129,8 @@ func (q *Queen) startLocal(job api.Job, run func(context.Context, api.Job) (any,
 			ctx, c2 = context.WithDeadline(ctx, *job.Deadline)
 			defer c2()
 		}
-		if subj, err := q.bus.Space.JobCancel(job.ID); err == nil {
-			if sub, err := q.bus.NC.Subscribe(subj, func(*nats.Msg) { cancel() }); err == nil {
-				defer func() { _ = sub.Unsubscribe() }()
-			}
+		if stop, err := q.bus.OnCancel(job.ID, 0, func(error) { cancel() }); err == nil {
+			defer stop()
 		}
 		// The start is recorded before any work, so a keeper sees the
 		// job run. A bus that cannot store it now is waited out, as a

@@ -19,32 +19,14 @@ import (
 	"github.com/rbee-dev/rbee/worker/engine"
 )
 
-// Causes of a generation's cancellation, told apart when the job ends.
+// Causes of a generation's cancellation, told apart when the job ends,
+// besides the cancel subject's (bus.ErrJobCancelled, bus.ErrAttemptGivenUp).
 var (
-	errCancelled    = errors.New("cancelled")
 	errNoFirstToken = errors.New("no first token")
 	// errNotTaken stops a generation begun while its job was being taken
 	// when the take fails.
 	errNotTaken = errors.New("the job was not taken")
-	// errGivenUp stops an attempt the leader gave up (api.GiveUp): the
-	// leader records the job's next state, so the worker records none.
-	errGivenUp = errors.New("the leader gave this attempt up")
 )
-
-// cancelCause reads a message on the cancel subject of a job whose slot runs
-// attempt: the cause to stop the generation with, or nil when the message
-// gives up another attempt. A body that is not a give-up (empty, or written
-// by hand) cancels the job.
-func cancelCause(body []byte, attempt int) error {
-	var g api.GiveUp
-	if len(body) == 0 || json.Unmarshal(body, &g) != nil || g.Attempt == 0 {
-		return errCancelled
-	}
-	if g.Attempt != attempt {
-		return nil
-	}
-	return errGivenUp
-}
 
 // busTimeout bounds each bus operation of a job (state writes, acks,
 // flushing tokens).
@@ -144,19 +126,14 @@ func (w *worker) handle(jobCtx context.Context, slotIdx int, slot engine.Slot, m
 	// sent right after the transition is not missed.
 	genCtx, cancelGen := context.WithCancelCause(jobCtx)
 	defer cancelGen(nil)
-	cancelSubject, _ := w.bus.Space.JobCancel(id)
 	attemptNo := max(req.Attempt, 1)
-	sub, err := w.bus.NC.Subscribe(cancelSubject, func(m *nats.Msg) {
-		if cause := cancelCause(m.Data, attemptNo); cause != nil {
-			cancelGen(cause)
-		}
-	})
+	stopListening, err := w.bus.OnCancel(id, attemptNo, cancelGen)
 	if err != nil {
 		log.Warn().Err(err).Msg("cannot listen for cancellation; leaving the request queued")
 		_ = msg.NakWithDelay(time.Second)
 		return
 	}
-	defer func() { _ = sub.Unsubscribe() }()
+	defer stopListening()
 
 	ereq, promptTokens, bad := w.prepare(req.Args)
 	if bad != nil {
@@ -394,7 +371,7 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 		return // not ours: nothing was published, nothing is recorded
 	}
 	cause := context.Cause(ctx)
-	if res.StopReason == engine.StopCancelled && errors.Is(cause, errGivenUp) {
+	if res.StopReason == engine.StopCancelled && errors.Is(cause, bus.ErrAttemptGivenUp) {
 		// The leader gave this attempt up and records the job's next
 		// state: tokens not yet stored are dropped (the job may run
 		// again, and a token stored now would make the leader fail it
