@@ -43,6 +43,16 @@ type slotPlan struct {
 	Slots, Lanes, Threads int
 	// KVPerSlot is the bytes of KV cache one slot reserves.
 	KVPerSlot uint64
+	// Resident reads the weights into the worker's memory rather than
+	// mapping the file (engine.LoadOptions.Resident): on a CPU, whenever
+	// free memory is known to hold them with the slots. A worker serves
+	// its model for as long as it lives, and mapped weights are the
+	// kernel's to take back while it idles, to be read again by its next
+	// request: on this project's VMs, a mapped 825 MB model that had
+	// idled took 0.5–0.9 s to its first token where the same model
+	// resident took 65 ms, and decoded at a third of the speed
+	// (docs/BENCHMARKS.md, "Resident weights").
+	Resident bool
 }
 
 // memoryFacts are the inputs of a plan, gathered by gatherFacts.
@@ -82,6 +92,8 @@ func planSlots(cfg Config, f memoryFacts) (slotPlan, error) {
 	case p.Slots > fits:
 		return p, fmt.Errorf("%w: --slots %d does not fit: %s; at most %d fit", ErrNoMemory, p.Slots, need(p.Slots), max(fits, 0))
 	}
+	// The slots fit after the model, so the model fits.
+	p.Resident = !f.OnGPU && !f.FreeIsUnknown
 	cores := max(f.Cores, 1)
 	if p.Lanes == 0 {
 		// One context decodes every sequence's token with the weights

@@ -26,11 +26,12 @@ func TestPlanSlotsFromMemory(t *testing.T) {
 		slots       int
 		lanes       int
 		threads     int
+		mapped      bool // the weights stay a mapping of the file
 		errContains []string
 	}{
 		{name: "default is the cap when memory allows", facts: small, slots: DefaultMaxSlots, lanes: 2, threads: 1},
 		{name: "a big model on a CPU gets one lane with every core", facts: big, slots: DefaultMaxSlots, lanes: 1, threads: 2},
-		{name: "on a GPU one lane", facts: func() memoryFacts { f := small; f.OnGPU = true; return f }(), slots: DefaultMaxSlots, lanes: 1, threads: 2},
+		{name: "on a GPU one lane, its weights the GPU's", facts: func() memoryFacts { f := small; f.OnGPU = true; return f }(), slots: DefaultMaxSlots, lanes: 1, threads: 2, mapped: true},
 		{name: "default shrinks to what fits",
 			facts: func() memoryFacts { f := small; f.Free = f.ModelBytes + 100*mib; return f }(), slots: 2, lanes: 2, threads: 1},
 		{name: "asked for and fits", cfg: func(c Config) Config { c.Slots = 8; return c }, facts: small, slots: 8, lanes: 2, threads: 1},
@@ -40,7 +41,7 @@ func TestPlanSlotsFromMemory(t *testing.T) {
 			errContains: []string{"--slots 64 does not fit", "64 slots of 2048 tokens need 2.0 GiB of KV cache (32.0 MiB each)", "819.2 MiB of RAM is free after the model's 52.0 MiB", "at most 25 fit"}},
 		{name: "not even one", facts: func() memoryFacts { f := small; f.Free = f.ModelBytes + 10*mib; return f }(),
 			errContains: []string{"not even one slot fits", "choose a smaller --ctx"}},
-		{name: "unknown free memory: the cap", facts: memoryFacts{FreeIsUnknown: true, Cores: 2}, slots: DefaultMaxSlots, lanes: 2, threads: 1},
+		{name: "unknown free memory: the cap, and the weights mapped", facts: memoryFacts{FreeIsUnknown: true, Cores: 2}, slots: DefaultMaxSlots, lanes: 2, threads: 1, mapped: true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := base
@@ -60,6 +61,7 @@ func TestPlanSlotsFromMemory(t *testing.T) {
 			assert.Equal(t, c.slots, p.Slots, "slots")
 			assert.Equal(t, c.lanes, p.Lanes, "lanes")
 			assert.Equal(t, c.threads, p.Threads, "threads")
+			assert.Equal(t, !c.mapped, p.Resident, "weights resident")
 			assert.Equal(t, c.facts.KVPerToken*2048, p.KVPerSlot)
 		})
 	}

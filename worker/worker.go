@@ -214,6 +214,7 @@ func (w *worker) load(ctx context.Context) ([]engine.Slot, error) {
 	t0 := time.Now()
 	m, err := eng.Load(ctx, w.cfg.ModelPath, engine.LoadOptions{
 		ContextSize: w.cfg.ContextSize, Slots: w.cfg.Slots, Lanes: w.cfg.Lanes, Threads: w.cfg.Threads, Device: w.cfg.Device,
+		Resident: w.plan.Resident,
 	})
 	if err != nil {
 		return nil, err
@@ -233,7 +234,7 @@ func (w *worker) load(ctx context.Context) ([]engine.Slot, error) {
 	}
 	w.log.Info().Str("path", w.cfg.ModelPath).Str("device", w.cfg.Device).Int("slots", w.cfg.Slots).
 		Int("lanes", w.cfg.Lanes).Int("threads_per_lane", w.cfg.Threads).Str("kv_per_slot", bytesHuman(w.plan.KVPerSlot)).
-		Int("ctx", m.ContextSize()).Dur("took", time.Since(t0)).Msg("model loaded")
+		Bool("weights_resident", w.plan.Resident).Int("ctx", m.ContextSize()).Dur("took", time.Since(t0)).Msg("model loaded")
 	return slots, nil
 }
 

@@ -75,6 +75,14 @@ type LoadOptions struct {
 	// GPULayers is the number of layers to offload to a GPU device; 0 or
 	// negative offloads all of them. Ignored for "cpu".
 	GPULayers int
+	// Resident reads the weights into the process's own memory instead
+	// of mapping the model file (llama.cpp's default). Mapped weights are
+	// page cache: loaded on first use, shared, and among the first memory
+	// the kernel (and, on a VM, the host) takes back, so a model that
+	// idled may be read again, a page at a time, by its next request.
+	// Resident weights cost their read up front and memory of the
+	// process's own, and stay. Ignored on a GPU.
+	Resident bool
 }
 
 // MaxSlots is the most sequences a model generates at once (llama.cpp's

@@ -155,6 +155,9 @@ func (l *Llama) Load(ctx context.Context, path string, opts LoadOptions) (Model,
 	if err := setDevice(&mp, opts); err != nil {
 		return nil, err
 	}
+	if opts.Resident && isCPU(opts.Device) {
+		mp.LoadMode = llama.LoadModeNone // read, not mapped
+	}
 
 	loadMu.Lock()
 	done := captureLog()
@@ -238,9 +241,15 @@ func checkGGUF(path string, size int64) (err error) {
 	return nil
 }
 
+// isCPU says whether device names the CPU.
+func isCPU(device string) bool {
+	dev := strings.ToLower(strings.TrimSpace(device))
+	return dev == "" || dev == "cpu"
+}
+
 func setDevice(mp *llama.ModelParams, opts LoadOptions) error {
 	dev := strings.ToLower(strings.TrimSpace(opts.Device))
-	if dev == "" || dev == "cpu" {
+	if isCPU(dev) {
 		mp.SetCPUOnly()
 		return nil
 	}

@@ -544,3 +544,36 @@ func BenchmarkGenerate(b *testing.B) {
 		})
 	}
 }
+
+// mapsFile says whether this process maps path (its /proc/self/maps).
+func mapsFile(t *testing.T, path string) bool {
+	t.Helper()
+	maps, err := os.ReadFile("/proc/self/maps")
+	require.NoError(t, err)
+	return strings.Contains(string(maps), path)
+}
+
+// Resident weights are read into the process's memory: the model file is
+// not mapped once loaded, where llama.cpp's default maps it, and the text
+// is the same.
+func TestResidentWeightsAreNotAMappingOfTheFile(t *testing.T) {
+	eng, shared := tiny(t)
+	path := filepath.Join(t.TempDir(), "tiny.gguf")
+	require.NoError(t, gguf.SynthFile(path, gguf.Tiny()))
+	want := generate(context.Background(), newSlot(t, shared), greedy(32))
+	require.NoError(t, want.err)
+
+	for _, resident := range []bool{false, true} {
+		m, err := eng.Load(context.Background(), path, LoadOptions{Threads: 1, ContextSize: 512, Resident: resident})
+		require.NoError(t, err)
+		require.Equal(t, !resident, mapsFile(t, path), "the file is mapped unless the weights are resident (resident: %v)", resident)
+		s, err := m.NewSlot()
+		require.NoError(t, err)
+		got := generate(context.Background(), s, greedy(32))
+		require.NoError(t, got.err)
+		require.Equal(t, want.text, got.text, "resident: %v", resident)
+		_ = s.Close()
+		require.NoError(t, m.Close())
+		require.False(t, mapsFile(t, path), "a closed model maps nothing")
+	}
+}
