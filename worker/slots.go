@@ -48,10 +48,10 @@ type slotPlan struct {
 	// free memory is known to hold them with the slots. A worker serves
 	// its model for as long as it lives, and mapped weights are the
 	// kernel's to take back while it idles, to be read again by its next
-	// request: on this project's VMs, a mapped 825 MB model that had
-	// idled took 0.5–0.9 s to its first token where the same model
-	// resident took 65 ms, and decoded at a third of the speed
-	// (docs/BENCHMARKS.md, "Resident weights").
+	// request. On this project's VM the difference is large: an 825 MB
+	// model mapped took 0.69 s p50 to its first token in table 8's
+	// rotation and decoded one request at 19.6 tokens/s; resident, 91 ms
+	// and 43.0 (docs/BENCHMARKS.md, "Resident weights").
 	Resident bool
 }
 

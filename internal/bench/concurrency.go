@@ -218,10 +218,11 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 	t = &Table{
 		Intro: fmt.Sprintf("N = 1, 2, 4, 8 requests submitted in one instant, each with its own prompt (request i of a wave always gets prompt i), greedy (temperature 0), "+
 			"%d tokens per request on the 26 M-parameter generated model (F16, context %d) and %d on the %s-parameter one (%s, %s, context %d: its weights do not fit in any CPU cache, so every decode step reads them from memory; a token takes about 40 ms on one core of this project's 2-core VM against 3 ms for the 26 M model, hence fewer tokens), "+
-			"on a machine with %d cores. Four ways, all with %d slots, interleaved in rounds (order rotated per round, after warm-up waves of 4 tokens per way; up to %d rounds on the 26 M model and %d on the %s one, fewer where another round would take a model's rounds past %s and %s): "+
+			"on a machine with %d cores. Four ways (six where Ollama is installed), all with %d slots, interleaved in rounds (order rotated per round, after warm-up waves of 4 tokens per way; up to %d rounds on the 26 M model and %d on the %s one, fewer where another round would take a model's rounds past %s and %s): "+
 			"**a** the engine (worker/engine) in the bench process, one model loaded with Slots %d, Lanes 1 (one llama context decoding all sequences in one batch per step) and Threads %d (every core), and **a1** the same with Threads 1: the limit of batching; "+
 			"**b** the engine as separate contexts, the old design: Slots %d, Lanes %d, Threads 1, one llama context per request, all decoding at once; "+
-			"**c** rbee: an `infer` job per request, submitted to the queen on the bus and followed with bus.Follow as `rbee infer` does (the job named by the client and followed while it is submitted), run by a real llm-worker-rbee spawned with %d slots by a real rbee-hive (threads and lanes are the worker's choice). "+
+			"**c** rbee: an `infer` job per request, submitted to the queen on the bus and followed with bus.Follow as `rbee infer` does (the job named by the client and followed while it is submitted), run by a real llm-worker-rbee spawned with %d slots by a real rbee-hive (threads and lanes are the worker's choice); "+
+			"**o** and **o1** the peer, where an `ollama` program is installed: Ollama serving the same file with as many parallel requests, through its OpenAI endpoint, with its own choice of threads and with 1. "+
 			"**tokens/s** is the wave's aggregate: all tokens of its N requests over the time from the submission to the last token of the last request (median over rounds); "+
 			"**TTFT** is from the submission to a request's first token, p50 and p99 over every request of every round; "+
 			"**÷ best of a, b** is the row's tokens/s over the best of a, a1 and b at the same model and N; **÷ own at 1** is the row's tokens/s over the same way's at N = 1 (how it scales).",
@@ -231,7 +232,7 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 	}
 	t.Notes = append(t.Notes, "a (Threads = every core) is at the mercy of anything else the machine runs: ggml's threads meet at a spinning barrier after every operation, so one thread descheduled stalls the whole step. "+
 		"On this project's 2-core VM with other work running, a quick run put a at a twelfth of a1 on the 26 M model at N = 1 and at a sixth on the 412 M one at N = 8, and a probe of the same load options alone swung between 230 and 514 tokens/s from one minute to the next; a1 does not depend on it. Run this section on a quiet machine.")
-	t.Notes = append(t.Notes, "Every way reads the same file of each model: the copy in the hive's catalog, which c's worker maps. Two copies of the same bytes can decode at different speeds on a VM, by where their pages lie in its memory (on the AMD VM of this project, 2026-12-06: the 412 M model in-process at 33 against 53 tokens/s from two copies, the slow one as fast as the other once its pages were dropped and read again); before this, a, a1 and b read the bench's own file and c the hive's copy, and c ÷ best on the 412 M model read 0.47–0.56 in a run where the same ways on one file read 0.90–1.00.")
+	t.Notes = append(t.Notes, "Every way reads its weights into its own memory (resident, as a worker on a CPU loads them since 2026-12-07), from the same file of each model: the copy in the hive's catalog. Mapped weights, llama.cpp's default and the way of every run before, gave the 412 M model's first request a first token at 0.69 s p50 against 91 ms resident, and 19.6 against 43.0 tokens/s, on this project's VM in one run (docs/BENCHMARKS.md, \"Resident weights\"). Before that was known, two copies of the same bytes can decode at different speeds on a VM, by where their pages lie in its memory (on the AMD VM of this project, 2026-12-06: the 412 M model in-process at 33 against 53 tokens/s from two copies, the slow one as fast as the other once its pages were dropped and read again); before this, a, a1 and b read the bench's own file and c the hive's copy, and c ÷ best on the 412 M model read 0.47–0.56 in a run where the same ways on one file read 0.90–1.00.")
 	// Targets this run could not get to are listed as not measured.
 	defer func() {
 		seen := map[string]bool{}
@@ -299,15 +300,16 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 			return nil
 		}()
 	}
-	// One loaded copy per way and model; weights are mapped, so the
-	// copies share them in the page cache, but each has its KV cache.
+	// One loaded copy per way and model, each with its weights resident
+	// as a worker on a CPU loads them (worker.slotPlan.Resident), and its
+	// own KV cache.
 	configs := []struct {
 		short, name string
 		opts        engine.LoadOptions
 	}{
-		{"a", fmt.Sprintf("a engine batched, %d threads", cores), engine.LoadOptions{Slots: concSlots, Lanes: 1, Threads: cores, Device: "cpu"}},
-		{"a1", "a1 engine batched, 1 thread", engine.LoadOptions{Slots: concSlots, Lanes: 1, Threads: 1, Device: "cpu"}},
-		{"b", "b separate contexts", engine.LoadOptions{Slots: concSlots, Lanes: concSlots, Threads: 1, Device: "cpu"}},
+		{"a", fmt.Sprintf("a engine batched, %d threads", cores), engine.LoadOptions{Slots: concSlots, Lanes: 1, Threads: cores, Device: "cpu", Resident: true}},
+		{"a1", "a1 engine batched, 1 thread", engine.LoadOptions{Slots: concSlots, Lanes: 1, Threads: 1, Device: "cpu", Resident: true}},
+		{"b", "b separate contexts", engine.LoadOptions{Slots: concSlots, Lanes: concSlots, Threads: 1, Device: "cpu", Resident: true}},
 	}
 	loaded := map[string]map[string]engine.Model{} // way → model → loaded
 	var ways []concWay
@@ -339,6 +341,40 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 	} else {
 		wayC = concWay{fmt.Sprintf("c rbee (worker, %d slots)", concSlots), "c", c.inferFollow}
 		ways = append(ways, wayC)
+	}
+	// o and o1, Ollama where installed: the same files, as many parallel
+	// requests a model as c's slots; o with the threads Ollama chooses,
+	// o1 with one, as a and a1. Flash attention off: Ollama's default
+	// turns it on for these models, and at 8 parallel requests (a KV
+	// cache of 8 contexts) it decoded the 26 M model 4–5 times slower on
+	// this project's VM, by hand (2026-12-07).
+	// Two servers: Ollama keeps one runner per model file, so two models
+	// made from one file with different threads would reload it at
+	// every request that switches between them.
+	oErr, oVersion := errNoOllama, ""
+	for _, pc := range []struct {
+		short, label string
+		threads      int
+	}{{"o", "its threads", 0}, {"o1", "1 thread", 1}} {
+		var pms []peerModel
+		for _, m := range models {
+			pms = append(pms, peerModel{name: m.name, path: m.path, ctx: m.ctx, threads: pc.threads})
+		}
+		pr, err := e.startPeer(ctx, concSlots, pms, "OLLAMA_FLASH_ATTENTION=0")
+		if err != nil {
+			oErr = err
+			break
+		}
+		oErr, oVersion = nil, pr.version
+		defer pr.proc.stop(3 * time.Second)
+		ways = append(ways, peerConcWay(pr, pc.short, pc.label))
+	}
+	if oErr != nil {
+		t.Notes = append(t.Notes, fmt.Sprintf("o and o1 (Ollama): not measured: %v.", oErr))
+		ways = slices.DeleteFunc(ways, func(w concWay) bool { return strings.HasPrefix(w.short, "o") })
+	} else {
+		t.Notes = append(t.Notes, fmt.Sprintf("o and o1: Ollama %s, two servers (`ollama serve`, started by the bench with OLLAMA_NUM_PARALLEL=%d, OLLAMA_FLASH_ATTENTION=0 and every model kept loaded), each model created from the same file as the other ways' with the same context: for o with the threads Ollama chooses, for o1 with num_thread 1. Requests go to its `POST /v1/completions` with stream: true, read by table 1's SSE client. "+
+			"Flash attention is off because Ollama's default turned it on for these models and, at 8 parallel requests, decoded the 26 M model 4–5 times slower on this project's VM (by hand, 2026-12-07: 69–84 against 219–351 tokens/s at N = 1).", oVersion, concSlots))
 	}
 
 	reqs := func(n, count int) []concReq {
@@ -437,6 +473,31 @@ func benchConcurrency(ctx context.Context, e *env) (t *Table, err error) {
 		}
 		e.target(tg)
 	}
+	for i, m := range models {
+		tg := Target{Bench: 8, Claim: concClaims(models)[3+i]}
+		if oErr != nil {
+			tg.Detail = "not measured: " + oErr.Error()
+			e.target(tg)
+			continue
+		}
+		var ratios []string
+		allHold, measured := true, true
+		for _, n := range concLevels {
+			cv, ov := perSec(key{m.name, "c", n}), math.Max(perSec(key{m.name, "o", n}), perSec(key{m.name, "o1", n}))
+			if math.IsNaN(cv) || math.IsNaN(ov) {
+				measured = false
+				ratios = append(ratios, fmt.Sprintf("N=%d: —", n))
+				continue
+			}
+			allHold = allHold && cv >= ov
+			ratios = append(ratios, fmt.Sprintf("N=%d: %.2f", n, cv/ov))
+		}
+		tg.Detail = "c ÷ better of o, o1 tokens/s: " + strings.Join(ratios, ", ")
+		if measured {
+			tg.Holds = holds(allHold)
+		}
+		e.target(tg)
+	}
 	if c1, c8 := perSec(key{models[1].name, "c", 1}), perSec(key{models[1].name, "c", concSlots}); !math.IsNaN(c1) && !math.IsNaN(c8) {
 		e.target(Target{Bench: 8, Claim: concClaims(models)[2], Holds: holds(c8 >= 2.5*c1),
 			Detail: fmt.Sprintf("%s vs %s tokens/s = %.2f× (a: %.2f×, a1: %.2f×, b: %.2f×)", num(c8), num(c1), c8/c1,
@@ -479,7 +540,20 @@ func concClaims(models []*concModel) []string {
 		fmt.Sprintf("c ≥ 0.9 × best of a, b at 1, 2, 4, 8 concurrent, %s model", models[0].label),
 		fmt.Sprintf("c ≥ 0.9 × best of a, b at 1, 2, 4, 8 concurrent, %s model", models[1].label),
 		fmt.Sprintf("c at 8 concurrent ≥ 2.5 × c at 1, %s model", models[1].label),
+		fmt.Sprintf("c ≥ Ollama (better of o, o1) at 1, 2, 4, 8 concurrent, %s model", models[0].label),
+		fmt.Sprintf("c ≥ Ollama (better of o, o1) at 1, 2, 4, 8 concurrent, %s model", models[1].label),
 	}
+}
+
+// peerConcWay is o: Ollama's OpenAI endpoint, streaming, each request on
+// a connection of the shared client.
+func peerConcWay(pr *peer, short, threads string) concWay {
+	return concWay{name: fmt.Sprintf("%s Ollama %s, %s", short, pr.version, threads), short: short,
+		gen: func(ctx context.Context, model string, r concReq) (concRun, error) {
+			body := map[string]any{"model": model, "prompt": r.prompt, "max_tokens": r.n, "temperature": r.temp, "seed": r.seed}
+			_, arrivals, text, err := streamCompletion(ctx, pr.base, body)
+			return concRun{arrivals: arrivals, text: text}, err
+		}}
 }
 
 // concFairness submits a ~1,500-token prompt and, right behind it, four

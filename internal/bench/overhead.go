@@ -1,16 +1,12 @@
 package bench
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -68,6 +64,8 @@ const (
 type way struct {
 	name string
 	gen  func(ctx context.Context, model string, n int) (genRun, error)
+	// peer marks Ollama's ways: compared, never held to rbee's targets.
+	peer bool
 }
 
 // benchOverhead compares the engine in-process (A), the keeper's path
@@ -79,16 +77,16 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		n, rounds = 64, 3
 	}
 	t := &Table{
-		Intro: fmt.Sprintf("The same prompt (%q), greedy (temperature 0, seed %d), %d tokens, 1 llama.cpp thread, context %d, four ways (D where curl is installed), interleaved in each of %d rounds (order rotated per round, after one warm-up round): "+
+		Intro: fmt.Sprintf("The same prompt (%q), greedy (temperature 0, seed %d), %d tokens, 1 llama.cpp thread, context %d, four ways (D where curl is installed; E and F, the peer, where Ollama is), interleaved in each of %d rounds (order rotated per round, after one warm-up round): "+
 			"**A** the engine (worker/engine, llama.cpp through yzma) called in the bench process; "+
 			"**B** the keeper's path, as `rbee infer` runs it: the client names the job and follows its events with bus.Follow while it submits the `infer` job to the queen's `submit` endpoint on the bus, and counts a token as shown no earlier than the submit's answer; run by a warm llm-worker-rbee spawned by a real rbee-hive; "+
 			"**C** the queen's OpenAI gateway, `POST /v1/completions` with `stream: true`, read by a plain net/http SSE client; "+
-			"**D** an outside client: `curl` on a connection of its own, its time to the response's first byte (the gateway sends its headers with the first token), so only TTFT. "+
+			"**D** an outside client: `curl` on a connection of its own, its time to the response's first byte (the gateway sends its headers with the first token), so only TTFT; **E** and **F** the same two clients as C and D against Ollama serving the same file, where an `ollama` program is installed. "+
 			"TTFT is from the request to the first token; inter-token is the gap between token arrivals at the client; tokens/s is decode rate (first to last token), with end-to-end (request to last token) in brackets.",
 			overheadPrompt, overheadSeed, n, overheadCtx, rounds),
 		Header: []string{"model", "way", "tokens", "TTFT p50", "TTFT p99", "inter-token p50", "inter-token p99", "tokens/s p50 (e2e)", "tok/s ÷ A", "added TTFT p50 (vs A)"},
 	}
-	t.Notes = append(t.Notes, "A reads the same file of each model as the workers of B, C and D: the copy in the hive's catalog (see table 8 for why).")
+	t.Notes = append(t.Notes, "A reads the same file of each model as the workers of B, C and D (the copy in the hive's catalog), and holds its weights resident as they do (see table 8 for why).")
 	t.Notes = append(t.Notes, "Spread: on the 2-core VM of this project, seven runs of this table on one day put the added TTFT p50 of B and C at 2.1–3.6 ms on the tiny model and anywhere from −1.2 to +4.4 ms on the large one, and the tokens/s ratios at 0.91–0.98; even the in-process engine (A) ran the tiny model at 15,500 to 19,000 tokens/s. Compare runs on one machine, not single numbers.")
 	t.Notes = append(t.Notes, "Ollama, measured on these machines on the same kind of generated models with 1 thread (issue 6), adds about 4.5–5 ms to time to first token and reaches 0.86–0.94 of the direct engine's tokens/s on the larger model and 0.69–0.87 on the tiny one, in two independent measurements; with 2 threads on 2 cores it falls to about 0.5.")
 
@@ -132,14 +130,14 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 	}
 	loaded := map[string]engine.Model{}
 	for _, m := range models {
-		mdl, err := llama.Load(ctx, m.path, engine.LoadOptions{ContextSize: overheadCtx, Threads: 1, Device: "cpu"})
+		mdl, err := llama.Load(ctx, m.path, engine.LoadOptions{ContextSize: overheadCtx, Threads: 1, Device: "cpu", Resident: true})
 		if err != nil {
 			return t, err
 		}
 		defer mdl.Close()
 		loaded[m.name] = mdl
 	}
-	wayA := way{"A engine in-process", func(ctx context.Context, model string, n int) (genRun, error) {
+	wayA := way{name: "A engine in-process", gen: func(ctx context.Context, model string, n int) (genRun, error) {
 		slot, err := loaded[model].NewSlot()
 		if err != nil {
 			return genRun{}, err
@@ -166,10 +164,26 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		}
 	}
 	if bcErr == nil {
-		ways = append(ways, way{"B keeper → queen → worker", c.inferBus}, way{"C OpenAI gateway (SSE)", c.inferGateway})
+		ways = append(ways, way{name: "B keeper → queen → worker", gen: c.inferBus}, way{name: "C OpenAI gateway (SSE)", gen: c.inferGateway})
 		if _, err := exec.LookPath("curl"); err == nil {
-			ways = append(ways, way{"D curl → gateway (outside client, TTFT only)", c.inferCurl})
+			ways = append(ways, way{name: "D curl → gateway (outside client, TTFT only)", gen: c.inferCurl})
 		}
+	}
+	// Ollama, where installed: the same files, one thread, one request at
+	// a time, its OpenAI endpoint read by C's client and by curl as D.
+	var pms []peerModel
+	for _, m := range models {
+		pms = append(pms, peerModel{name: m.name, path: m.path, ctx: overheadCtx, threads: 1})
+	}
+	if pr, err := e.startPeer(ctx, 1, pms); err != nil {
+		t.Notes = append(t.Notes, fmt.Sprintf("E and F (Ollama): not measured: %v.", err))
+	} else {
+		defer pr.proc.stop(3 * time.Second)
+		ways = append(ways, way{name: "E Ollama's OpenAI endpoint (SSE)", gen: sseWay(pr.base), peer: true})
+		if _, err := exec.LookPath("curl"); err == nil {
+			ways = append(ways, way{name: "F curl → Ollama (outside client, TTFT only)", gen: curlWay(pr.base), peer: true})
+		}
+		t.Notes = append(t.Notes, fmt.Sprintf("E and F: Ollama %s (`ollama serve`, started by the bench with OLLAMA_NUM_PARALLEL=1 and every model kept loaded), each model created from the same file as the other ways' with num_ctx %d and num_thread 1; E reads its `POST /v1/completions` stream with C's client, F with D's curl.", pr.version, overheadCtx))
 	}
 
 	type key struct{ model, way string }
@@ -231,7 +245,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 				gapP50, gapP99, rate, rel = "—", "—", "—", "—"
 			}
 			t.Rows = append(t.Rows, []string{m.name, w.name, fmt.Sprintf("%.0f", a.tokens.p50()), ms(a.ttft.p50()), ms(a.ttft.p99()), gapP50, gapP99, rate, rel, added})
-			if w.name == wayA.name {
+			if w.name == wayA.name || w.peer {
 				continue
 			}
 			short := w.name[:1]
@@ -372,79 +386,42 @@ func (c *cluster) inferBus(ctx context.Context, model string, n int) (genRun, er
 }
 
 // inferCurl is D: an outside client, curl on a connection of its own,
-// streaming from the gateway; its time to the response's first byte is
-// the first token (the gateway sends its headers with it). Only TTFT is
-// measured.
+// streaming from the gateway. Only TTFT is measured.
 func (c *cluster) inferCurl(ctx context.Context, model string, n int) (genRun, error) {
-	body, _ := json.Marshal(map[string]any{"model": model, "prompt": overheadPrompt, "max_tokens": n, "temperature": 0, "seed": overheadSeed, "stream": true})
-	out, err := exec.CommandContext(ctx, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_starttransfer}",
-		"-H", "Content-Type: application/json", "--data-binary", string(body), "http://"+c.gateway+"/v1/completions").Output()
-	if err != nil {
-		return genRun{}, fmt.Errorf("curl: %w", err)
-	}
-	var code int
-	var first float64
-	if _, err := fmt.Sscanf(string(out), "%d %g", &code, &first); err != nil || code != http.StatusOK {
-		return genRun{}, fmt.Errorf("curl: %q", out)
-	}
-	return genRun{ttft: time.Duration(first * float64(time.Second)), tokens: n}, nil
+	return curlWay("http://"+c.gateway)(ctx, model, n)
 }
-
-var httpClient = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4, DisableCompression: true}}
 
 // inferGateway is C: the OpenAI completions endpoint, streaming.
 func (c *cluster) inferGateway(ctx context.Context, model string, n int) (genRun, error) {
-	body, _ := json.Marshal(map[string]any{"model": model, "prompt": overheadPrompt, "max_tokens": n, "temperature": 0, "seed": overheadSeed, "stream": true})
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+c.gateway+"/v1/completions", bytes.NewReader(body))
-	if err != nil {
-		return genRun{}, err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	arrivals := make([]time.Time, 0, n)
-	t0 := time.Now()
-	resp, err := httpClient.Do(req)
-	if err != nil {
-		return genRun{}, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var b bytes.Buffer
-		_, _ = b.ReadFrom(resp.Body)
-		return genRun{}, fmt.Errorf("gateway answered %d: %s", resp.StatusCode, strings.TrimSpace(b.String()))
-	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line, ok := strings.CutPrefix(sc.Text(), "data: ")
-		if !ok {
-			continue
-		}
-		if line == "[DONE]" {
-			break
-		}
-		var chunk struct {
-			Choices []struct {
-				FinishReason *string `json:"finish_reason"`
-			} `json:"choices"`
-			Error json.RawMessage `json:"error"`
-		}
-		if err := json.Unmarshal([]byte(line), &chunk); err != nil {
-			return genRun{}, fmt.Errorf("bad SSE chunk %q: %w", line, err)
-		}
-		if len(chunk.Error) > 0 {
-			return genRun{}, fmt.Errorf("stream error: %s", chunk.Error)
-		}
-		if len(chunk.Choices) > 0 && chunk.Choices[0].FinishReason == nil {
-			arrivals = append(arrivals, time.Now())
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return genRun{}, err
-	}
-	return newGenRun(t0, arrivals)
+	return sseWay("http://"+c.gateway)(ctx, model, n)
 }
 
-var _ = strconv.Itoa
+// overheadBody is table 1's request, as an OpenAI completion.
+func overheadBody(model string, n int) map[string]any {
+	return map[string]any{"model": model, "prompt": overheadPrompt, "max_tokens": n, "temperature": 0, "seed": overheadSeed}
+}
+
+// sseWay streams table 1's request from the completions endpoint at base.
+func sseWay(base string) func(ctx context.Context, model string, n int) (genRun, error) {
+	return func(ctx context.Context, model string, n int) (genRun, error) {
+		t0, arrivals, _, err := streamCompletion(ctx, base, overheadBody(model, n))
+		if err != nil {
+			return genRun{}, err
+		}
+		return newGenRun(t0, arrivals)
+	}
+}
+
+// curlWay is an outside client's TTFT of table 1's request at base.
+func curlWay(base string) func(ctx context.Context, model string, n int) (genRun, error) {
+	return func(ctx context.Context, model string, n int) (genRun, error) {
+		first, err := curlTTFT(ctx, base, overheadBody(model, n))
+		if err != nil {
+			return genRun{}, err
+		}
+		return genRun{ttft: first, tokens: n}, nil
+	}
+}
 
 // lossSite says where a path slower than the engine alone loses its
 // tokens/s: in the worker's decode (it ran slower than the engine alone,
