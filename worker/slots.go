@@ -50,7 +50,7 @@ type slotPlan struct {
 	// kernel's to take back while it idles, to be read again by its next
 	// request. On this project's VM the difference is large: an 825 MB
 	// model mapped took 0.69 s p50 to its first token in table 8's
-	// rotation and decoded one request at 19.6 tokens/s; resident, 91 ms
+	// rotation and served one request at 19.6 tokens/s; resident, 91 ms
 	// and 43.0 (docs/BENCHMARKS.md, "Resident weights").
 	Resident bool
 }
