@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -223,6 +224,25 @@ func (c *cluster) stopAll() {
 	_ = cmd.Run()
 	// Hives and workers get the home in --data, keepers in RBEE_HOME.
 	proc.KillMarked(c.home)
+	if c.t.Failed() {
+		c.logTails()
+	}
+}
+
+// logTails logs the end of every program's log in the cluster's home (the
+// queen's, its hives', their workers'): a failed test's only account of
+// what the programs saw, since the home goes with the test.
+func (c *cluster) logTails() {
+	_ = filepath.WalkDir(c.home, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(path, ".log") {
+			return nil
+		}
+		if b, err := os.ReadFile(path); err == nil {
+			rel, _ := filepath.Rel(c.home, path)
+			c.t.Logf("%s, its last lines:\n%s", rel, tail(string(b), 40))
+		}
+		return nil
+	})
 }
 
 // eventually polls cond until it holds or d passes; for state that has no
