@@ -562,7 +562,7 @@ func (q *Queen) newScheduler(t *term) *sched.Scheduler {
 // logs the effect with the term's epoch either way, so an operator, or a
 // test, can tell which leader did what and that a lost one did nothing.
 func (q *Queen) fence(ctx context.Context, t *term, effect, job string) error {
-	err := q.lease.Check(ctx, t.epoch)
+	err := q.lease.Await(ctx, t.epoch)
 	if err != nil {
 		q.log.Warn().Err(err).Uint64("epoch", t.epoch).Str("effect", effect).Str("job", job).Msg("leader effect refused: the lease is lost")
 		return err

@@ -47,6 +47,10 @@ const DefaultLeaseTTL = 5 * time.Second
 // lease names another queen or another term.
 var ErrLeaseLost = errors.New("this queen does not hold the scheduler lease")
 
+// errLeaseUnread is a Check that could not read the key: the lease is not
+// proven, but not known lost either (Await tries again).
+var errLeaseUnread = errors.New("the lease key cannot be read now")
+
 // leaseKV is what a lease needs of a KV bucket; jetstream.KeyValue has it,
 // and tests wrap it to pause a queen.
 type leaseKV interface {
@@ -203,13 +207,33 @@ func (l *Lease) Check(ctx context.Context, epoch uint64) error {
 	defer cancel()
 	e, err := l.kv.Get(ctx, l.key)
 	if err != nil {
-		return fmt.Errorf("%w: reading it: %v", ErrLeaseLost, err)
+		return fmt.Errorf("%w: %w: %v", ErrLeaseLost, errLeaseUnread, err)
 	}
 	var v leaseValue
 	if err := json.Unmarshal(e.Value(), &v); err != nil || v.Queen != l.holder || v.Term != term {
 		return fmt.Errorf("%w: queen %q holds it now", ErrLeaseLost, v.Queen)
 	}
 	return nil
+}
+
+// Await is Check tried again while the key cannot be read and this queen's
+// clock still holds the lease: a leader's effect (the recovery of a job
+// whose worker is gone, a spawn) waits to prove the lease rather than
+// being dropped for one read that failed, which would leave its job as it
+// was with nobody to decide it again. It ends within the lease's TTL at
+// the latest: past it the clock refuses, and the term ends.
+func (l *Lease) Await(ctx context.Context, epoch uint64) error {
+	for {
+		err := l.Check(ctx, epoch)
+		if !errors.Is(err, errLeaseUnread) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(l.ttl / 20):
+		}
+	}
 }
 
 // standbyWait is how long a standby waits for its next try to take the

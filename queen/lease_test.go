@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rbee-dev/rbee/internal/testutil/busfix"
 	"github.com/rbee-dev/rbee/subjects"
@@ -347,4 +348,36 @@ func TestStandbyTakesTheLeaseAsItExpires(t *testing.T) {
 	case <-time.After(2 * time.Second):
 		t.Fatal("the standby never took the lease")
 	}
+}
+
+// unreadableKV fails every read of the lease key while set, as a bus that
+// cannot answer for a moment (a server restarting its JetStream).
+type unreadableKV struct {
+	leaseKV
+	failing atomic.Bool
+}
+
+func (u *unreadableKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
+	if u.failing.Load() {
+		return nil, nats.ErrTimeout
+	}
+	return u.leaseKV.Get(ctx, key)
+}
+
+// A leader's effect whose lease check cannot read the key is not dropped:
+// Check refuses (the lease is not proven), but Await tries again while the
+// queen's own clock holds the lease, and proves it once the key reads
+// again. Before, the effect (a lost worker's job recovered) was refused
+// and nobody decided that job again.
+func TestAnEffectWaitsOutALeaseItCannotReadForAMoment(t *testing.T) {
+	kv := &unreadableKV{leaseKV: leaseBucket(t)}
+	a := contend(t, kv, "queen-a")
+	epoch := awaitEpoch(t, a.terms, 2*time.Second, "queen-a did not take a free lease")
+
+	kv.failing.Store(true)
+	err := a.lease.Check(context.Background(), epoch)
+	require.ErrorIs(t, err, ErrLeaseLost, "one check cannot prove the lease")
+	time.AfterFunc(testLeaseTTL/5, func() { kv.failing.Store(false) })
+	require.NoError(t, a.lease.Await(context.Background(), epoch), "the effect waits and proves it")
+	requireNone(t, a.ended, "the term went on")
 }
