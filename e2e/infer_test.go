@@ -652,8 +652,12 @@ func TestQueenRestartReconcilesAJobWhoseWorkerDiedMeanwhile(t *testing.T) {
 	c := newCluster(t).withDaemons()
 	requireLongGreedy(t)
 	ws := c.readyWorkers("large", 1)
-	id := strings.TrimSpace(c.mustRbee(longInfer("--detach")...).stdout)
-	eventually(t, 30*time.Second, func() bool { return c.job(id).State == api.JobRunning }, "job not running")
+	// A token shown first, so stored: a job whose worker is lost before
+	// it sent one is run again on another worker, not failed (a job only
+	// running could be taken a moment before the queen stops).
+	k := c.start(longInfer()...)
+	eventually(t, 60*time.Second, func() bool { return k.stdout.String() != "" }, "no token arrived")
+	id := k.jobID(t)
 	c.mustRbee("queen", "stop")
 	require.NoError(t, syscall.Kill(ws[0].PID, syscall.SIGKILL))
 	require.NoError(t, waitProcessGone(ws[0].PID, 5*time.Second))
