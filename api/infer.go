@@ -73,8 +73,12 @@ type InferRequest struct {
 // the generated text: the job's token events are the text, and a follower
 // assembles it (bus.Follow gives each token once, in order).
 type InferResult struct {
-	StopReason       string   `json:"stop_reason"`
-	PromptTokens     int      `json:"prompt_tokens"`
+	StopReason   string `json:"stop_reason"`
+	PromptTokens int    `json:"prompt_tokens"`
+	// CachedTokens is how many of PromptTokens the worker did not decode
+	// again: the start of the prompt its slot's cache held from an
+	// earlier request.
+	CachedTokens     int      `json:"cached_tokens,omitempty"`
 	CompletionTokens int      `json:"completion_tokens"`
 	TimeToFirstToken Duration `json:"time_to_first_token"`
 	Duration         Duration `json:"duration"`

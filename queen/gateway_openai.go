@@ -529,6 +529,9 @@ func (c *completionRun) finish() {
 	_ = json.Unmarshal(c.end.Result, &res)
 	finish := finishReason(res.StopReason)
 	u := usage{PromptTokens: res.PromptTokens, CompletionTokens: res.CompletionTokens}
+	if res.CachedTokens > 0 {
+		u.PromptTokensDetails = &promptTokensDetails{CachedTokens: res.CachedTokens}
+	}
 	if u.CompletionTokens == 0 {
 		u.CompletionTokens = c.tokens
 	}
@@ -662,6 +665,13 @@ type usage struct {
 	PromptTokens     int `json:"prompt_tokens"`
 	CompletionTokens int `json:"completion_tokens"`
 	TotalTokens      int `json:"total_tokens"`
+	// PromptTokensDetails says how much of the prompt the worker's prompt
+	// cache held (OpenAI's field for its own prompt caching).
+	PromptTokensDetails *promptTokensDetails `json:"prompt_tokens_details,omitempty"`
+}
+
+type promptTokensDetails struct {
+	CachedTokens int `json:"cached_tokens"`
 }
 
 type chatCompletion struct {

@@ -149,6 +149,8 @@ type fakeWorker struct {
 	delay        time.Duration
 	stopReason   string
 	promptTokens int
+	// cachedTokens is what the worker's prompt cache held of the prompt.
+	cachedTokens int
 	// ctxSize, when set, makes the fake check each request as the real
 	// worker does before it runs (engine.Request.Validate against the
 	// context, and the prompt's length, one token per byte here) and fail
@@ -287,7 +289,7 @@ func (w *fakeWorker) run(req api.InferRequest) {
 	elapsed := time.Since(start)
 	res, _ := json.Marshal(api.InferResult{
 		StopReason: w.stopReason, Worker: w.id, Hive: w.hive, Attempt: req.Attempt,
-		PromptTokens: w.promptTokens, CompletionTokens: len(w.tokens), Duration: api.Duration(elapsed),
+		PromptTokens: w.promptTokens, CachedTokens: w.cachedTokens, CompletionTokens: len(w.tokens), Duration: api.Duration(elapsed),
 		TimeToFirstToken: api.Duration(max(ttft, time.Millisecond)),
 		TokensPerSecond:  float64(len(w.tokens)) / max(elapsed, time.Millisecond).Seconds(),
 	})
@@ -407,7 +409,7 @@ func TestGatewayStreamingChat(t *testing.T) {
 
 func TestGatewayCompletionNonStreaming(t *testing.T) {
 	q, _ := gatewayQueen(t, nil)
-	w := startFakeWorker(t, q, &fakeWorker{tokens: []string{" there", " was", " a", " bee"}, stopReason: "max_tokens", promptTokens: 3})
+	w := startFakeWorker(t, q, &fakeWorker{tokens: []string{" there", " was", " a", " bee"}, stopReason: "max_tokens", promptTokens: 3, cachedTokens: 2})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
@@ -421,7 +423,8 @@ func TestGatewayCompletionNonStreaming(t *testing.T) {
 	require.Equal(t, "length", resp.Choices[0].FinishReason)
 	require.Equal(t, "text_completion", resp.Object)
 	require.NotNil(t, resp.Usage)
-	require.Equal(t, openai.Usage{PromptTokens: 3, CompletionTokens: 4, TotalTokens: 7}, *resp.Usage)
+	require.Equal(t, openai.Usage{PromptTokens: 3, CompletionTokens: 4, TotalTokens: 7,
+		PromptTokensDetails: &openai.PromptTokensDetails{CachedTokens: 2}}, *resp.Usage, "the prompt cache's share is OpenAI's cached_tokens")
 
 	jobID := resp.Header().Get("X-Rbee-Job")
 	require.Equal(t, "cmpl-"+jobID, resp.ID)

@@ -396,7 +396,7 @@ func (w *worker) generate(ctx context.Context, cancel context.CancelCauseFunc, s
 
 	result := api.InferResult{
 		StopReason:   string(res.StopReason),
-		PromptTokens: res.PromptTokens, CompletionTokens: res.CompletionTokens,
+		PromptTokens: res.PromptTokens, CachedTokens: res.CachedTokens, CompletionTokens: res.CompletionTokens,
 		TimeToFirstToken: api.Duration(res.TimeToFirstToken), Duration: api.Duration(res.Duration),
 		TokensPerSecond: tokensPerSecond(res), Worker: w.cfg.ID, Hive: w.cfg.Hive, Attempt: attempt.Number,
 	}

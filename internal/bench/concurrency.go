@@ -560,12 +560,18 @@ func peerConcWay(pr *peer, short, threads string) concWay {
 // short requests, and measures when the short ones see their first token;
 // the same four alone are the baseline.
 func concFairness(ctx context.Context, e *env, tok engine.Model, ways []concWay, m *concModel, rounds int) (*Table, error) {
-	long, got, err := longPrompt(tok, concLongTokens)
-	if err != nil {
-		return &Table{Intro: "Fairness: not measured."}, err
+	// Each round's long prompt starts otherwise, so that no way's prompt
+	// cache holds it from the round before: the row measures a prefill.
+	longs := make([]string, rounds+1)
+	got := 0
+	for r := range longs {
+		var err error
+		if longs[r], got, err = longPrompt(tok, concLongTokens, r); err != nil {
+			return &Table{Intro: "Fairness: not measured."}, err
+		}
 	}
 	t := &Table{
-		Intro: fmt.Sprintf("**Fairness**, %s model, context %d: one request with a %d-token prompt submitted first and, %s after it was queued (a: Generate called; c: the queen answered its submit, which for a prompt this long includes a worker measuring it), four short requests together (prompts 0–3 above), all generating %d tokens, greedy; "+
+		Intro: fmt.Sprintf("**Fairness**, %s model, context %d: one request with a %d-token prompt (another each round, so that no prompt cache holds it) submitted first and, %s after it was queued (a: Generate called; c: the queen answered its submit, which for a prompt this long includes a worker measuring it), four short requests together (prompts 0–3 above), all generating %d tokens, greedy; "+
 			"ways a and c as above, interleaved, rounds: %d after a warm-up round. **Short TTFT** is from a short request's submission to its first token (p50 and max over the four of every round); "+
 			"**alone** is the same four submitted without the long one; **long TTFT** is the long request's (its prompt's prefill, with the short ones joining it).",
 			m.label, m.ctx, got, concFairGap, concFairTokens, rounds),
@@ -582,7 +588,7 @@ func concFairness(ctx context.Context, e *env, tok engine.Model, ways []concWay,
 		for i := range ways {
 			wi := (i + max(r, 0)) % len(ways)
 			w := ways[wi]
-			short, longT, err := fairWave(ctx, w, m.name, concReq{prompt: long, n: concFairTokens, seed: concSeed}, shorts)
+			short, longT, err := fairWave(ctx, w, m.name, concReq{prompt: longs[r+1], n: concFairTokens, seed: concSeed}, shorts)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", w.short, err))
 				continue
@@ -651,11 +657,11 @@ func fairWave(ctx context.Context, w concWay, model string, long concReq, shorts
 	return ttfts[1:], ttfts[0], nil
 }
 
-// longPrompt repeats the words of the short prompts until the text is
-// about n tokens in m's tokenizer (BOS included).
-func longPrompt(m engine.Model, n int) (string, int, error) {
+// longPrompt repeats the words of the short prompts, from the start-th on,
+// until the text is about n tokens in m's tokenizer (BOS included).
+func longPrompt(m engine.Model, n, start int) (string, int, error) {
 	var b strings.Builder
-	for i := 0; ; i++ {
+	for i := start; ; i++ {
 		if b.Len() > 0 {
 			b.WriteString(" ")
 		}

@@ -86,6 +86,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			overheadPrompt, overheadSeed, n, overheadCtx, rounds),
 		Header: []string{"model", "way", "tokens", "TTFT p50", "TTFT p99", "inter-token p50", "inter-token p99", "tokens/s p50 (e2e)", "tok/s ÷ A", "added TTFT p50 (vs A)"},
 	}
+	t.Notes = append(t.Notes, "One prompt every time: from the warm-up round on, the prompt cache of every way (rbee's engine, so A and the workers of B, C and D, and Ollama's runner) holds all of it but its last token, so a TTFT here is one decode step and the way's own path. Table 8's fairness row times a prefill.")
 	t.Notes = append(t.Notes, "A reads the same file of each model as the workers of B, C and D (the copy in the hive's catalog), and holds its weights resident as they do (see table 8 for why).")
 	t.Notes = append(t.Notes, "Spread: on the 2-core VM of this project, seven runs of this table on one day put the added TTFT p50 of B and C at 2.1–3.6 ms on the tiny model and anywhere from −1.2 to +4.4 ms on the large one, and the tokens/s ratios at 0.91–0.98; even the in-process engine (A) ran the tiny model at 15,500 to 19,000 tokens/s. Compare runs on one machine, not single numbers.")
 	t.Notes = append(t.Notes, "Ollama, measured on these machines on the same kind of generated models with 1 thread (issue 6), adds about 4.5–5 ms to time to first token and reaches 0.86–0.94 of the direct engine's tokens/s on the larger model and 0.69–0.87 on the tiny one, in two independent measurements; with 2 threads on 2 cores it falls to about 0.5.")

@@ -190,8 +190,12 @@ const (
 
 // Result summarises a finished request.
 type Result struct {
-	StopReason       StopReason
-	PromptTokens     int
+	StopReason   StopReason
+	PromptTokens int
+	// CachedTokens is how many of PromptTokens were not decoded again:
+	// the start of the prompt that the slot's cache held from an earlier
+	// request.
+	CachedTokens     int
 	CompletionTokens int
 	// TimeToFirstToken is from the call of Generate to the first token.
 	TimeToFirstToken time.Duration

@@ -1,0 +1,186 @@
+package engine
+
+import (
+	"context"
+	"testing"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// tokens is text tokenised by m as a prompt is.
+func tokens(t *testing.T, m Model, text string) []llama.Token {
+	t.Helper()
+	ids, err := m.Tokenize(text, true)
+	require.NoError(t, err)
+	out := make([]llama.Token, len(ids))
+	for i, id := range ids {
+		out[i] = llama.Token(id)
+	}
+	return out
+}
+
+// A conversation sent again whole with its next turn (what chat clients
+// do) decodes only what its slot's cache does not hold of it: the first
+// turn's prompt and the tokens generated after it. Its text is the text a
+// model with nothing cached gives, and the same request twice reuses all
+// of its prompt but the last two tokens.
+func TestPromptCacheServesAContinuedConversation(t *testing.T) {
+	_, _ = tiny(t)
+	for _, mc := range []struct{ name, path string }{{"tiny", tinyPath}, {"large", large(t)}} {
+		t.Run(mc.name, func(t *testing.T) {
+			ctx := context.Background()
+			m := loadBatched(t, mc.path, 4, 2, 512)
+			fresh := loadBatched(t, mc.path, 1, 1, 512)
+			first := Request{Prompt: repeatWords(300), MaxTokens: 12, Seed: 1}
+			r1 := generate(ctx, newSlot(t, m), first)
+			require.NoError(t, r1.err)
+			assert.Zero(t, r1.res.CachedTokens, "nothing is cached before the first request")
+
+			next := Request{Prompt: first.Prompt + r1.text + " and the queen of the hive", MaxTokens: 12, Seed: 1}
+			require.Greater(t, greedyMargin(t, fresh, next), kernelSlack[mc.name], "the test's request must be robust to the kernels' rounding")
+			// What the first request's partition holds: its prompt and
+			// every generated token but the last, which was sampled and
+			// never decoded.
+			held := tokens(t, m, first.Prompt)
+			for _, tok := range r1.tokens[:len(r1.tokens)-1] {
+				held = append(held, llama.Token(tok.ID))
+			}
+			nextTokens := tokens(t, m, next.Prompt)
+			shared := sharedStart(held, nextTokens)
+			require.Greater(t, shared, len(tokens(t, m, first.Prompt))-2, "the next turn starts with the first turn")
+
+			want := generate(ctx, newSlot(t, fresh), next)
+			require.NoError(t, want.err)
+			got := generate(ctx, newSlot(t, m), next)
+			require.NoError(t, got.err)
+			assert.Equal(t, shared, got.res.CachedTokens)
+			assert.Equal(t, len(nextTokens), got.res.PromptTokens)
+			assert.Equal(t, want.text, got.text)
+			assert.Equal(t, ids(want.tokens), ids(got.tokens))
+
+			again := generate(ctx, newSlot(t, m), next)
+			require.NoError(t, again.err)
+			assert.Equal(t, len(nextTokens)-2, again.res.CachedTokens, "the same request again decodes its last two prompt tokens only")
+			assert.Equal(t, want.text, again.text)
+			requireLanesEmpty(t, m)
+		})
+	}
+}
+
+// A request takes the lowest free sequence id, which keeps the running
+// ones consecutive, unless another free id's cache holds at least reuseMin
+// tokens of its prompt's start.
+func TestPromptCacheTakesTheIDThatHoldsALongStart(t *testing.T) {
+	_, _ = tiny(t)
+	ctx := context.Background()
+	m := loadBatched(t, tinyPath, 4, 1, 512)
+	l := m.(*llamaModel).lanes[0]
+	heldStart := func(id int) []llama.Token {
+		var h []llama.Token
+		l.between(func() { h = append(h, l.held[id]...) })
+		return h
+	}
+
+	// A request holds id 0 while a long one runs on id 1.
+	holding := make(chan struct{})
+	release := make(chan struct{})
+	done := make(chan run, 1)
+	go func() {
+		var r run
+		first := true
+		r.res, r.err = newSlot(t, m).Generate(ctx, Request{Prompt: "the queen", MaxTokens: 400, Seed: 1}, func(Token) error {
+			if first {
+				first = false
+				close(holding)
+				<-release
+			}
+			return nil
+		})
+		done <- r
+	}()
+	<-holding
+	long := Request{Prompt: repeatWords(400), MaxTokens: 4, Seed: 1}
+	longTokens := tokens(t, m, long.Prompt)
+	require.Greater(t, len(longTokens), reuseMin+1)
+	r := generate(ctx, newSlot(t, m), long)
+	require.NoError(t, r.err)
+	assert.Equal(t, longTokens, heldStart(1)[:len(longTokens)], "the long request ran on id 1")
+	close(release)
+	require.NoError(t, (<-done).err)
+
+	// Every id is free now; id 1 holds the long prompt.
+	r = generate(ctx, newSlot(t, m), long)
+	require.NoError(t, r.err)
+	assert.Equal(t, len(longTokens)-2, r.res.CachedTokens, "the long prompt went back to id 1")
+
+	// A prompt that shares less than reuseMin tokens with id 1's takes
+	// the lowest id, 0.
+	short := Request{Prompt: "the bee is a hive", MaxTokens: 4, Seed: 1}
+	shortTokens := tokens(t, m, short.Prompt)
+	r = generate(ctx, newSlot(t, m), short)
+	require.NoError(t, r.err)
+	assert.Less(t, r.res.CachedTokens, reuseMin)
+	assert.Equal(t, shortTokens, heldStart(0)[:len(shortTokens)], "the short request ran on id 0")
+	assert.Equal(t, longTokens, heldStart(1)[:len(longTokens)], "id 1 kept its cache")
+}
+
+// What a partition holds is read from the cache itself before it is
+// reused: cells removed behind the lane's back (here by a test between two
+// steps) are not taken for a cached prompt.
+func TestPromptCacheChecksWhatThePartitionHolds(t *testing.T) {
+	_, _ = tiny(t)
+	ctx := context.Background()
+	m := loadBatched(t, tinyPath, 1, 1, 512)
+	l := m.(*llamaModel).lanes[0]
+	req := Request{Prompt: repeatWords(100), MaxTokens: 8, Seed: 1}
+	want := generate(ctx, newSlot(t, m), req)
+	require.NoError(t, want.err)
+	l.between(func() { _, _ = llama.MemorySeqRm(l.mem, 0, -1, -1) })
+	got := generate(ctx, newSlot(t, m), req)
+	require.NoError(t, got.err)
+	assert.Zero(t, got.res.CachedTokens)
+	assert.Equal(t, want.text, got.text)
+}
+
+// The cache does not change a request's text: requests sent twice, and
+// after others that share some of their start, give what a model with
+// nothing cached gives; greedy ones always (their margin measured), seeded
+// ones counted (see reuse for why they come out the same too).
+func TestPromptCacheDoesNotChangeTheText(t *testing.T) {
+	_, _ = tiny(t)
+	for _, mc := range []struct{ name, path string }{{"tiny", tinyPath}, {"large", large(t)}} {
+		t.Run(mc.name, func(t *testing.T) {
+			ctx := context.Background()
+			m := loadBatched(t, mc.path, 1, 1, 512)
+			fresh := loadBatched(t, mc.path, 1, 1, 512)
+			reqs := batchRequests(t, fresh, kernelSlack[mc.name], 16, 32)
+			for i := range reqs {
+				reqs[i].Prompt += repeatWords(i * 13 % 120)
+			}
+			cached, sampled, sampledSame := 0, 0, 0
+			for i, r := range reqs {
+				// A fresh model's cache holds nothing of r's prompt.
+				_ = generate(ctx, newSlot(t, fresh), Request{Prompt: "queen", MaxTokens: 1, Seed: 1})
+				want := generate(ctx, newSlot(t, fresh), r)
+				require.NoError(t, want.err)
+				for k := range 2 {
+					got := generate(ctx, newSlot(t, m), r)
+					require.NoError(t, got.err)
+					cached += got.res.CachedTokens
+					if r.Temperature != 0 {
+						sampled++
+						if got.text == want.text {
+							sampledSame++
+						}
+						continue
+					}
+					assert.Equal(t, want.text, got.text, "request %d, time %d", i, k+1)
+				}
+			}
+			assert.Positive(t, cached, "the cache served some of the prompts")
+			t.Logf("%s: sampled requests identical with the cache and without: %d of %d", mc.name, sampledSame, sampled)
+		})
+	}
+}
