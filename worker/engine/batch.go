@@ -63,7 +63,8 @@ type lane struct {
 	nCtx   int // context of each sequence, in tokens
 	budget int // tokens per step (n_batch)
 
-	// mu guards inbox, calls, closed, load and unfed.
+	// mu guards inbox, calls, closed, load and unfed, and the writes of
+	// held (the loop, its only writer, reads it without).
 	mu     sync.Mutex
 	inbox  []*sequence
 	calls  []func()
@@ -85,12 +86,13 @@ type lane struct {
 	// stepIDs are the sequence ids of the last step's batch, in order.
 	stepIDs []llama.SeqId
 	freeIDs []llama.SeqId
+	buf     []byte
+
 	// held is, for every sequence id, the tokens its partition holds
 	// (positions 0…len-1) of the sequence that used it last: the prompt
 	// cache. Empty while a sequence runs on the id, and after a failed
-	// decode.
+	// decode. pickLane reads it too.
 	held [][]llama.Token
-	buf  []byte
 }
 
 // sequence is one request in a lane. The fields above the line are set by
@@ -288,7 +290,11 @@ func (l *lane) admit(s *sequence) {
 	i := l.pickID(s.prompt)
 	s.id = l.freeIDs[i]
 	l.freeIDs = slices.Delete(l.freeIDs, i, i+1)
-	s.cached = l.reuse(s.id, s.prompt)
+	held := l.held[s.id]
+	l.mu.Lock()
+	l.held[s.id] = nil
+	l.mu.Unlock()
+	s.cached = l.reuse(s.id, held, s.prompt)
 	s.fed = s.cached
 	s.cells = append(make([]llama.Token, 0, len(s.prompt)+min(s.req.MaxTokens, l.nCtx)), s.prompt[:s.cached]...)
 	if s.cached > 0 {
@@ -315,11 +321,24 @@ const reuseMin = 64
 func (l *lane) pickID(prompt []llama.Token) int {
 	pick, best := len(l.freeIDs)-1, 0
 	for i, id := range l.freeIDs {
-		if n := sharedStart(l.held[id], prompt); n >= reuseMin && n > best {
+		if n := reusable(l.held[id], prompt); n >= reuseMin && n > best {
 			pick, best = i, n
 		}
 	}
 	return pick
+}
+
+// cachedStart is the most tokens of prompt's start that a free id's cache
+// would spare it, counting only what pickID would take another id for.
+// The caller holds l.mu.
+func (l *lane) cachedStart(prompt []llama.Token) int {
+	best := 0
+	for _, h := range l.held {
+		if n := reusable(h, prompt); n >= reuseMin {
+			best = max(best, n)
+		}
+	}
+	return best
 }
 
 // reuse empties id's partition of all but the longest start it shares with
@@ -335,10 +354,8 @@ func (l *lane) pickID(prompt []llama.Token) int {
 // on the 26 M F16 test model (40 seeded requests, each sent twice): 28 of 40
 // texts the same when the repeat decoded one token, 40 of 40 with two, and
 // 40 of 40 the same as on a model with nothing cached.
-func (l *lane) reuse(id llama.SeqId, prompt []llama.Token) int {
-	held := l.held[id]
-	l.held[id] = nil
-	n := sharedStart(held, prompt[:max(len(prompt)-2, 0)])
+func (l *lane) reuse(id llama.SeqId, held, prompt []llama.Token) int {
+	n := reusable(held, prompt)
 	// The cache itself says what it holds: where that is not what was
 	// recorded (something else used the id, as tests do between steps),
 	// none of it is reused.
@@ -356,6 +373,12 @@ func (l *lane) reuse(id llama.SeqId, prompt []llama.Token) int {
 		_, _ = llama.MemorySeqRm(l.mem, id, -1, -1)
 	}
 	return n
+}
+
+// reusable is how much of prompt's start held can spare it: their shared
+// start, short of the last two prompt tokens (see reuse).
+func reusable(held, prompt []llama.Token) int {
+	return sharedStart(held, prompt[:max(len(prompt)-2, 0)])
 }
 
 // sharedStart is the length of the longest common start of a and b.
@@ -404,10 +427,14 @@ func (m *llamaModel) KVTokens() int {
 // prompt cache, when they hold what s decoded (kept); after a failed
 // decode nobody knows what they hold, and they go.
 func (l *lane) release(s *sequence, kept bool) {
+	l.mu.Lock()
 	if kept {
 		l.held[s.id] = s.cells
 	} else {
 		l.held[s.id] = nil
+	}
+	l.mu.Unlock()
+	if !kept {
 		_, _ = llama.MemorySeqRm(l.mem, s.id, -1, -1)
 	}
 	s.cells = nil
@@ -604,7 +631,7 @@ func (s *sequence) take(into []Token) ([]Token, *seqEnd) {
 // until the lane ends it. A cancelled ctx or a failing onToken stops it
 // within one step; no token is handed over after that.
 func (m *llamaModel) run(ctx context.Context, s *sequence, onToken func(Token) error, res *Result) error {
-	l, err := m.pickLane(ctx, len(s.prompt))
+	l, err := m.pickLane(ctx, s.prompt)
 	if err != nil {
 		if ctx.Err() != nil {
 			res.StopReason = StopCancelled
@@ -672,20 +699,21 @@ func (m *llamaModel) run(ctx context.Context, s *sequence, onToken func(Token) e
 	return nil
 }
 
-// pickLane waits for a free slot of the model and takes a place, for a
-// prompt of promptTokens, in the lane where a new sequence waits least for
-// its first token.
+// pickLane waits for a free slot of the model and takes a place, for
+// prompt, in the lane where a new sequence waits least for its first token.
 //
 // That wait is the step in progress and the sequence's own first step,
 // and a step's time goes with its tokens: one per generating sequence,
-// and the prompt tokens being fed, up to the step's budget. A lane feeding
+// and the prompt tokens being fed, up to the step's budget; the sequence's
+// own prompt counts for what the lane's prompt cache does not hold of it
+// (up to a step, as for the others). A lane feeding
 // a long prompt makes every step a full budget; one decoding a few short
 // requests makes small ones. Counting sequences alone sent a short request
 // to the lane feeding a long prompt as often as not (it then waited a
 // whole 512-token step of it, 0.5-0.8 s on the 26 M model, while the other
 // lane answered in 25 ms). Once prompts are fed, this is the sequence
 // count: the lanes' decoding stays balanced.
-func (m *llamaModel) pickLane(ctx context.Context, promptTokens int) (*lane, error) {
+func (m *llamaModel) pickLane(ctx context.Context, prompt []llama.Token) (*lane, error) {
 	select {
 	case m.seqs <- struct{}{}:
 	case <-ctx.Done():
@@ -699,7 +727,8 @@ func (m *llamaModel) pickLane(ctx context.Context, promptTokens int) (*lane, err
 	bestCost := 0
 	for _, l := range m.lanes {
 		l.mu.Lock()
-		full, cost := l.load >= l.nSeq, l.load+min(l.unfed, l.budget)
+		full := l.load >= l.nSeq
+		cost := l.load + min(l.unfed, l.budget) + min(len(prompt)-l.cachedStart(prompt), l.budget)
 		l.mu.Unlock()
 		if !full && (best == nil || cost < bestCost) {
 			best, bestCost = l, cost
@@ -707,7 +736,7 @@ func (m *llamaModel) pickLane(ctx context.Context, promptTokens int) (*lane, err
 	}
 	best.mu.Lock()
 	best.load++
-	best.unfed += promptTokens
+	best.unfed += len(prompt)
 	best.mu.Unlock()
 	return best, nil
 }

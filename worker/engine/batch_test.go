@@ -383,7 +383,7 @@ func TestPickLaneAvoidsALaneFeedingALongPrompt(t *testing.T) {
 	// back at the end, and the lanes must be empty then.
 	pick := func(t *testing.T, m *llamaModel, places *[]place, n int) *lane {
 		t.Helper()
-		l, err := m.pickLane(context.Background(), n)
+		l, err := m.pickLane(context.Background(), make([]llama.Token, n))
 		require.NoError(t, err)
 		*places = append(*places, place{l, n})
 		return l

@@ -2,7 +2,9 @@ package engine
 
 import (
 	"context"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/hybridgroup/yzma/pkg/llama"
 	"github.com/stretchr/testify/assert"
@@ -84,31 +86,14 @@ func TestPromptCacheTakesTheIDThatHoldsALongStart(t *testing.T) {
 	}
 
 	// A request holds id 0 while a long one runs on id 1.
-	holding := make(chan struct{})
-	release := make(chan struct{})
-	done := make(chan run, 1)
-	go func() {
-		var r run
-		first := true
-		r.res, r.err = newSlot(t, m).Generate(ctx, Request{Prompt: "the queen", MaxTokens: 400, Seed: 1}, func(Token) error {
-			if first {
-				first = false
-				close(holding)
-				<-release
-			}
-			return nil
-		})
-		done <- r
-	}()
-	<-holding
+	release := hold(t, m, "the queen")
 	long := Request{Prompt: repeatWords(400), MaxTokens: 4, Seed: 1}
 	longTokens := tokens(t, m, long.Prompt)
-	require.Greater(t, len(longTokens), reuseMin+1)
+	require.Greater(t, len(longTokens), reuseMin+2)
 	r := generate(ctx, newSlot(t, m), long)
 	require.NoError(t, r.err)
 	assert.Equal(t, longTokens, heldStart(1)[:len(longTokens)], "the long request ran on id 1")
-	close(release)
-	require.NoError(t, (<-done).err)
+	release()
 
 	// Every id is free now; id 1 holds the long prompt.
 	r = generate(ctx, newSlot(t, m), long)
@@ -183,4 +168,66 @@ func TestPromptCacheDoesNotChangeTheText(t *testing.T) {
 			t.Logf("%s: sampled requests identical with the cache and without: %d of %d", mc.name, sampledSame, sampled)
 		})
 	}
+}
+
+// hold starts a request on m that takes a slot and keeps it, generating,
+// until the returned function is called.
+func hold(t *testing.T, m Model, prompt string) (release func()) {
+	t.Helper()
+	holding := make(chan struct{})
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	s := newSlot(t, m)
+	go func() {
+		first := true
+		_, err := s.Generate(context.Background(), Request{Prompt: prompt, MaxTokens: 400, Seed: 1}, func(Token) error {
+			if first {
+				first = false
+				close(holding)
+			}
+			<-stop
+			return nil
+		})
+		done <- err
+	}()
+	select {
+	case <-holding:
+	case err := <-done:
+		t.Fatalf("the holding request ended: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the holding request got no token")
+	}
+	return sync.OnceFunc(func() {
+		close(stop)
+		require.NoError(t, <-done)
+	})
+}
+
+// A request goes to the lane whose cache holds its start when that spares
+// it more than the other lane's lighter load: here one busy sequence
+// against a prompt of a few hundred tokens.
+func TestPromptCacheChoosesTheLaneThatHoldsIt(t *testing.T) {
+	_, _ = tiny(t)
+	ctx := context.Background()
+	m := loadBatched(t, tinyPath, 4, 2, 512)
+	lanes := m.(*llamaModel).lanes
+	// Lane 0 keeps the long prompt at id 1 (id 0 busy while it runs).
+	release0 := hold(t, m, "the queen")
+	release1 := hold(t, m, "a hive")
+	long := Request{Prompt: repeatWords(400), MaxTokens: 4, Seed: 1}
+	longTokens := tokens(t, m, long.Prompt)
+	r := generate(ctx, newSlot(t, m), long)
+	require.NoError(t, r.err)
+	var held []llama.Token
+	lanes[0].between(func() { held = append(held, lanes[0].held[1]...) })
+	require.Equal(t, longTokens, held[:len(longTokens)], "the long request ran on lane 0, id 1")
+	release0()
+	release1()
+
+	// Lane 0 is busier now, but holds the prompt.
+	release := hold(t, m, "the world")
+	defer release()
+	r = generate(ctx, newSlot(t, m), long)
+	require.NoError(t, r.err)
+	assert.Equal(t, len(longTokens)-2, r.res.CachedTokens, "the long prompt went back to lane 0")
 }
