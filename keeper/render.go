@@ -148,8 +148,12 @@ func (p *Printer) Summary(r api.InferResult) {
 		return
 	}
 	p.endProgress()
-	fmt.Fprintf(p.Err, "%d tokens, first token %s, %.1f tokens/s, worker %s on hive %s (%s)\n",
-		r.CompletionTokens, time.Duration(r.TimeToFirstToken).Round(time.Microsecond*100), r.TokensPerSecond, r.Worker, r.Hive, r.StopReason)
+	cached := ""
+	if r.CachedTokens > 0 {
+		cached = fmt.Sprintf(" (%d of %d prompt tokens cached)", r.CachedTokens, r.PromptTokens)
+	}
+	fmt.Fprintf(p.Err, "%d tokens, first token %s%s, %.1f tokens/s, worker %s on hive %s (%s)\n",
+		r.CompletionTokens, time.Duration(r.TimeToFirstToken).Round(time.Microsecond*100), cached, r.TokensPerSecond, r.Worker, r.Hive, r.StopReason)
 }
 
 // Done finishes any pending line.

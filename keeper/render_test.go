@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/rbee-dev/rbee/api"
 	"github.com/stretchr/testify/require"
@@ -75,6 +76,11 @@ func TestTokensEndWithOneNewlineOnStdout(t *testing.T) {
 	p.Event(token(0, "hello"))
 	p.Summary(api.InferResult{CompletionTokens: 1, Worker: "w1", Hive: "h1"})
 	require.True(t, strings.HasPrefix(both.String(), "hello\n1 tokens"), both.String())
+	// What the worker's prompt cache spared is said where there was some.
+	both.Reset()
+	p = &Printer{Out: &both, Err: &both, Shared: true}
+	p.Summary(api.InferResult{CompletionTokens: 3, PromptTokens: 40, CachedTokens: 38, TimeToFirstToken: api.Duration(2 * time.Millisecond), TokensPerSecond: 12, Worker: "w1", Hive: "h1", StopReason: "eos"})
+	require.Equal(t, "3 tokens, first token 2ms (38 of 40 prompt tokens cached), 12.0 tokens/s, worker w1 on hive h1 (eos)\n", both.String())
 	var out bytes.Buffer
 	p = &Printer{Out: &out, Err: &bytes.Buffer{}, Quiet: true}
 	p.Event(token(0, "x"))

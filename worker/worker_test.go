@@ -274,6 +274,19 @@ func TestServesARequestAndStreamsItsTokens(t *testing.T) {
 	assert.Equal(t, "w1", res.Worker)
 	assert.Equal(t, "hive1", res.Hive)
 	assert.Equal(t, 1, res.Attempt)
+	assert.Zero(t, res.CachedTokens)
+
+	// The same request again: the slot's prompt cache holds all of its
+	// prompt but the two tokens decoded again, and the record says so.
+	again := submit(t, f, api.InferArgs{Prompt: prompt, Sampling: api.Sampling{MaxTokens: 32}})
+	got = follow(t, f, again, nil)
+	require.Equal(t, api.JobCompleted, got.final.State, got.final.Error)
+	require.Equal(t, want, got.text)
+	job, err = store(t, f).Get(context.Background(), again)
+	require.NoError(t, err)
+	var res2 api.InferResult
+	require.NoError(t, json.Unmarshal(job.Result, &res2))
+	assert.Equal(t, res.PromptTokens-2, res2.CachedTokens)
 
 	// A chat request goes through the model's template.
 	chat := submit(t, f, api.InferArgs{System: "Be brief.", Prompt: "Say hello", Sampling: api.Sampling{MaxTokens: 8}})
