@@ -93,6 +93,10 @@ type lane struct {
 	// cache. Empty while a sequence runs on the id, and after a failed
 	// decode. pickLane reads it too.
 	held [][]llama.Token
+	// released is, for every id, when its last sequence left (a count of
+	// releases), and releases that count: owned by the loop.
+	released []uint64
+	releases uint64
 }
 
 // sequence is one request in a lane. The fields above the line are set by
@@ -168,7 +172,7 @@ func newLane(m *llamaModel, nSeq, threads int) (*lane, error) {
 		m: m, lctx: lctx, mem: mem, nSeq: nSeq, nCtx: nCtx, budget: int(min(cp.NBatch, llama.NBatch(lctx))),
 		batch: llama.BatchInit(int32(cp.NBatch), 0, 1),
 		wake:  make(chan struct{}, 1), done: make(chan struct{}),
-		buf: make([]byte, 64), held: make([][]llama.Token, nSeq),
+		buf: make([]byte, 64), held: make([][]llama.Token, nSeq), released: make([]uint64, nSeq),
 	}
 	for i := nSeq - 1; i >= 0; i-- {
 		l.freeIDs = append(l.freeIDs, llama.SeqId(i))
@@ -306,35 +310,92 @@ func (l *lane) admit(s *sequence) {
 	l.running = append(l.running, s)
 }
 
-// reuseMin is the shortest cached start worth taking a sequence id other
-// than the lowest free one for. The lowest keeps the running ids
-// consecutive, which llama.cpp needs to decode them in one pass (see
-// step); another id costs a pass of its own at every step while the
-// sequence runs beside ones not next to it, a price a few dozen prompt
-// tokens do not repay. A conversation continued one turn at a time gets
-// the lowest free id anyway, whatever its length.
+// Which sequence id a request gets.
+//
+// The running ids must stay consecutive: llama.cpp decodes a partitioned
+// cache's sequences in one pass only where their ids come in increasing,
+// consecutive order, and splits the rest into passes of their own, each
+// reading all the weights again (see step). So while others run, a request
+// may take a free id inside their range (one a finished sequence left) or
+// next to it, and another only for a cached start of reuseMin tokens or
+// more, a saving that repays a pass of its own; with none running, any
+// free id. Among those, the id whose cache spares the prompt most (from
+// usefulStart tokens on: a shared BOS and a word spare nothing worth a
+// cache) wins; with no such id, one that holds nothing, then the one left
+// longest ago, so that a request sharing nothing does not take the cache
+// of a conversation that goes on (least recently used).
+
+// reuseMin is the shortest cached start worth an id that splits the
+// running ones into two passes while it runs.
 const reuseMin = 64
 
-// pickID chooses the index in freeIDs of the id for prompt: the lowest free
-// id (the last of freeIDs, which is kept in decreasing order), unless
-// another one's cache holds at least reuseMin tokens of the prompt's start.
+// usefulStart is the shortest cached start that counts in the choice of an
+// id or a lane.
+const usefulStart = 16
+
+// pickID chooses the index in freeIDs of the id for prompt.
 func (l *lane) pickID(prompt []llama.Token) int {
-	pick, best := len(l.freeIDs)-1, 0
-	for i, id := range l.freeIDs {
-		if n := reusable(l.held[id], prompt); n >= reuseMin && n > best {
-			pick, best = i, n
+	lo, hi := -1, -1 // the running ids' range
+	for _, s := range l.running {
+		id := int(s.id)
+		if lo < 0 || id < lo {
+			lo = id
 		}
+		hi = max(hi, id)
+	}
+	type rank struct {
+		spare int  // tokens its cache spares, if useful
+		hole  bool // fills a gap in the running range
+		empty bool
+		age   uint64 // release number: lower is older
+		id    llama.SeqId
+	}
+	better := func(a, b rank) bool {
+		aBig, bBig := a.spare >= reuseMin, b.spare >= reuseMin
+		switch {
+		case aBig != bBig:
+			return aBig
+		case aBig && a.spare != b.spare:
+			return a.spare > b.spare
+		case a.hole != b.hole:
+			return a.hole
+		case a.spare != b.spare:
+			return a.spare > b.spare
+		case a.empty != b.empty:
+			return a.empty
+		case a.age != b.age:
+			return a.age < b.age
+		}
+		return a.id < b.id
+	}
+	pick := -1
+	var best rank
+	for i, id := range l.freeIDs {
+		n := reusable(l.held[id], prompt)
+		if n < usefulStart {
+			n = 0
+		}
+		near := lo < 0 || (int(id) >= lo-1 && int(id) <= hi+1)
+		if !near && n < reuseMin {
+			continue
+		}
+		r := rank{spare: n, hole: int(id) > lo && int(id) < hi, empty: len(l.held[id]) == 0, age: l.released[id], id: id}
+		if pick < 0 || better(r, best) {
+			pick, best = i, r
+		}
+	}
+	if pick < 0 { // cannot happen: an id next to the running ones is free
+		pick = len(l.freeIDs) - 1
 	}
 	return pick
 }
 
 // cachedStart is the most tokens of prompt's start that a free id's cache
-// would spare it, counting only what pickID would take another id for.
-// The caller holds l.mu.
+// would spare it, from usefulStart on. The caller holds l.mu.
 func (l *lane) cachedStart(prompt []llama.Token) int {
 	best := 0
 	for _, h := range l.held {
-		if n := reusable(h, prompt); n >= reuseMin {
+		if n := reusable(h, prompt); n >= usefulStart {
 			best = max(best, n)
 		}
 	}
@@ -438,6 +499,8 @@ func (l *lane) release(s *sequence, kept bool) {
 		_, _ = llama.MemorySeqRm(l.mem, s.id, -1, -1)
 	}
 	s.cells = nil
+	l.releases++
+	l.released[s.id] = l.releases
 	l.freeIDs = append(l.freeIDs, s.id)
 	slices.SortFunc(l.freeIDs, func(a, b llama.SeqId) int { return int(b) - int(a) })
 }

@@ -71,44 +71,48 @@ func TestPromptCacheServesAContinuedConversation(t *testing.T) {
 	}
 }
 
-// A request takes the lowest free sequence id, which keeps the running
-// ones consecutive, unless another free id's cache holds at least reuseMin
-// tokens of its prompt's start.
-func TestPromptCacheTakesTheIDThatHoldsALongStart(t *testing.T) {
+// A request takes a free sequence id next to the running ones, which keeps
+// them decoding in one pass; with none running, the id whose cache holds
+// its start, or else one holding nothing, so that other caches stay.
+func TestPromptCacheTakesTheIDThatHoldsItsStart(t *testing.T) {
 	_, _ = tiny(t)
 	ctx := context.Background()
 	m := loadBatched(t, tinyPath, 4, 1, 512)
 	l := m.(*llamaModel).lanes[0]
-	heldStart := func(id int) []llama.Token {
+	heldStart := func(id int, n int) []llama.Token {
 		var h []llama.Token
 		l.between(func() { h = append(h, l.held[id]...) })
-		return h
+		return h[:min(n, len(h))]
 	}
 
-	// A request holds id 0 while a long one runs on id 1.
+	// A request holds id 0 while a long one runs next to it, on id 1.
 	release := hold(t, m, "the queen")
 	long := Request{Prompt: repeatWords(400), MaxTokens: 4, Seed: 1}
 	longTokens := tokens(t, m, long.Prompt)
 	require.Greater(t, len(longTokens), reuseMin+2)
 	r := generate(ctx, newSlot(t, m), long)
 	require.NoError(t, r.err)
-	assert.Equal(t, longTokens, heldStart(1)[:len(longTokens)], "the long request ran on id 1")
+	assert.Equal(t, longTokens, heldStart(1, len(longTokens)), "the long request ran on id 1")
 	release()
+	queen := heldStart(0, 1000)
+	require.NotEmpty(t, queen)
 
-	// Every id is free now; id 1 holds the long prompt.
+	// Every id is free now: the long prompt goes back to id 1, which
+	// holds it, though id 0 was left last.
 	r = generate(ctx, newSlot(t, m), long)
 	require.NoError(t, r.err)
 	assert.Equal(t, len(longTokens)-2, r.res.CachedTokens, "the long prompt went back to id 1")
 
-	// A prompt that shares less than reuseMin tokens with id 1's takes
-	// the lowest id, 0.
+	// A prompt that shares nothing useful takes an id holding nothing,
+	// the lowest of them: both caches stay.
 	short := Request{Prompt: "the bee is a hive", MaxTokens: 4, Seed: 1}
 	shortTokens := tokens(t, m, short.Prompt)
 	r = generate(ctx, newSlot(t, m), short)
 	require.NoError(t, r.err)
-	assert.Less(t, r.res.CachedTokens, reuseMin)
-	assert.Equal(t, shortTokens, heldStart(0)[:len(shortTokens)], "the short request ran on id 0")
-	assert.Equal(t, longTokens, heldStart(1)[:len(longTokens)], "id 1 kept its cache")
+	assert.Zero(t, r.res.CachedTokens)
+	assert.Equal(t, shortTokens, heldStart(2, len(shortTokens)), "the short request ran on id 2")
+	assert.Equal(t, longTokens, heldStart(1, len(longTokens)), "id 1 kept its cache")
+	assert.Equal(t, queen, heldStart(0, 1000), "id 0 kept its cache")
 }
 
 // What a partition holds is read from the cache itself before it is
@@ -209,7 +213,7 @@ func hold(t *testing.T, m Model, prompt string) (release func()) {
 func TestPromptCacheChoosesTheLaneThatHoldsIt(t *testing.T) {
 	_, _ = tiny(t)
 	ctx := context.Background()
-	m := loadBatched(t, tinyPath, 4, 2, 512)
+	m := loadBatched(t, tinyPath, 8, 2, 512)
 	lanes := m.(*llamaModel).lanes
 	// Lane 0 keeps the long prompt at id 1 (id 0 busy while it runs).
 	release0 := hold(t, m, "the queen")
@@ -230,4 +234,40 @@ func TestPromptCacheChoosesTheLaneThatHoldsIt(t *testing.T) {
 	r = generate(ctx, newSlot(t, m), long)
 	require.NoError(t, r.err)
 	assert.Equal(t, len(longTokens)-2, r.res.CachedTokens, "the long prompt went back to lane 0")
+}
+
+// With every id holding something, a request that shares nothing useful
+// takes the id left longest ago: a conversation that goes on keeps its
+// cache while one-off requests come and go.
+func TestPromptCacheKeepsWhatWasUsedLast(t *testing.T) {
+	_, _ = tiny(t)
+	ctx := context.Background()
+	m := loadBatched(t, tinyPath, 4, 1, 512)
+	oneOff := func(i int) {
+		t.Helper()
+		r := generate(ctx, newSlot(t, m), Request{Prompt: testPrompt(i), MaxTokens: 4, Seed: 1})
+		require.NoError(t, r.err)
+		require.Less(t, r.res.CachedTokens, usefulStart, "one-off %d", i)
+	}
+	conversation := repeatWords(200)
+	// turn sends the conversation's next turn, and returns what it found
+	// cached and the length of the turn before (its tail tokenises
+	// otherwise once text follows it, so not all of it is shared).
+	turn := func() (cached, before int) {
+		t.Helper()
+		before = len(tokens(t, m, conversation)) - 2
+		r := generate(ctx, newSlot(t, m), Request{Prompt: conversation, MaxTokens: 8, Seed: 1})
+		require.NoError(t, r.err)
+		conversation += r.text + " and the queen"
+		return r.res.CachedTokens, before
+	}
+	_, _ = turn() // id 0
+	oneOff(1)     // ids 1, 2, 3: holding nothing yet
+	oneOff(2)
+	oneOff(3)
+	_, _ = turn() // id 0 again: its cache holds the conversation
+	oneOff(4)     // every id holds something: id 1, left longest ago
+	oneOff(5)     // id 2
+	cached, before := turn()
+	assert.Greater(t, cached, before/2, "the conversation kept id 0")
 }
