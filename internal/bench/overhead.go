@@ -173,6 +173,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 	// Ollama, where installed: the same files, one thread, one request at
 	// a time, its OpenAI endpoint read by C's client and by curl as D.
 	var pms []peerModel
+	peerBase := ""
 	for _, m := range models {
 		pms = append(pms, peerModel{name: m.name, path: m.path, ctx: overheadCtx, threads: 1})
 	}
@@ -180,6 +181,7 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 		t.Notes = append(t.Notes, fmt.Sprintf("E and F (Ollama): not measured: %v.", err))
 	} else {
 		defer pr.proc.stop(3 * time.Second)
+		peerBase = pr.base
 		ways = append(ways, way{name: "E Ollama's OpenAI endpoint (SSE)", gen: sseWay(pr.base), peer: true})
 		if _, err := exec.LookPath("curl"); err == nil {
 			ways = append(ways, way{name: "F curl → Ollama (outside client, TTFT only)", gen: curlWay(pr.base), peer: true})
@@ -275,6 +277,24 @@ func benchOverhead(ctx context.Context, e *env) (*Table, error) {
 			e.target(Target{Bench: 1, Claim: fmt.Sprintf("added TTFT of %s ≤ 1 ms p50, warm worker, %s model", short, m.name), Holds: holds(d <= 1),
 				Detail: fmt.Sprintf("%s (%s vs %s)", ms(d), ms(a.ttft.p50()), ms(base.ttft.p50()))})
 		}
+	}
+	if ctx.Err() == nil {
+		cw := []convWay{engineConvWay(wayA.name, loaded["large"])}
+		if bcErr == nil {
+			cw = append(cw, sseConvWay("C OpenAI gateway (SSE)", "http://"+c.gateway, "large"))
+		}
+		if peerBase != "" {
+			cw = append(cw, sseConvWay("E Ollama's OpenAI endpoint (SSE)", peerBase, "large"))
+		}
+		convRounds := 5
+		if e.opts.Quick {
+			convRounds = 1
+		}
+		conv, err := benchConversation(ctx, e, "large", cw, convRounds)
+		if err != nil {
+			conv.Notes = append(conv.Notes, "Failed conversations: "+err.Error())
+		}
+		t.More = append(t.More, conv)
 	}
 	if bcErr == nil && ctx.Err() == nil {
 		n := 200
