@@ -319,19 +319,33 @@ func (l *lane) admit(s *sequence) {
 // may take a free id inside their range (one a finished sequence left) or
 // next to it, and another only for a cached start of reuseMin tokens or
 // more, a saving that repays a pass of its own; with none running, any
-// free id. Among those, the id whose cache spares the prompt most (from
-// usefulStart tokens on: a shared BOS and a word spare nothing worth a
-// cache) wins; with no such id, one that holds nothing, then the one left
-// longest ago, so that a request sharing nothing does not take the cache
-// of a conversation that goes on (least recently used).
+// free id. Among those, the id whose cache spares the prompt most wins,
+// counting only a start worth its cache (worth); with no such id, one that
+// holds nothing, then the one left longest ago, so that a request sharing
+// nothing does not take the cache of a conversation that goes on (least
+// recently used).
 
 // reuseMin is the shortest cached start worth an id that splits the
 // running ones into two passes while it runs.
 const reuseMin = 64
 
 // usefulStart is the shortest cached start that counts in the choice of an
-// id or a lane.
+// id or a lane: a shared BOS and a word spare nothing worth a cache.
 const usefulStart = 16
+
+// worth is the tokens of prompt's start that held spares it, where that
+// is worth the cache: usefulStart tokens or more, and at least what the
+// request would remove of it. A new conversation that shares only its
+// system prompt with a long one would otherwise take that one's id and
+// cut its cache down to the system prompt, and the next turn of the long
+// one would decode its whole history again.
+func worth(held, prompt []llama.Token) int {
+	n := reusable(held, prompt)
+	if n < usefulStart || n < len(held)-n {
+		return 0
+	}
+	return n
+}
 
 // pickID chooses the index in freeIDs of the id for prompt.
 func (l *lane) pickID(prompt []llama.Token) int {
@@ -344,7 +358,7 @@ func (l *lane) pickID(prompt []llama.Token) int {
 		hi = max(hi, id)
 	}
 	type rank struct {
-		spare int  // tokens its cache spares, if useful
+		spare int  // tokens its cache spares, if worth it
 		hole  bool // fills a gap in the running range
 		empty bool
 		age   uint64 // release number: lower is older
@@ -371,10 +385,7 @@ func (l *lane) pickID(prompt []llama.Token) int {
 	pick := -1
 	var best rank
 	for i, id := range l.freeIDs {
-		n := reusable(l.held[id], prompt)
-		if n < usefulStart {
-			n = 0
-		}
+		n := worth(l.held[id], prompt)
 		near := lo < 0 || (int(id) >= lo-1 && int(id) <= hi+1)
 		if !near && n < reuseMin {
 			continue
@@ -391,13 +402,11 @@ func (l *lane) pickID(prompt []llama.Token) int {
 }
 
 // cachedStart is the most tokens of prompt's start that a free id's cache
-// would spare it, from usefulStart on. The caller holds l.mu.
+// would spare it, where that is worth the cache. The caller holds l.mu.
 func (l *lane) cachedStart(prompt []llama.Token) int {
 	best := 0
 	for _, h := range l.held {
-		if n := reusable(h, prompt); n >= usefulStart {
-			best = max(best, n)
-		}
+		best = max(best, worth(h, prompt))
 	}
 	return best
 }

@@ -271,3 +271,27 @@ func TestPromptCacheKeepsWhatWasUsedLast(t *testing.T) {
 	cached, before := turn()
 	assert.Greater(t, cached, before/2, "the conversation kept id 0")
 }
+
+// A new conversation that shares only its start (a system prompt) with a
+// long one does not take the long one's id, which would cut its cache down
+// to that start: it takes an id holding nothing, and the long one's next
+// turn still finds its history cached.
+func TestPromptCacheKeepsAConversationFromANewOneThatSharesItsStart(t *testing.T) {
+	_, _ = tiny(t)
+	ctx := context.Background()
+	m := loadBatched(t, tinyPath, 4, 1, 512)
+	system := repeatWords(60)
+	require.GreaterOrEqual(t, len(tokens(t, m, system)), usefulStart+2)
+	conversation := system + repeatWords(300)
+	r := generate(ctx, newSlot(t, m), Request{Prompt: conversation, MaxTokens: 8, Seed: 1})
+	require.NoError(t, r.err)
+	conversation += r.text + " and the queen"
+
+	other := generate(ctx, newSlot(t, m), Request{Prompt: system + "hello hello hello world", MaxTokens: 8, Seed: 1})
+	require.NoError(t, other.err)
+
+	before := len(tokens(t, m, conversation))
+	r = generate(ctx, newSlot(t, m), Request{Prompt: conversation, MaxTokens: 8, Seed: 1})
+	require.NoError(t, r.err)
+	assert.Greater(t, r.res.CachedTokens, before/2, "the long conversation kept its cache")
+}
