@@ -11,6 +11,13 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// testModels are the two test models, tiny and the 26 M one ("large").
+func testModels(t *testing.T) []struct{ name, path string } {
+	t.Helper()
+	_, _ = tiny(t)
+	return []struct{ name, path string }{{"tiny", tinyPath}, {"large", large(t)}}
+}
+
 // tokens is text tokenised by m as a prompt is.
 func tokens(t *testing.T, m Model, text string) []llama.Token {
 	t.Helper()
@@ -29,8 +36,7 @@ func tokens(t *testing.T, m Model, text string) []llama.Token {
 // model with nothing cached gives, and the same request twice reuses all
 // of its prompt but the last two tokens.
 func TestPromptCacheServesAContinuedConversation(t *testing.T) {
-	_, _ = tiny(t)
-	for _, mc := range []struct{ name, path string }{{"tiny", tinyPath}, {"large", large(t)}} {
+	for _, mc := range testModels(t) {
 		t.Run(mc.name, func(t *testing.T) {
 			ctx := context.Background()
 			m := loadBatched(t, mc.path, 4, 2, 512)
@@ -138,8 +144,7 @@ func TestPromptCacheChecksWhatThePartitionHolds(t *testing.T) {
 // nothing cached gives; greedy ones always (their margin measured), seeded
 // ones counted (see reuse for why they come out the same too).
 func TestPromptCacheDoesNotChangeTheText(t *testing.T) {
-	_, _ = tiny(t)
-	for _, mc := range []struct{ name, path string }{{"tiny", tinyPath}, {"large", large(t)}} {
+	for _, mc := range testModels(t) {
 		t.Run(mc.name, func(t *testing.T) {
 			ctx := context.Background()
 			m := loadBatched(t, mc.path, 1, 1, 512)
