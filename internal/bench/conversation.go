@@ -17,9 +17,9 @@ import (
 // Table 1's rounds send one short prompt and cannot show the difference.
 
 const (
-	convTurns      = 8
-	convReply      = 32 // tokens a reply
-	convUserTokens = 40 // about, a user message
+	convTurns     = 8
+	convReply     = 32  // tokens a reply
+	convUserBytes = 160 // a user message, at least
 )
 
 // convWay is one way of table 1 asked for a completion of prompt: its
@@ -62,11 +62,12 @@ func sseConvWay(name, base, model string) convWay {
 }
 
 // userMessage is the k-th message of conversation r: words of the short
-// prompts, about convUserTokens tokens.
+// prompts, at least convUserBytes long (about 80 tokens in the test
+// models' tokenizer).
 func userMessage(r, k int) string {
 	var b strings.Builder
 	b.WriteString("user: ")
-	for i := 0; b.Len() < convUserTokens*4; i++ {
+	for i := 0; b.Len() < convUserBytes; i++ {
 		b.WriteString(concPrompts[(r*3+k*5+i)%len(concPrompts)])
 		b.WriteString(", ")
 	}
@@ -81,10 +82,10 @@ func userMessage(r, k int) string {
 // way, a conversation of its own each round.
 func benchConversation(ctx context.Context, e *env, model string, ways []convWay, rounds int) (*Table, error) {
 	t := &Table{
-		Intro: fmt.Sprintf("**A conversation**, %s model: %d turns, each a user message of about %d tokens and a greedy reply of %d tokens, every turn's prompt the whole conversation so far (what a chat client sends); "+
+		Intro: fmt.Sprintf("**A conversation**, %s model: %d turns, each a user message of about %d bytes and a greedy reply of %d tokens, every turn's prompt the whole conversation so far (what a chat client sends); "+
 			"**continued** sends the turns one after the other, **new** sends each turn's prompt with another first line, as a conversation never seen, so that no prompt cache holds it. "+
 			"TTFT p50 over %d rounds (a conversation of its own each round, after a warm-up round), ways as above.",
-			model, convTurns, convUserTokens, convReply, rounds),
+			model, convTurns, convUserBytes, convReply, rounds),
 		Header: []string{"way", "turn 1", "turn 2", "turn 4", "turn 8", "turn 8 prompt (bytes)"},
 	}
 	type key struct {
