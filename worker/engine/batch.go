@@ -83,8 +83,11 @@ type lane struct {
 	// Owned by the loop.
 	running []*sequence
 	prefill []*sequence // scratch of step
-	// stepIDs are the sequence ids of the last step's batch, in order.
+	// stepIDs are the sequence ids of the last step, in order; passes
+	// the widths of the passes it was decoded in (see passes.go).
 	stepIDs []llama.SeqId
+	passes  []int
+	planner *passPlanner
 	freeIDs []llama.SeqId
 	buf     []byte
 
@@ -173,6 +176,7 @@ func newLane(m *llamaModel, nSeq, threads int) (*lane, error) {
 		batch: llama.BatchInit(int32(cp.NBatch), 0, 1),
 		wake:  make(chan struct{}, 1), done: make(chan struct{}),
 		buf: make([]byte, 64), held: make([][]llama.Token, nSeq), released: make([]uint64, nSeq),
+		planner: newPassPlanner(nSeq),
 	}
 	for i := nSeq - 1; i >= 0; i-- {
 		l.freeIDs = append(l.freeIDs, llama.SeqId(i))
@@ -514,7 +518,9 @@ func (l *lane) release(s *sequence, kept bool) {
 	slices.SortFunc(l.freeIDs, func(a, b llama.SeqId) int { return int(b) - int(a) })
 }
 
-// step decodes one batch and samples the sequences it produced logits for.
+// step decodes one batch and samples the sequences it produced logits for;
+// a step that feeds no prompt is decoded in the passes the lane measures
+// cheapest (generate).
 //
 // The batch lists the sequences in increasing id order: with a cache
 // partitioned per sequence, llama.cpp groups sequences into one forward pass
@@ -557,6 +563,10 @@ func (l *lane) step() {
 		l.mu.Unlock()
 	}
 	slices.SortFunc(l.running, func(a, b *sequence) int { return int(a.id) - int(b.id) })
+	if fed == 0 {
+		l.generate()
+		return
+	}
 
 	b := &l.batch
 	_ = b.Clear()
@@ -593,23 +603,75 @@ func (l *lane) step() {
 			}
 		}
 	}
-	rc, err := llama.Decode(l.lctx, *b)
+	l.passes = append(l.passes[:0], int(b.NTokens))
+	if l.decode(append(sampled, prefilled...)) {
+		l.sampleAll(sampled)
+	}
+	l.removeStopped()
+}
+
+// generate decodes a step in which every sequence of the step generates,
+// in the passes the lane's planner finds cheapest: each a contiguous run
+// of the step's sequences, whose ids are then consecutive too.
+func (l *lane) generate() {
+	gen := l.prefill[:0] // scratch: no prompt is fed this step
+	l.stepIDs = l.stepIDs[:0]
+	for _, s := range l.running {
+		if s.stepTokens == 1 {
+			gen = append(gen, s)
+			l.stepIDs = append(l.stepIDs, s.id)
+		}
+	}
+	if len(gen) == 0 {
+		return
+	}
+	l.passes = l.planner.plan(len(gen), l.passes[:0])
+	b := &l.batch
+	seqID := []llama.SeqId{0}
+	for _, n := range l.passes {
+		pass := gen[:n]
+		gen = gen[n:]
+		_ = b.Clear()
+		for _, s := range pass {
+			seqID[0] = s.id
+			s.logitIdx = b.NTokens
+			_ = b.Add(s.last, llama.Pos(s.nPast), seqID, true)
+			s.cells = append(s.cells, s.last)
+			s.nPast++
+		}
+		t0 := time.Now()
+		if l.decode(pass) {
+			l.sampleAll(pass)
+			l.planner.observe(n, time.Since(t0))
+		}
+	}
+	l.removeStopped()
+}
+
+// decode evaluates the lane's batch, which holds tokens of seqs. When it
+// fails, every one of them is in an unknown state: they end with the error.
+func (l *lane) decode(seqs []*sequence) bool {
+	rc, err := llama.Decode(l.lctx, l.batch)
 	if err == nil && rc != 0 {
 		err = fmt.Errorf("llama_decode returned %d", rc)
 	}
-	if err != nil {
-		// Every sequence of the batch is in an unknown state now.
-		err = fmt.Errorf("%w: %w", ErrDecode, err)
-		for _, s := range append(sampled, prefilled...) {
-			if !s.stop.Swap(true) {
-				l.release(s, false)
-				l.finish(s, StopError, err)
-			}
-		}
-		l.removeStopped()
-		return
+	if err == nil {
+		return true
 	}
-	for _, s := range sampled {
+	err = fmt.Errorf("%w: %w", ErrDecode, err)
+	for _, s := range seqs {
+		if !s.stop.Swap(true) {
+			l.release(s, false)
+			l.finish(s, StopError, err)
+		}
+	}
+	return false
+}
+
+// sampleAll samples each of seqs from the batch just decoded, ending those
+// whose generation is over.
+func (l *lane) sampleAll(seqs []*sequence) {
+	for _, s := range seqs {
 		if s.stop.Load() {
 			continue // dropped at the next step
 		}
@@ -619,7 +681,6 @@ func (l *lane) step() {
 			l.finish(s, reason, nil)
 		}
 	}
-	l.removeStopped()
 }
 
 // removeStopped takes the sequences finish has ended out of running.
