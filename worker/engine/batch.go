@@ -88,8 +88,11 @@ type lane struct {
 	stepIDs []llama.SeqId
 	passes  []int
 	planner *passPlanner
-	freeIDs []llama.SeqId
-	buf     []byte
+	// beforeDecode, when set (by tests, on the loop), runs just before
+	// each llama_decode.
+	beforeDecode func()
+	freeIDs      []llama.SeqId
+	buf          []byte
 
 	// held is, for every sequence id, the tokens its partition holds
 	// (positions 0…len-1) of the sequence that used it last: the prompt
@@ -557,11 +560,6 @@ func (l *lane) step() {
 		budget -= s.stepTokens
 		fed += s.stepTokens
 	}
-	if fed > 0 {
-		l.mu.Lock()
-		l.unfed -= fed
-		l.mu.Unlock()
-	}
 	slices.SortFunc(l.running, func(a, b *sequence) int { return int(a.id) - int(b.id) })
 	if fed == 0 {
 		l.generate()
@@ -604,7 +602,14 @@ func (l *lane) step() {
 		}
 	}
 	l.passes = append(l.passes[:0], int(b.NTokens))
-	if l.decode(append(sampled, prefilled...)) {
+	decoded := l.decode(append(sampled, prefilled...))
+	// The step's prompt tokens count as unfed until they are decoded: a
+	// request that joins the lane meanwhile waits for this step first
+	// (the last chunk of a long prompt takes as long as the others).
+	l.mu.Lock()
+	l.unfed -= fed
+	l.mu.Unlock()
+	if decoded {
 		l.sampleAll(sampled)
 	}
 	l.removeStopped()
@@ -651,6 +656,9 @@ func (l *lane) generate() {
 // decode evaluates the lane's batch, which holds tokens of seqs. When it
 // fails, every one of them is in an unknown state: they end with the error.
 func (l *lane) decode(seqs []*sequence) bool {
+	if l.beforeDecode != nil {
+		l.beforeDecode()
+	}
 	rc, err := llama.Decode(l.lctx, l.batch)
 	if err == nil && rc != 0 {
 		err = fmt.Errorf("llama_decode returned %d", rc)

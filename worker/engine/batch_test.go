@@ -440,6 +440,59 @@ func TestPickLaneAvoidsALaneFeedingALongPrompt(t *testing.T) {
 	})
 }
 
+// A prompt's chunk counts as not fed until its decode ends: a request that
+// picks a lane while a long prompt's last chunk decodes (as long as any
+// other chunk) does not join that lane as if it were idle.
+func TestPickLaneCountsTheChunkBeingDecoded(t *testing.T) {
+	_, _ = tiny(t)
+	m := loadBatched(t, tinyPath, 6, 2, 2048).(*llamaModel) // two lanes of 3
+	long, other := m.lanes[0], m.lanes[1]
+	// Two places in the other lane (taken while the first lane holds a
+	// long prompt's place, which is then given back): it is the busier,
+	// by sequences.
+	first, err := m.pickLane(context.Background(), make([]llama.Token, 1500))
+	require.NoError(t, err)
+	require.True(t, first == long)
+	for range 2 {
+		l, err := m.pickLane(context.Background(), make([]llama.Token, 8))
+		require.NoError(t, err)
+		require.True(t, l == other)
+	}
+	first.leave(1500)
+	m.leaveLane()
+	t.Cleanup(func() {
+		for range 2 {
+			other.leave(8)
+			m.leaveLane()
+		}
+		requireLanesEmpty(t, m)
+	})
+
+	var picked *lane
+	long.between(func() {
+		long.beforeDecode = func() {
+			if picked != nil || long.batch.NTokens < 100 {
+				return
+			}
+			l, err := m.pickLane(context.Background(), make([]llama.Token, 8))
+			if !assert.NoError(t, err) { // on the loop: no FailNow
+				return
+			}
+			picked = l
+			l.leave(8)
+			m.leaveLane()
+		}
+	})
+	s := newSlot(t, m)
+	prompt := repeatWords(400) // one chunk (of a few hundred tokens): the last
+	res, err := s.Generate(context.Background(), Request{Prompt: prompt, MaxTokens: 1}, func(Token) error { return nil })
+	require.NoError(t, err)
+	require.Greater(t, res.PromptTokens, 100)
+	long.between(func() { long.beforeDecode = nil })
+	require.NotNil(t, picked, "no chunk of the long prompt was seen decoding")
+	assert.True(t, picked == other, "a request joined the lane whose long prompt was decoding")
+}
+
 // A prompt longer than one step's budget is fed in chunks: its output is
 // its solo output, and a sequence already generating keeps getting tokens
 // while it is fed.
