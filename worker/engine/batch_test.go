@@ -713,10 +713,30 @@ func TestBatchedSequencesShareOnePass(t *testing.T) {
 		first[i] = Request{Prompt: testPrompt(i), MaxTokens: 5 + 7*(7-i), Seed: 1}
 	}
 	together(m, first, nil)
+	var ids []llama.SeqId
+	whileGenerating(t, m, 8, 2*time.Millisecond, func() { // one by one
+		l.between(func() { ids = append(ids, l.stepIDs...) })
+	})
+	assert.Equal(t, []llama.SeqId{0, 1, 2, 3, 4, 5, 6, 7}, ids)
+}
+
+// pinPasses fixes what the lane's planner believes a pass of each width
+// costs (costs[n], any unit; costs[0] unused), and so the passes it plans.
+func pinPasses(l *lane, costs ...float64) {
+	l.between(func() {
+		l.planner.pinned = true
+		copy(l.planner.cost, costs)
+	})
+}
+
+// whileGenerating starts n requests on m, gap apart, each generating until
+// told to stop (m's context must be longer than they run meanwhile), calls
+// read once every one has its first token, then stops them.
+func whileGenerating(t *testing.T, m Model, n int, gap time.Duration, read func()) {
+	t.Helper()
 	release := make(chan struct{})
-	var wg sync.WaitGroup
-	var started sync.WaitGroup
-	for i := range 8 {
+	var wg, started sync.WaitGroup
+	for i := range n {
 		s := newSlot(t, m)
 		started.Add(1)
 		wg.Go(func() {
@@ -735,73 +755,45 @@ func TestBatchedSequencesShareOnePass(t *testing.T) {
 			})
 			assert.ErrorIs(t, err, ErrClosed)
 		})
-		time.Sleep(2 * time.Millisecond) // one by one
+		time.Sleep(gap)
 	}
 	started.Wait()
-	var ids []llama.SeqId
-	l.between(func() { ids = append(ids, l.stepIDs...) })
+	read()
 	close(release)
 	wg.Wait()
-	assert.Equal(t, []llama.SeqId{0, 1, 2, 3, 4, 5, 6, 7}, ids)
 }
 
-// pinPasses fixes what the lane's planner believes a pass of each width
-// costs (costs[n], any unit; costs[0] unused), and so the passes it plans.
-func pinPasses(l *lane, costs ...float64) {
-	l.between(func() {
-		l.planner.pinned = true
-		copy(l.planner.cost, costs)
-	})
-}
-
-// stepPasses holds four sequences generating in l's model (of a context
-// longer than they run meanwhile) until it has read the passes of one of
-// their steps.
+// stepPasses returns the passes of a step of four sequences generating in
+// l, a lane of m.
 func stepPasses(t *testing.T, m Model, l *lane) []int {
 	t.Helper()
-	release := make(chan struct{})
-	var wg, started sync.WaitGroup
-	for i := range 4 {
-		s := newSlot(t, m)
-		started.Add(1)
-		wg.Go(func() {
-			first := true
-			_, err := s.Generate(context.Background(), Request{Prompt: testPrompt(i), MaxTokens: 2000, Seed: 1}, func(Token) error {
-				if first {
-					first = false
-					started.Done()
-				}
-				select {
-				case <-release:
-					return ErrClosed
-				default:
-					return nil
-				}
-			})
-			assert.ErrorIs(t, err, ErrClosed)
-		})
-	}
-	started.Wait()
 	var passes []int
-	// A step of all four: one where no prompt is fed any more.
-	assert.Eventually(t, func() bool {
-		l.between(func() { passes = slices.Clone(l.passes) })
-		return sum(passes) == 4
-	}, 10*time.Second, time.Millisecond)
-	close(release)
-	wg.Wait()
+	whileGenerating(t, m, 4, 0, func() {
+		// A step of all four: one where no prompt is fed any more.
+		assert.Eventually(t, func() bool {
+			l.between(func() { passes = slices.Clone(l.passes) })
+			return sum(passes) == 4
+		}, 10*time.Second, time.Millisecond)
+	})
 	return passes
 }
 
-// A step in which every sequence generates is decoded in the passes the
-// lane's planner finds cheapest, and a sequence decoded in a pass of its
-// own gives what it gives alone, sampled requests too.
+// A lane measures its passes as it decodes; a step in which every
+// sequence generates is decoded in the passes the lane's planner finds
+// cheapest, and a sequence decoded in a pass of its own gives what it gives
+// alone, sampled requests too.
 func TestBatchedStepDecodesInTheCheapestPasses(t *testing.T) {
 	_, _ = tiny(t)
 	m := loadBatched(t, tinyPath, 4, 1, 2048)
 	l := m.(*llamaModel).lanes[0]
 	reqs := batchRequests(t, m, kernelSlack["tiny"], 4, 48)
 	want := solo(t, m, reqs)
+
+	assertSameRuns(t, reqs, want, together(m, reqs, nil), "measured passes")
+	var cost []float64
+	l.between(func() { cost = slices.Clone(l.planner.cost) })
+	assert.Positive(t, cost[4], "a pass of the four")
+	assert.Positive(t, cost[1], "a pass of one (the first measures of other widths)")
 
 	pinPasses(l, 0, 1, 10, 10, 10)
 	assert.Equal(t, []int{1, 1, 1, 1}, stepPasses(t, m, l))
@@ -814,18 +806,4 @@ func TestBatchedStepDecodesInTheCheapestPasses(t *testing.T) {
 	pinPasses(l, 0, 1, 10, 1, 10)
 	passes := stepPasses(t, m, l)
 	assert.ElementsMatch(t, []int{3, 1}, passes)
-}
-
-// A lane measures its passes as it decodes: a width it ran has a cost.
-func TestBatchedLaneMeasuresItsPasses(t *testing.T) {
-	_, _ = tiny(t)
-	m := loadBatched(t, tinyPath, 4, 1, 256)
-	l := m.(*llamaModel).lanes[0]
-	reqs := batchRequests(t, m, kernelSlack["tiny"], 4, 32)
-	want := solo(t, m, reqs)
-	assertSameRuns(t, reqs, want, together(m, reqs, nil), "measured passes")
-	var cost []float64
-	l.between(func() { cost = slices.Clone(l.planner.cost) })
-	assert.Positive(t, cost[4], "a pass of the four")
-	assert.Positive(t, cost[1], "a pass of one (the first measures of other widths)")
 }
