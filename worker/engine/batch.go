@@ -551,12 +551,19 @@ func (l *lane) step() {
 	slices.SortStableFunc(l.prefill, func(a, b *sequence) int {
 		return (len(a.prompt) - a.fed) - (len(b.prompt) - b.fed)
 	})
-	fed := 0
+	// A step that feeds a prompt its last tokens (a request about to get
+	// its first token) feeds no other prompt that it does not finish: the
+	// chunk of a long prompt admitted with a short one waits for one short
+	// step, rather than the short one for the chunk (measured: a short
+	// request's first token at 631 ms, behind a 506-token chunk).
+	fed, finishing := 0, false
 	for _, s := range l.prefill {
-		if budget <= 0 {
+		rest := len(s.prompt) - s.fed
+		if budget <= 0 || (finishing && budget < rest) {
 			break
 		}
-		s.stepTokens = min(budget, len(s.prompt)-s.fed)
+		s.stepTokens = min(budget, rest)
+		finishing = finishing || s.stepTokens == rest
 		budget -= s.stepTokens
 		fed += s.stepTokens
 	}

@@ -698,6 +698,52 @@ func TestBatchedShortPromptOvertakesALongPrefill(t *testing.T) {
 	assert.Equal(t, []string{"short", "long"}, firsts)
 }
 
+// A short request admitted in the same step as a long prompt gets its first
+// token from a step of its own: the long prompt's chunk waits one short
+// step, not the short request for the chunk.
+func TestBatchedShortPromptAdmittedWithALongOneGoesFirst(t *testing.T) {
+	_, _ = tiny(t)
+	m := loadBatched(t, tinyPath, 2, 1, 2048)
+	l := m.(*llamaModel).lanes[0]
+	// The decodes, on the loop, that ran while the short request had no
+	// token yet: the one that gives it its first token included.
+	var waited []int
+	l.between(func() {
+		l.beforeDecode = func() {
+			for _, s := range l.running {
+				if len(s.prompt) < 16 && s.generated == 0 {
+					waited = append(waited, int(l.batch.NTokens))
+					return
+				}
+			}
+		}
+	})
+
+	// The loop waits while both requests join its inbox.
+	gate := make(chan struct{})
+	blocked := make(chan struct{})
+	go l.between(func() { close(blocked); <-gate })
+	<-blocked
+	var wg sync.WaitGroup
+	for _, prompt := range []string{repeatWords(1200), "hello world"} {
+		s := newSlot(t, m)
+		wg.Go(func() {
+			_, err := s.Generate(context.Background(), Request{Prompt: prompt, MaxTokens: 2, Seed: 1}, func(Token) error { return nil })
+			assert.NoError(t, err)
+		})
+	}
+	require.Eventually(t, func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return len(l.inbox) == 2
+	}, 10*time.Second, time.Millisecond)
+	close(gate)
+	wg.Wait()
+	l.between(func() { l.beforeDecode = nil })
+	require.NotEmpty(t, waited)
+	assert.Less(t, slices.Max(waited), 16, "the short request's first token waited for decodes of %v tokens", waited)
+}
+
 // Sequences that join one by one share each step's forward pass: the batch
 // lists them in increasing, consecutive id order, which is what llama.cpp
 // needs to decode a partitioned cache's sequences together rather than one
