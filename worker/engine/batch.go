@@ -536,7 +536,8 @@ func (l *lane) step() {
 	// a short request that arrives while a long prompt is being fed gets
 	// its first token at the next step instead of after the whole long
 	// prefill (a long one is held back only while short ones fill a
-	// whole step's budget).
+	// whole step's budget, and for one step when a short one finishes:
+	// below).
 	budget := l.budget
 	l.prefill = l.prefill[:0]
 	for _, s := range l.running {
